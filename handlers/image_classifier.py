@@ -1,0 +1,100 @@
+"""TorchServe handler for the exported image classifiers.
+
+Accepts an image as the raw request body or as a multipart/form-data file field,
+applies the eval preprocessing that training used (parameters from the archive's
+model-config.yaml ``handler:`` section), runs the whole batch in one forward call
+and answers each request with JSON:
+
+    {"top_k": [{"label": "circle", "index": 0, "probability": 0.97}, ...]}
+
+A request that holds no decodable image gets HTTP 400 with
+``{"code": 400, "type": "BadImage", "message": "..."}``; the other requests of its
+batch are answered as if it were not there. Every response carries the header
+``X-Batch-Size``: the number of images in the forward call that served it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from models.presets import BadImage, EvalPreset, open_image
+
+logger = logging.getLogger(__name__)
+
+# Multipart field names tried first; any single file field is accepted too.
+IMAGE_FIELDS = ("data", "body", "file", "image")
+
+
+def request_image(row: dict) -> bytes:
+    """The image bytes of one request row, or BadImage saying what was sent instead."""
+    value = next((row[k] for k in IMAGE_FIELDS if row.get(k) is not None), None)
+    if value is None:
+        files = [v for v in row.values() if isinstance(v, (bytes, bytearray))]
+        if len(files) > 1:
+            raise BadImage(f"{len(files)} files in one request; send one image per request")
+        if not files:
+            raise BadImage("no image in the request: send it as the body or as a "
+                           "multipart file field named 'data'")
+        value = files[0]
+    if isinstance(value, (dict, list)):
+        raise BadImage("expected image bytes, got a JSON body")
+    if isinstance(value, str):
+        raise BadImage("expected image bytes, got text")
+    if not value:
+        raise BadImage("empty request body")
+    return bytes(value)
+
+
+def error_answer(reason: str) -> dict:
+    return {"code": 400, "type": "BadImage", "message": reason}
+
+
+class ImageClassifier(BaseHandler):
+    """Top-k image classification with per-request errors inside a batch."""
+
+    def initialize(self, context):
+        super().initialize(context)
+        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        self.preset = EvalPreset.from_dict(cfg)
+        self.transform = self.preset.transform()
+        self.top_k = min(int(cfg.get("top_k", 5)), len(self.mapping))
+        logger.info("preprocessing %s, top_k %d", self.preset, self.top_k)
+
+    def preprocess(self, data):
+        """Decode and transform each request; returns (tensor of good images, {row: reason})."""
+        tensors, errors = [], {}
+        for i, row in enumerate(data):
+            try:
+                tensors.append(self.transform(open_image(request_image(row))))
+            except BadImage as e:
+                errors[i] = str(e)
+        batch = torch.stack(tensors) if tensors else None
+        return batch, errors, len(data)
+
+    def inference(self, data, *args, **kwargs):
+        batch, errors, n = data
+        probs = None
+        if batch is not None:
+            with torch.inference_mode():
+                probs = self.model(batch.to(self.device)).softmax(dim=1).cpu()
+        return probs, errors, n
+
+    def postprocess(self, data):
+        probs, errors, n = data
+        top = probs.topk(self.top_k, dim=1) if probs is not None else None
+        answers, j = [], 0
+        batch_size = str(n - len(errors))
+        for i in range(n):
+            self.context.set_response_header(i, "X-Batch-Size", batch_size)
+            if i in errors:
+                self.context.set_response_status(400, "Bad Request", i)
+                answers.append(error_answer(errors[i]))
+                continue
+            answers.append({"top_k": [
+                {"label": self.mapping[str(k)], "index": k, "probability": round(p, 6)}
+                for p, k in zip(top.values[j].tolist(), top.indices[j].tolist())
+            ]})
+            j += 1
+        return answers

@@ -1,0 +1,89 @@
+"""The three architectures of the original projects, registered by name."""
+from __future__ import annotations
+
+from torch import nn
+
+from models.presets import TrainPreset
+from models.registry import register_model
+from models.weights import torchvision_model
+
+
+def freeze(*modules: nn.Module) -> None:
+    """Stop training these modules' parameters.
+
+    BatchNorm running statistics still update in train mode, as in the
+    original projects (only requires_grad was switched off there).
+    """
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+@register_model("resnet50", train_preset=TrainPreset(rotation=10.0))
+def resnet50(num_classes: int, weights: str | None = None, weights_file: str | None = None,
+             unfreeze_layer3: bool = False, dropout: float = 0.5) -> nn.Module:
+    """ResNet50 transfer model (dog breeds): conv1..layer3 frozen, layer4 and head trained.
+
+    unfreeze_layer3 trains layer3 too (the original project's second stage).
+    """
+    m = torchvision_model("resnet50", weights, weights_file)
+    frozen = [m.conv1, m.bn1, m.layer1, m.layer2] + ([] if unfreeze_layer3 else [m.layer3])
+    freeze(*frozen)
+    m.fc = nn.Sequential(
+        nn.Linear(m.fc.in_features, 512),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(512, num_classes),
+    )
+    return m
+
+
+@register_model("mobilenet_v2", train_preset=TrainPreset(rotation=15.0, color_jitter=0.2))
+def mobilenet_v2(num_classes: int, weights: str | None = None, weights_file: str | None = None,
+                 unfreeze_blocks: int = 0, dropout: float = 0.2) -> nn.Module:
+    """MobileNetV2 transfer model (flying objects): features frozen, head 1280->256->N.
+
+    unfreeze_blocks trains the last N of the 19 feature blocks too.
+    """
+    m = torchvision_model("mobilenet_v2", weights, weights_file)
+    n = len(m.features)
+    if not 0 <= unfreeze_blocks <= n:
+        raise ValueError(f"unfreeze_blocks must be in 0..{n}, got {unfreeze_blocks}")
+    freeze(*m.features[:n - unfreeze_blocks])
+    m.classifier = nn.Sequential(
+        nn.Linear(m.last_channel, 256),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(256, num_classes),
+    )
+    return m
+
+
+class ScratchCNN(nn.Module):
+    """The original dog project's baseline, trained from scratch on 224x224 crops."""
+
+    def __init__(self, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((3, 16), (16, 32), (32, 64)):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(64 * 28 * 28, 500),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(500, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@register_model("scratch_cnn", pretrained=False)
+def scratch_cnn(num_classes: int, weights: str | None = None, weights_file: str | None = None,
+                dropout: float = 0.5) -> nn.Module:
+    if weights or weights_file:
+        raise ValueError("scratch_cnn has no pretrained weights; use --weights none")
+    return ScratchCNN(num_classes, dropout)

@@ -1,0 +1,58 @@
+"""Models built by name: ``get_model("resnet50", num_classes=133)``.
+
+Builders register themselves with ``@register_model``; an unknown name is an
+error that lists the known ones. Importing this module imports the builders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from models.presets import TrainPreset
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., nn.Module]
+    train_preset: TrainPreset
+    pretrained: bool  # whether torchvision ImageNet weights exist for it
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, train_preset: TrainPreset = TrainPreset(), pretrained: bool = True):
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained)
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+
+
+def get_model(name: str, num_classes: int, **options) -> nn.Module:
+    """Build model ``name`` with a head of ``num_classes`` outputs.
+
+    Options are the builder's keywords (weights, weights_file, unfreeze_layer3, ...).
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return get_spec(name).build(num_classes=num_classes, **options)
+
+
+# Registers the builders; at the bottom because they import register_model.
+from models import architectures  # noqa: E402,F401

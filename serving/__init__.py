@@ -1,0 +1,1 @@
+"""Packaging, running and calling TorchServe for the exported models."""

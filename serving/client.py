@@ -1,0 +1,214 @@
+"""Call TorchServe's inference and management APIs with token authorization.
+
+    python -m serving.client predict --model dog_breeds image.jpg [more.jpg ...]
+    python -m serving.client register --model-store model_store [--batch-size 8 ...]
+    python -m serving.client models
+    python -m serving.client wait
+
+Keys come from the key_file.json that TorchServe writes in the folder it was
+started in (``run/`` under ``make serve``). Inference and management keys expire
+(token_expiration_min in config.properties); when the server refuses one as
+expired or invalid, the client asks the management API's token endpoint for a
+new one with the API key, which does not expire, and retries once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+DEFAULT_KEY_FILE = os.environ.get("TS_KEY_FILE", "run/key_file.json")
+
+
+class TorchServeError(RuntimeError):
+    """TorchServe answered with an error status; carries the status and the JSON body."""
+
+    def __init__(self, status: int, body):
+        self.status, self.body = status, body
+        msg = body.get("message", body) if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {msg}")
+
+
+def _body(r: requests.Response):
+    try:
+        return r.json()
+    except ValueError:
+        return r.text
+
+
+def _refused_key(r: requests.Response) -> bool:
+    # TorchServe 0.12 refuses a missing, wrong or expired key with 400 and a message
+    # naming token authorization.
+    return r.status_code in (400, 401, 403) and "token" in r.text.lower()
+
+
+class Client:
+    """A small client for one TorchServe instance."""
+
+    def __init__(self, inference_url="http://127.0.0.1:8080",
+                 management_url="http://127.0.0.1:8081",
+                 key_file: str | Path | None = DEFAULT_KEY_FILE, timeout: float = 60.0):
+        self.inference_url = inference_url.rstrip("/")
+        self.management_url = management_url.rstrip("/")
+        self.key_file = Path(key_file) if key_file else None
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    # -- keys --------------------------------------------------------------
+    def keys(self) -> dict:
+        """{'management': ..., 'inference': ..., 'API': ...} from the server's key file."""
+        if self.key_file is None:
+            return {}
+        try:
+            data = json.loads(self.key_file.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.key_file} not found: is TorchServe running (make serve)? It writes its "
+                "key file in the folder it starts in") from None
+        return {kind: v["key"] for kind, v in data.items()}
+
+    def refresh_key(self, kind: str) -> str:
+        """Have the server issue a new ``kind`` key (inference or management) and return it.
+
+        TorchServe 0.12's token endpoint answers with an empty body and rewrites
+        its key file, so the new key is read back from the file.
+        """
+        api_key = self.keys()["API"]
+        r = self.session.get(f"{self.management_url}/token", params={"type": kind},
+                             headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout)
+        if r.status_code != 200:
+            raise TorchServeError(r.status_code, _body(r))
+        return self.keys()[kind]
+
+    def _request(self, kind: str, method: str, path: str, **kw) -> requests.Response:
+        base = self.inference_url if kind == "inference" else self.management_url
+        kw.setdefault("timeout", self.timeout)
+        keys = self.keys()
+        headers = dict(kw.pop("headers", {}))
+        if kind in keys:
+            headers["Authorization"] = f"Bearer {keys[kind]}"
+        r = self.session.request(method, base + path, headers=headers, **kw)
+        if kind in keys and _refused_key(r):
+            headers["Authorization"] = f"Bearer {self.refresh_key(kind)}"
+            r = self.session.request(method, base + path, headers=headers, **kw)
+        return r
+
+    def _json(self, kind: str, method: str, path: str, **kw):
+        r = self._request(kind, method, path, **kw)
+        if r.status_code >= 400:
+            raise TorchServeError(r.status_code, _body(r))
+        return _body(r)
+
+    # -- inference ---------------------------------------------------------
+    def ping(self) -> dict:
+        return self._json("inference", "GET", "/ping")
+
+    def predict_response(self, model: str, image: bytes, multipart: bool = False) -> requests.Response:
+        """POST one image; the raw response (status, headers, JSON body)."""
+        if multipart:
+            return self._request("inference", "POST", f"/predictions/{model}",
+                                 files={"data": ("image", image)})
+        return self._request("inference", "POST", f"/predictions/{model}", data=image)
+
+    def predict(self, model: str, image: bytes, multipart: bool = False) -> dict:
+        """Top-k answer for one image; TorchServeError on a 4xx/5xx answer."""
+        r = self.predict_response(model, image, multipart)
+        if r.status_code >= 400:
+            raise TorchServeError(r.status_code, _body(r))
+        return r.json()
+
+    # -- management --------------------------------------------------------
+    def models(self) -> list[dict]:
+        return self._json("management", "GET", "/models")["models"]
+
+    def describe(self, model: str) -> list[dict]:
+        return self._json("management", "GET", f"/models/{model}")
+
+    def register(self, mar_name: str, batch_size: int | None = None,
+                 max_batch_delay: int | None = None, initial_workers: int = 1,
+                 response_timeout: int | None = None) -> dict:
+        """Register an archive of the model store by file name and wait for its workers."""
+        params = {"url": mar_name, "initial_workers": initial_workers, "synchronous": "true"}
+        for k, v in (("batch_size", batch_size), ("max_batch_delay", max_batch_delay),
+                     ("response_timeout", response_timeout)):
+            if v is not None:
+                params[k] = v
+        return self._json("management", "POST", "/models", params=params)
+
+    def unregister(self, model: str) -> dict:
+        return self._json("management", "DELETE", f"/models/{model}")
+
+    def wait_until_up(self, timeout: float = 120.0) -> None:
+        """Wait until the server answers /ping (and its key file exists)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self.ping().get("status") == "Healthy":
+                    return
+            except (requests.ConnectionError, FileNotFoundError, TorchServeError) as e:
+                last = e
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe did not come up within {timeout:.0f}s ({last})")
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="TorchServe client with token authorization.")
+    p.add_argument("--inference-url", default="http://127.0.0.1:8080", help="inference API address")
+    p.add_argument("--management-url", default="http://127.0.0.1:8081", help="management API address")
+    p.add_argument("--key-file", default=DEFAULT_KEY_FILE, help="TorchServe's key_file.json")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("predict", help="classify image files")
+    pr.add_argument("--model", required=True, help="served model name, e.g. dog_breeds")
+    pr.add_argument("--multipart", action="store_true", help="send as multipart form field 'data'")
+    pr.add_argument("images", nargs="+", type=Path, help="image files")
+    rg = sub.add_parser("register", help="register every .mar of a model store")
+    rg.add_argument("--model-store", type=Path, default=Path("model_store"), help="folder of .mar files")
+    rg.add_argument("--batch-size", type=int, help="override the archive's batchSize")
+    rg.add_argument("--max-batch-delay", type=int, help="override the archive's maxBatchDelay (ms)")
+    rg.add_argument("--workers", type=int, default=1, help="initial workers per model")
+    sub.add_parser("models", help="list registered models with their workers")
+    wt = sub.add_parser("wait", help="wait until the server answers /ping")
+    wt.add_argument("--for", dest="wait_s", type=float, default=120.0, help="seconds to wait")
+    a = p.parse_args(argv)
+    c = Client(a.inference_url, a.management_url, a.key_file, a.timeout)
+    try:
+        if a.cmd == "predict":
+            failed = 0
+            for img in a.images:
+                r = c.predict_response(a.model, img.read_bytes(), a.multipart)
+                print(f"{img} -> HTTP {r.status_code}")
+                _print(_body(r))
+                failed += r.status_code >= 400
+            sys.exit(1 if failed else 0)
+        elif a.cmd == "register":
+            mars = sorted(a.model_store.glob("*.mar"))
+            if not mars:
+                sys.exit(f"no .mar files in {a.model_store}/: run make archive first")
+            registered = {m["modelName"] for m in c.models()}
+            for mar in mars:
+                if mar.stem in registered:
+                    print(f"{mar.stem}: already registered")
+                    continue
+                print(f"{mar.stem}: {c.register(mar.name, a.batch_size, a.max_batch_delay, a.workers)['status']}")
+        elif a.cmd == "models":
+            _print([c.describe(m["modelName"])[0] for m in c.models()])
+        elif a.cmd == "wait":
+            c.wait_until_up(a.wait_s)
+            print("TorchServe is up")
+    except (TorchServeError, FileNotFoundError, TimeoutError, requests.ConnectionError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

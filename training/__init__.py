@@ -1,0 +1,1 @@
+"""Training, evaluation and export: dataset folder -> checkpoint -> TorchScript."""
