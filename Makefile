@@ -86,7 +86,8 @@ serve: check-java | venv
 	@if $(CLIENT) wait --for 1 >/dev/null 2>&1; then echo "TorchServe is already running"; else \
 	  ($(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --start --ncs --ts-config $(CURDIR)/config.properties \
 	    --model-store $(CURDIR)/$(STORE) > torchserve.out 2>&1) && \
-	  $(CLIENT) wait --for 120; fi
+	  { $(CLIENT) wait --for 120 || { tail -n 20 $(RUN)/torchserve.out >&2; \
+	    echo "TorchServe did not come up: see $(RUN)/torchserve.out and $(RUN)/logs/" >&2; exit 1; }; }; fi
 
 register: archive
 	$(CLIENT) register --model-store $(STORE)
@@ -103,8 +104,12 @@ demo: venv check-java archive serve register
 	@for m in $(MODELS); do \
 	  printf '%s ' "$$m:"; $(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['test']; print(f\"Test Accuracy: {t['acc']:.0%} ({t['correct']}/{t['total']})\")" $(RUNS)/$$m/metrics.json; \
 	done
-	$(CLIENT) predict --model dog_breeds $(DATA)/test/star/star_0099.jpg $(DATA)/test/circle/circle_0099.jpg
-	$(CLIENT) predict --model flying_objects --multipart $(DATA)/test/triangle/triangle_0099.jpg $(DATA)/test/square/square_0099.jpg
+	@echo "dog_breeds answers (raw body):"
+	@$(CLIENT) predict --brief --model dog_breeds $(DATA)/test/*/*_0099.jpg
+	@echo "flying_objects answers (multipart upload):"
+	@$(CLIENT) predict --brief --multipart --model flying_objects $(DATA)/test/*/*_0098.jpg
+	@echo "A file that is not an image gets a 400 with a reason:"
+	@$(CLIENT) predict --brief --model dog_breeds README.md || true
 	@echo
 	@echo "TorchServe is running with dog_breeds and flying_objects (inference API http://127.0.0.1:8080)."
 	@echo "Try: make predict IMG=$(DATA)/test/circle/circle_0090.jpg MODEL=flying_objects"

@@ -157,6 +157,14 @@ class Client:
         raise TimeoutError(f"TorchServe did not come up within {timeout:.0f}s ({last})")
 
 
+def brief(status: int, body) -> str:
+    """One line for an answer: the labels with probabilities, or the error."""
+    if status == 200 and isinstance(body, dict) and "top_k" in body:
+        return "  ".join(f"{e['label']} {e['probability']:.3f}" for e in body["top_k"])
+    msg = body.get("message", body) if isinstance(body, dict) else body
+    return f"HTTP {status}: {msg}"
+
+
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -171,6 +179,7 @@ def main(argv=None):
     pr = sub.add_parser("predict", help="classify image files")
     pr.add_argument("--model", required=True, help="served model name, e.g. dog_breeds")
     pr.add_argument("--multipart", action="store_true", help="send as multipart form field 'data'")
+    pr.add_argument("--brief", action="store_true", help="one line per image instead of JSON")
     pr.add_argument("images", nargs="+", type=Path, help="image files")
     rg = sub.add_parser("register", help="register every .mar of a model store")
     rg.add_argument("--model-store", type=Path, default=Path("model_store"), help="folder of .mar files")
@@ -187,8 +196,11 @@ def main(argv=None):
             failed = 0
             for img in a.images:
                 r = c.predict_response(a.model, img.read_bytes(), a.multipart)
-                print(f"{img} -> HTTP {r.status_code}")
-                _print(_body(r))
+                if a.brief:
+                    print(f"{img} -> {brief(r.status_code, _body(r))}")
+                else:
+                    print(f"{img} -> HTTP {r.status_code}")
+                    _print(_body(r))
                 failed += r.status_code >= 400
             sys.exit(1 if failed else 0)
         elif a.cmd == "register":

@@ -65,6 +65,8 @@ class LocalServer:
         self.workdir = Path(workdir).resolve()
         self.ports = {k: free_port() for k in ("inference", "management", "metrics")}
         self.overrides = {f"{k}_address": f"http://127.0.0.1:{p}" for k, p in self.ports.items()}
+        self.overrides["grpc_inference_port"] = str(free_port())
+        self.overrides["grpc_management_port"] = str(free_port())
         self.overrides["model_store"] = str(self.model_store)
         self.overrides.update(overrides or {})
         self.base_config = base_config

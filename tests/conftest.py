@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny generated dataset, a model trained on it, its export and archive,
+and a real TorchServe on loopback serving it.
+
+Everything is made here from nothing: no dataset or weights are downloaded.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from models.presets import EvalPreset, open_image
+from serving.archive import build_archive
+from serving.server import LocalServer
+from training import export as export_mod
+from training import train as train_mod
+from training.demo_data import generate
+
+CLASSES = ("circle", "square", "triangle")
+MODEL_NAME = "tiny_shapes"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes x 14 images: 10 train, 2 valid, 2 test per class."""
+    root = tmp_path_factory.mktemp("data")
+    generate(root, per_class=14, classes=CLASSES, seed=1, quiet=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory) -> Path:
+    """best.pt of a mobilenet_v2 trained one epoch on the tiny data (random weights)."""
+    out = tmp_path_factory.mktemp("run")
+    train_mod.run(train_mod.parse_args([
+        "--model", "mobilenet_v2", "--data", str(tiny_data), "--out", str(out),
+        "--epochs", "1", "--batch-size", "8", "--weights", "none", "--workers", "0"]))
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory) -> Path:
+    """The export folder, with a generous batch delay so concurrent requests share a batch."""
+    out = tmp_path_factory.mktemp("export") / MODEL_NAME
+    a = export_mod.parse_args(["--checkpoint", str(trained), "--out", str(out),
+                               "--batch-size", "8", "--max-batch-delay", "300", "--top-k", "3"])
+    export_mod.export(trained, out, a)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_store(exported, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    build_archive(exported, MODEL_NAME, store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(model_store, tmp_path_factory):
+    """A real TorchServe on free loopback ports with the archive registered through the
+    management API (with the token); stopped at the end even when tests fail."""
+    with LocalServer(model_store, tmp_path_factory.mktemp("torchserve")) as client:
+        client.register(f"{MODEL_NAME}.mar")
+        yield client
+
+
+def split_images(root: Path, split: str = "test") -> list[Path]:
+    return sorted(root.glob(f"{split}/*/*.jpg"))
+
+
+class Reference:
+    """The answer evaluation computes in-process from the exported TorchScript file."""
+
+    def __init__(self, export_dir: Path):
+        self.model = torch.jit.load(str(export_dir / "model.pt")).eval()
+        cfg = yaml.safe_load((export_dir / "model-config.yaml").read_text())["handler"]
+        self.transform = EvalPreset.from_dict(cfg).transform()
+        self.labels = json.loads((export_dir / "index_to_name.json").read_text())
+
+    def probabilities(self, image: bytes) -> dict[str, float]:
+        x = self.transform(open_image(image)).unsqueeze(0)
+        with torch.inference_mode():
+            p = self.model(x).softmax(1)[0]
+        return {self.labels[str(i)]: v for i, v in enumerate(p.tolist())}
+
+
+@pytest.fixture(scope="session")
+def reference(exported) -> Reference:
+    return Reference(exported)
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()

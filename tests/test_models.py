@@ -1,0 +1,148 @@
+"""Models by name: shapes, freezing, TorchScript round trip, weights loading."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from torchvision import models as tvm
+
+from models.registry import get_model, get_spec, list_models
+from models.weights import WeightsUnavailable
+from training.export import to_torchscript
+
+N = 3
+
+
+def test_registry_lists_the_three_models():
+    assert list_models() == ["mobilenet_v2", "resnet50", "scratch_cnn"]
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'resnet5'; known: mobilenet_v2, resnet50, scratch_cnn"):
+        get_model("resnet5", N)
+
+
+@pytest.fixture(scope="module", params=["mobilenet_v2", "resnet50", "scratch_cnn"])
+def model(request):
+    torch.manual_seed(0)
+    return request.param, get_model(request.param, N).eval()
+
+
+def test_output_shape_and_finite(model):
+    name, m = model
+    with torch.inference_mode():
+        out = m(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, N)
+    assert torch.isfinite(out).all()
+
+
+def test_torchscript_matches_eager(model, tmp_path):
+    name, m = model
+    path = tmp_path / "m.pt"
+    to_torchscript(m).save(str(path))
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        diff = (torch.jit.load(str(path))(x) - m(x)).abs().max().item()
+    assert diff < 1e-4
+
+
+def trainable(m) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in m.named_parameters()}
+
+
+def test_resnet50_freezes_conv1_to_layer3():
+    t = trainable(get_model("resnet50", N))
+    for prefix in ("conv1.", "bn1.", "layer1.", "layer2.", "layer3."):
+        assert not any(v for k, v in t.items() if k.startswith(prefix)), prefix
+    for prefix in ("layer4.", "fc."):
+        assert all(v for k, v in t.items() if k.startswith(prefix)), prefix
+    head = get_model("resnet50", N).fc
+    assert [type(x).__name__ for x in head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert (head[0].in_features, head[0].out_features, head[3].out_features) == (2048, 512, N)
+
+
+def test_resnet50_unfreeze_layer3():
+    t = trainable(get_model("resnet50", N, unfreeze_layer3=True))
+    assert all(v for k, v in t.items() if k.startswith("layer3."))
+    assert not any(v for k, v in t.items() if k.startswith("layer2."))
+
+
+def test_mobilenet_v2_freezes_features():
+    m = get_model("mobilenet_v2", N)
+    assert not any(p.requires_grad for p in m.features.parameters())
+    assert all(p.requires_grad for p in m.classifier.parameters())
+    linears = [x for x in m.classifier if isinstance(x, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(1280, 256), (256, N)]
+    m2 = get_model("mobilenet_v2", N, unfreeze_blocks=2)
+    assert [any(p.requires_grad for p in b.parameters()) for b in m2.features][-3:] == [False, True, True]
+
+
+def test_frozen_parameters_do_not_change_in_a_training_step():
+    torch.manual_seed(0)
+    m = get_model("mobilenet_v2", N).train()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    loss = torch.nn.functional.cross_entropy(m(torch.randn(4, 3, 224, 224)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    for n, p in m.named_parameters():
+        changed = not torch.equal(before[n], p)
+        assert changed == p.requires_grad, n
+
+
+def test_scratch_cnn_is_the_original_baseline():
+    m = get_model("scratch_cnn", N)
+    convs = [x for x in m.features if isinstance(x, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (3, 16, (3, 3), (1, 1)), (16, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+    fcs = [x for x in m.classifier if isinstance(x, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in fcs] == [(64 * 28 * 28, 500), (500, N)]
+    assert not get_spec("scratch_cnn").pretrained
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        get_model("scratch_cnn", N, weights="DEFAULT")
+
+
+def test_weights_file_loads_a_local_state_dict(tmp_path):
+    torch.manual_seed(123)
+    source = tvm.mobilenet_v2()
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(source.state_dict(), path)
+    m = get_model("mobilenet_v2", N, weights_file=str(path))
+    assert torch.equal(m.features[0][0].weight, source.features[0][0].weight)
+    assert torch.equal(m.features[18][0].weight, source.features[18][0].weight)
+
+
+def test_weights_file_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(tvm.resnet18().state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="is not a mobilenet_v2 state dict"):
+        get_model("mobilenet_v2", N, weights_file=str(path))
+    with pytest.raises(WeightsUnavailable, match="no such file"):
+        get_model("mobilenet_v2", N, weights_file=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_weights_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="IMAGENET1K_V2"):
+        get_model("resnet50", N, weights="IMAGENET_V9")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_download_gives_one_clear_error(tmp_path, monkeypatch):
+    # A real download attempt through torchvision's weights API, made to fail the way an
+    # offline machine does: an empty cache and a proxy that refuses connections.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(WeightsUnavailable) as e:
+        get_model("mobilenet_v2", N, weights="DEFAULT")
+    msg = str(e.value)
+    assert "--weights-file" in msg and "IMAGENET1K_V2" in msg and "\n" not in msg

@@ -1,0 +1,112 @@
+"""End to end against a real TorchServe on loopback: the tiny model trained, exported and
+archived by the fixtures, registered through the management API with the token."""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from serving.server import LocalServer
+from tests.conftest import MODEL_NAME, split_images
+
+
+def predict_all(client, payloads, multipart=False):
+    """Send every payload at once from its own thread; returns the responses in order."""
+    with ThreadPoolExecutor(len(payloads)) as ex:
+        return list(ex.map(lambda b: client.predict_response(MODEL_NAME, b, multipart), payloads))
+
+
+def assert_matches_reference(answer: dict, expected: dict[str, float]):
+    assert answer["top_k"][0]["label"] == max(expected, key=expected.get)
+    for e in answer["top_k"]:
+        assert e["probability"] == pytest.approx(expected[e["label"]], abs=1e-4)
+
+
+def test_registered_with_archive_batch_settings(server):
+    desc = server.describe(MODEL_NAME)[0]
+    assert desc["batchSize"] == 8 and desc["maxBatchDelay"] == 300
+    assert [w["status"] for w in desc["workers"]] == ["READY"]
+
+
+def test_concurrent_predictions_are_batched_and_correct(server, tiny_data, reference):
+    images = split_images(tiny_data) + split_images(tiny_data, "valid")[:6]
+    payloads = [p.read_bytes() for p in images]
+    responses = predict_all(server, payloads)
+    assert [r.status_code for r in responses] == [200] * len(payloads)
+    for r, body in zip(responses, payloads):
+        assert_matches_reference(r.json(), reference.probabilities(body))
+    sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    # Several requests went through one forward call, as the server reports it.
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= 8
+
+
+def test_raw_body_and_multipart_give_the_same_answer(server, tiny_data):
+    body = split_images(tiny_data)[0].read_bytes()
+    assert server.predict(MODEL_NAME, body) == server.predict(MODEL_NAME, body, multipart=True)
+
+
+def test_bad_request_in_a_batch_gets_400_and_the_others_their_answers(server, tiny_data):
+    good = [p.read_bytes() for p in split_images(tiny_data)[:4]]
+    alone = [server.predict(MODEL_NAME, b) for b in good]
+    bad = [b"this is plain text", good[0][: len(good[0]) // 3]]  # text, truncated JPEG
+    payloads = [good[0], bad[0], good[1], good[2], bad[1], good[3]]
+    responses = predict_all(server, payloads)
+    codes = [r.status_code for r in responses]
+    assert codes == [200, 400, 200, 200, 400, 200]
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    for r in (responses[1], responses[4]):
+        body = r.json()
+        assert body["code"] == 400 and body["type"] == "BadImage" and body["message"]
+    got = [responses[i].json() for i in (0, 2, 3, 5)]
+    for g, a in zip(got, alone):
+        assert [e["label"] for e in g["top_k"]] == [e["label"] for e in a["top_k"]]
+        for x, y in zip(g["top_k"], a["top_k"]):
+            assert x["probability"] == pytest.approx(y["probability"], abs=1e-5)
+    # The worker survived: it still answers.
+    assert server.predict(MODEL_NAME, good[0])["top_k"][0]["label"] == alone[0]["top_k"][0]["label"]
+
+
+def test_requests_without_or_with_a_wrong_token_are_refused(server, tiny_data):
+    body = split_images(tiny_data)[0].read_bytes()
+    url = f"{server.inference_url}/predictions/{MODEL_NAME}"
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+        r = requests.post(url, data=body, headers=headers, timeout=30)
+        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+        r = requests.get(f"{server.management_url}/models", headers=headers, timeout=30)
+        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+    # The inference key is not a management key.
+    inference_key = server.keys()["inference"]
+    r = requests.get(f"{server.management_url}/models",
+                     headers={"Authorization": f"Bearer {inference_key}"}, timeout=30)
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/model.mar",
+    "https://example.com/model.mar",
+    "file:///etc/passwd",
+])
+def test_registration_only_from_the_local_model_store(server, url):
+    r = server._request("management", "POST", "/models", params={"url": url})
+    assert r.status_code == 404
+    assert "does not match any allowed URL" in r.json()["message"]
+    assert MODEL_NAME in {m["modelName"] for m in server.models()}
+
+
+def test_expired_keys_are_replaced_by_the_client(model_store, tmp_path):
+    # A server whose keys live 3 seconds; the client fetches fresh ones with the API key.
+    with LocalServer(model_store, tmp_path, {"token_expiration_min": "0.05"}) as client:
+        old = client.keys()
+        time.sleep(4)
+        r = requests.get(f"{client.inference_url}/ping",
+                         headers={"Authorization": f"Bearer {old['inference']}"}, timeout=30)
+        assert r.status_code == 400  # expired
+        assert client.ping()["status"] == "Healthy"
+        assert client.models() == []
+        new = client.keys()
+        assert new["inference"] != old["inference"] and new["management"] != old["management"]
+        assert json.loads((tmp_path / "key_file.json").read_text())["API"]["key"] == old["API"]
