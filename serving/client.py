@@ -17,12 +17,14 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import requests
 
 DEFAULT_KEY_FILE = os.environ.get("TS_KEY_FILE", "run/key_file.json")
+KEY_FILE_WAIT_S = 5.0  # how long to wait for TorchServe to finish rewriting its key file
 
 
 class TorchServeError(RuntimeError):
@@ -42,9 +44,9 @@ def _body(r: requests.Response):
 
 
 def _refused_key(r: requests.Response) -> bool:
-    # TorchServe 0.12 refuses a missing, wrong or expired key with 400 and a message
-    # naming token authorization.
-    return r.status_code in (400, 401, 403) and "token" in r.text.lower()
+    # TorchServe 0.12 refuses a missing, wrong or expired key with 400 InvalidKeyException.
+    body = _body(r)
+    return r.status_code == 400 and isinstance(body, dict) and body.get("type") == "InvalidKeyException"
 
 
 class Client:
@@ -58,19 +60,28 @@ class Client:
         self.key_file = Path(key_file) if key_file else None
         self.timeout = timeout
         self.session = requests.Session()
+        self._refresh_lock = threading.Lock()
 
     # -- keys --------------------------------------------------------------
     def keys(self) -> dict:
         """{'management': ..., 'inference': ..., 'API': ...} from the server's key file."""
         if self.key_file is None:
             return {}
-        try:
-            data = json.loads(self.key_file.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{self.key_file} not found: is TorchServe running (make serve)? It writes its "
-                "key file in the folder it starts in") from None
-        return {kind: v["key"] for kind, v in data.items()}
+        deadline = time.monotonic() + KEY_FILE_WAIT_S
+        while True:
+            try:
+                data = json.loads(self.key_file.read_text())
+                return {kind: v["key"] for kind, v in data.items()}
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{self.key_file} not found: is TorchServe running (make serve)? It writes "
+                    "its key file in the folder it starts in") from None
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # TorchServe rewrites the file in place when it issues keys: a read can
+                # see it empty or half written. Wait for the write to finish.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def refresh_key(self, kind: str) -> str:
         """Have the server issue a new ``kind`` key (inference or management) and return it.
@@ -78,12 +89,26 @@ class Client:
         TorchServe 0.12's token endpoint answers with an empty body and rewrites
         its key file, so the new key is read back from the file.
         """
-        api_key = self.keys()["API"]
+        before = self.keys()
         r = self.session.get(f"{self.management_url}/token", params={"type": kind},
-                             headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout)
+                             headers={"Authorization": f"Bearer {before['API']}"},
+                             timeout=self.timeout)
         if r.status_code != 200:
             raise TorchServeError(r.status_code, _body(r))
-        return self.keys()[kind]
+        deadline = time.monotonic() + KEY_FILE_WAIT_S
+        while (key := self.keys()[kind]) == before[kind] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return key
+
+    def _replacement_key(self, kind: str, refused: str) -> str:
+        """A key to use instead of ``refused``: one another thread already fetched, or a new one.
+
+        Each refresh invalidates the previous key, so threads that all saw the same
+        expired key must not each refresh it.
+        """
+        with self._refresh_lock:
+            current = self.keys()[kind]
+            return current if current != refused else self.refresh_key(kind)
 
     def _request(self, kind: str, method: str, path: str, **kw) -> requests.Response:
         base = self.inference_url if kind == "inference" else self.management_url
@@ -94,7 +119,7 @@ class Client:
             headers["Authorization"] = f"Bearer {keys[kind]}"
         r = self.session.request(method, base + path, headers=headers, **kw)
         if kind in keys and _refused_key(r):
-            headers["Authorization"] = f"Bearer {self.refresh_key(kind)}"
+            headers["Authorization"] = f"Bearer {self._replacement_key(kind, keys[kind])}"
             r = self.session.request(method, base + path, headers=headers, **kw)
         return r
 
