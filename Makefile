@@ -89,8 +89,13 @@ serve: check-java | venv
 	  { $(CLIENT) wait --for 120 || { tail -n 20 $(RUN)/torchserve.out >&2; \
 	    echo "TorchServe did not come up: see $(RUN)/torchserve.out and $(RUN)/logs/" >&2; exit 1; }; }; fi
 
+# Registration parameters override the archive's model-config.yaml when given:
+#   make register BATCH_SIZE=16 MAX_BATCH_DELAY=20 WORKERS=1
+WORKERS ?= 1
+REGISTER_ARGS = $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+                $(if $(MAX_BATCH_DELAY),--max-batch-delay $(MAX_BATCH_DELAY)) --workers $(WORKERS)
 register: archive
-	$(CLIENT) register --model-store $(STORE)
+	$(CLIENT) register --model-store $(STORE) $(REGISTER_ARGS)
 
 IMG   ?= $(DATA)/test/star/star_0099.jpg
 MODEL ?= dog_breeds
