@@ -13,11 +13,13 @@ body raised, and its process tree is killed if it does not stop by itself.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -28,10 +30,29 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.properties"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the ephemeral range.
+
+    Ports the kernel hands out with bind(0) are ephemeral ones, which outgoing client
+    connections also take: under load one was taken before TorchServe bound it (seen).
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(20000, min(low, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000..32767")
 
 
 def torchserve_bin() -> str:
@@ -63,15 +84,19 @@ class LocalServer:
                  base_config: Path = CONFIG, start_timeout: float = 120.0):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
+        self.base_config = base_config
+        self.start_timeout = start_timeout
+        self.client: Client | None = None
+        self._user_overrides = dict(overrides or {})
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.ports = {k: free_port() for k in ("inference", "management", "metrics")}
         self.overrides = {f"{k}_address": f"http://127.0.0.1:{p}" for k, p in self.ports.items()}
         self.overrides["grpc_inference_port"] = str(free_port())
         self.overrides["grpc_management_port"] = str(free_port())
         self.overrides["model_store"] = str(self.model_store)
-        self.overrides.update(overrides or {})
-        self.base_config = base_config
-        self.start_timeout = start_timeout
-        self.client: Client | None = None
+        self.overrides.update(self._user_overrides)
 
     @property
     def env(self) -> dict[str, str]:
@@ -88,7 +113,20 @@ class LocalServer:
         f = self.workdir / "tmp" / ".model_server.pid"
         return int(f.read_text().strip()) if f.exists() else None
 
-    def start(self) -> Client:
+    def start(self, attempts: int = 3) -> Client:
+        """Start the server and wait for it; new ports and another try if a port was taken."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except TimeoutError:
+                out = (self.workdir / "torchserve.out").read_text(errors="replace")
+                if attempt == attempts or "Address already in use" not in out:
+                    raise
+                (self.workdir / "torchserve.out").rename(self.workdir / f"torchserve.{attempt}.out")
+                self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> Client:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "config.properties"
         cfg.write_text(render_config(self.base_config, self.overrides))
@@ -97,20 +135,38 @@ class LocalServer:
         self.client = Client(f"http://127.0.0.1:{self.ports['inference']}",
                              f"http://127.0.0.1:{self.ports['management']}",
                              key_file=self.workdir / "key_file.json", timeout=60)
-        try:
-            self.client.wait_until_up(self.start_timeout)
-        except TimeoutError as e:
-            self.stop()
-            raise TimeoutError(f"{e}; see {self.workdir}/torchserve.out and logs/") from e
-        return self.client
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                self.client.wait_until_up(timeout=2)
+                return self.client
+            except TimeoutError as e:
+                pid = self.pid()
+                died = pid is None or not psutil.pid_exists(pid)
+                if died or time.monotonic() > deadline:
+                    self.stop()
+                    what = "exited at start" if died else "did not come up in time"
+                    raise TimeoutError(f"TorchServe {what} ({e}); see "
+                                       f"{self.workdir}/torchserve.out and logs/") from e
+
+    def processes(self) -> list[psutil.Process]:
+        """This server's processes: any whose command line names its own config file
+        (the PID file alone is not enough: a server that failed half-way through its
+        start was seen running on after `torchserve --stop` had discarded the file),
+        with their children (the workers)."""
+        cfg = str(self.workdir / "config.properties")
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if cfg in (p.info["cmdline"] or []):
+                try:
+                    found += [p, *p.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    pass
+        return found
 
     def stop(self) -> None:
-        """Stop the server; kill its process tree if it has not gone within 30 s."""
-        pid = self.pid()
-        procs = []
-        if pid and psutil.pid_exists(pid):
-            parent = psutil.Process(pid)
-            procs = [parent, *parent.children(recursive=True)]
+        """Stop the server; kill its processes if they have not gone within 30 s."""
+        procs = self.processes()
         self._torchserve("--stop")
         _, alive = psutil.wait_procs(procs, timeout=30)
         for p in alive:
