@@ -36,12 +36,13 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data train export archive serve register predict stop demo test clean
+.PHONY: help venv check-java data train export archive serve register predict stop soak demo test clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
 	@echo "make test      run the test suite (installs first)"
 	@echo "steps:         venv data train export archive serve register predict stop"
+	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
 	@echo "make predict IMG=path/to/image.jpg MODEL=dog_breeds"
 
 venv: $(VENV)/.installed
@@ -81,9 +82,12 @@ archive: $(MARS)
 $(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py models/presets.py
 	$(PY) -m serving.archive --exports $(EXPORT) --model-store $(STORE) --only $*
 
+# config.properties loads every archive of the model store at start (load_models=all),
+# so the archives are checked against SHA256SUMS first.
 serve: check-java | venv
-	@mkdir -p $(RUN)/tmp
+	@mkdir -p $(RUN)/tmp $(STORE)
 	@if $(CLIENT) wait --for 1 >/dev/null 2>&1; then echo "TorchServe is already running"; else \
+	  $(PY) -m serving.archive --verify --model-store $(STORE) && \
 	  ($(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --start --ncs --ts-config $(CURDIR)/config.properties \
 	    --model-store $(CURDIR)/$(STORE) > torchserve.out 2>&1) && \
 	  { $(CLIENT) wait --for 120 || { tail -n 20 $(RUN)/torchserve.out >&2; \
@@ -105,7 +109,19 @@ predict:
 stop:
 	@$(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --stop
 
-demo: venv check-java archive serve register
+# Load on loopback against the running server (make serve): errors, lost requests,
+# latency and worker memory. KILL_AFTER=10 also kills the worker after 10 s.
+SOAK_SECONDS ?= 60
+SOAK_CONCURRENCY ?= 32
+soak:
+	@mkdir -p $(RUN)
+	$(PY) -m serving.soak --key-file $(RUN)/key_file.json --model $(or $(SOAK_MODEL),flying_objects) \
+	  --seconds $(SOAK_SECONDS) --concurrency $(SOAK_CONCURRENCY) --out $(RUN)/soak.json \
+	  $(if $(KILL_AFTER),--kill-worker-after $(KILL_AFTER))
+
+# The server starts first so that the demo registers the new archives through the
+# management API; after a restart, load_models=all brings them back by itself.
+demo: venv check-java serve archive register
 	@for m in $(MODELS); do \
 	  printf '%s ' "$$m:"; $(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['test']; print(f\"Test Accuracy: {t['acc']:.0%} ({t['correct']}/{t['total']})\")" $(RUNS)/$$m/metrics.json; \
 	done

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 from models.presets import BadImage, EvalPreset, open_image
@@ -27,24 +28,38 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS = ("data", "body", "file", "image")
 
 
-def request_image(row: dict) -> bytes:
-    """The image bytes of one request row, or BadImage saying what was sent instead."""
-    value = next((row[k] for k in IMAGE_FIELDS if row.get(k) is not None), None)
-    if value is None:
-        files = [v for v in row.values() if isinstance(v, (bytes, bytearray))]
+def request_image(row: dict) -> tuple[str, bytes]:
+    """(where, bytes) of the image in one request row, or BadImage saying what was sent instead.
+
+    ``where`` names the part for error messages: "the request body" or "form field 'x'".
+    """
+    name = next((k for k in IMAGE_FIELDS if row.get(k) is not None), None)
+    if name is None:
+        files = [k for k, v in row.items() if isinstance(v, (bytes, bytearray))]
         if len(files) > 1:
             raise BadImage(f"{len(files)} files in one request; send one image per request")
         if not files:
             raise BadImage("no image in the request: send it as the body or as a "
                            "multipart file field named 'data'")
-        value = files[0]
+        name = files[0]
+    value = row[name]
+    where = "the request body" if name == "body" else f"form field '{name}'"
     if isinstance(value, (dict, list)):
-        raise BadImage("expected image bytes, got a JSON body")
+        raise BadImage(f"expected image bytes in {where}, got JSON")
     if isinstance(value, str):
-        raise BadImage("expected image bytes, got text")
+        raise BadImage(f"expected image bytes in {where}, got text")
     if not value:
-        raise BadImage("empty request body")
-    return bytes(value)
+        raise BadImage(f"{where} is empty")
+    return where, bytes(value)
+
+
+def decode(row: dict) -> Image.Image:
+    """The request's image, upright RGB; BadImage names the part and the problem."""
+    where, data = request_image(row)
+    try:
+        return open_image(data)
+    except BadImage as e:
+        raise BadImage(f"{where}: {e}") from None
 
 
 def error_answer(reason: str) -> dict:
@@ -67,7 +82,7 @@ class ImageClassifier(BaseHandler):
         tensors, errors = [], {}
         for i, row in enumerate(data):
             try:
-                tensors.append(self.transform(open_image(request_image(row))))
+                tensors.append(self.transform(decode(row)))
             except BadImage as e:
                 errors[i] = str(e)
         batch = torch.stack(tensors) if tensors else None

@@ -69,26 +69,36 @@ class TrainPreset:
         return T.Compose(steps)
 
 
+# Pillow's own default: larger images are refused before any pixel is decoded,
+# so a small file that declares 30000x30000 pixels costs nothing.
+MAX_PIXELS = 89_478_485
+
+
 class BadImage(ValueError):
     """The bytes are not an image this project can decode."""
 
 
-def open_image(source: str | bytes | BinaryIO) -> Image.Image:
+def open_image(source: str | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode an image file (path, bytes or file object) to an upright RGB PIL image.
 
     Used both as the dataset loader and by the handler, so decoding, EXIF
     orientation and colour conversion are the same in training and serving.
-    Raises BadImage with a readable reason for anything that is not an image.
+    Animated images give their first frame. Raises BadImage with a readable
+    reason for anything that is not an image or is larger than ``max_pixels``.
     """
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
         with Image.open(source) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(f"image of {w}x{h} pixels is over the pixel limit of {max_pixels}")
             img.load()
             img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
     except Image.DecompressionBombError as e:
-        raise BadImage(f"image too large to decode safely: {e}") from e
+        # Pillow refuses images over twice its limit inside Image.open, before our check.
+        raise BadImage(f"image is over the pixel limit: {e}") from e
     except UnidentifiedImageError as e:
         raise BadImage("not a decodable image: unrecognised image format") from e
     except (OSError, ValueError, SyntaxError) as e:

@@ -10,6 +10,7 @@ index_to_name.json and model-config.yaml: nothing pickled, no Python objects.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,49 @@ HANDLER = ROOT / "handlers" / "image_classifier.py"
 # What the handler imports from this project, as paths relative to ROOT.
 HANDLER_MODULES = ("models/__init__.py", "models/presets.py")
 EXPORT_FILES = ("model.pt", "index_to_name.json", "model-config.yaml")
+SUMS_FILE = "SHA256SUMS"  # in the model store, in `sha256sum` format
+
+
+class ArchiveMismatch(RuntimeError):
+    """An archive is not the one `make archive` built: unknown, or its SHA-256 differs."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_sums(model_store: Path) -> dict[str, str]:
+    f = model_store / SUMS_FILE
+    if not f.exists():
+        return {}
+    pairs = (line.split(None, 1) for line in f.read_text().splitlines() if line.strip())
+    return {name.strip().lstrip("*"): digest for digest, name in pairs}
+
+
+def record_sum(mar: Path) -> str:
+    """Add or update ``mar``'s line in its model store's SHA256SUMS."""
+    sums = read_sums(mar.parent)
+    sums[mar.name] = sha256(mar)
+    text = "".join(f"{d}  {n}\n" for n, d in sorted(sums.items()))
+    (mar.parent / SUMS_FILE).write_text(text)
+    return sums[mar.name]
+
+
+def verify_archive(mar: Path) -> None:
+    """Raise ArchiveMismatch unless ``mar`` matches its recorded SHA-256."""
+    expected = read_sums(mar.parent).get(mar.name)
+    if expected is None:
+        raise ArchiveMismatch(f"{mar.name} has no entry in {mar.parent / SUMS_FILE}: "
+                              "only archives built by `make archive` are registered")
+    actual = sha256(mar)
+    if actual != expected:
+        raise ArchiveMismatch(f"{mar.name} does not match its SHA-256 in {mar.parent / SUMS_FILE} "
+                              f"(expected {expected[:12]}..., found {actual[:12]}...): "
+                              "rebuild it with `make archive`")
 
 
 def archiver() -> str:
@@ -54,7 +98,8 @@ def build_archive(export_dir: Path, name: str, model_store: Path, version: str =
                "--export-path", str(model_store), "--force"]
         subprocess.run(cmd, check=True)
     mar = model_store / f"{name}.mar"
-    print(f"archived {name} -> {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+    digest = record_sum(mar)
+    print(f"archived {name} -> {mar} ({mar.stat().st_size / 1e6:.1f} MB, sha256 {digest[:12]}...)")
     return mar
 
 
@@ -65,7 +110,16 @@ def main(argv=None):
     p.add_argument("--model-store", type=Path, default=Path("model_store"), help="where .mar files go")
     p.add_argument("--version", default="1.0", help="model version recorded in the archive")
     p.add_argument("--only", nargs="*", help="archive only these model names")
+    p.add_argument("--verify", action="store_true",
+                   help="build nothing; check every .mar in the model store against SHA256SUMS")
     a = p.parse_args(argv)
+    if a.verify:
+        try:
+            for mar in sorted(a.model_store.glob("*.mar")):
+                verify_archive(mar)
+        except ArchiveMismatch as e:
+            sys.exit(f"error: {e}")
+        return
     dirs = sorted(d for d in a.exports.glob("*") if (d / "model.pt").is_file())
     if a.only:
         dirs = [d for d in dirs if d.name in a.only]

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import requests
 
+from serving.archive import ArchiveMismatch, verify_archive
+
 DEFAULT_KEY_FILE = os.environ.get("TS_KEY_FILE", "run/key_file.json")
 KEY_FILE_WAIT_S = 5.0  # how long to wait for TorchServe to finish rewriting its key file
 
@@ -169,17 +171,26 @@ class Client:
         return self._json("management", "DELETE", f"/models/{model}")
 
     def wait_until_up(self, timeout: float = 120.0) -> None:
-        """Wait until the server answers /ping (and its key file exists)."""
+        """Wait until the server answers /ping and every registered model has all its
+        workers READY (models in config.properties' load_models load after /ping answers)."""
         deadline = time.monotonic() + timeout
-        last: Exception | None = None
+        last: Exception | str | None = None
         while time.monotonic() < deadline:
             try:
                 if self.ping().get("status") == "Healthy":
-                    return
+                    waiting = [m["modelName"] for m in self.models() if not self.ready(m["modelName"])]
+                    if not waiting:
+                        return
+                    last = f"workers of {', '.join(waiting)} not READY"
             except (requests.ConnectionError, FileNotFoundError, TorchServeError) as e:
                 last = e
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe did not come up within {timeout:.0f}s ({last})")
+
+    def ready(self, model: str) -> bool:
+        """Whether ``model`` has at least one worker and all of them are READY."""
+        workers = self.describe(model)[0]["workers"]
+        return bool(workers) and all(w["status"] == "READY" for w in workers)
 
 
 def brief(status: int, body) -> str:
@@ -237,13 +248,15 @@ def main(argv=None):
                 if mar.stem in registered:
                     print(f"{mar.stem}: already registered")
                     continue
+                verify_archive(mar)
                 print(f"{mar.stem}: {c.register(mar.name, a.batch_size, a.max_batch_delay, a.workers)['status']}")
         elif a.cmd == "models":
             _print([c.describe(m["modelName"])[0] for m in c.models()])
         elif a.cmd == "wait":
             c.wait_until_up(a.wait_s)
             print("TorchServe is up")
-    except (TorchServeError, FileNotFoundError, TimeoutError, requests.ConnectionError) as e:
+    except (TorchServeError, ArchiveMismatch, FileNotFoundError, TimeoutError,
+            requests.ConnectionError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.image_classifier import ImageClassifier, request_image
+from handlers.image_classifier import ImageClassifier, decode, request_image
 from models.presets import BadImage, EvalPreset, open_image
 from tests.conftest import png_bytes, split_images
 from training.data import load_splits
@@ -54,16 +54,18 @@ def test_modes_become_rgb():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"body": bytearray(b"")}, "empty request body"),
-    ({"body": {"a": 1}}, "got a JSON body"),
-    ({"body": "hello"}, "got text"),
-    ({"body": bytearray(b"hello, not an image")}, "unrecognised image format"),
+    ({"body": bytearray(b"")}, "the request body is empty"),
+    ({"body": {"a": 1}}, "expected image bytes in the request body, got JSON"),
+    ({"body": "hello"}, "expected image bytes in the request body, got text"),
+    ({"body": bytearray(b"hello, not an image")},
+     "the request body: not a decodable image: unrecognised image format"),
+    ({"note": bytearray(b"hello")}, "form field 'note': not a decodable image"),
     ({}, "no image in the request"),
     ({"x": bytearray(b"1"), "y": bytearray(b"2")}, "2 files in one request"),
 ])
 def test_bad_requests_are_named(row, message):
     with pytest.raises(BadImage, match=message):
-        open_image(request_image(row))
+        decode(row)
 
 
 def test_truncated_jpeg_is_bad_image(tiny_data):
@@ -75,4 +77,12 @@ def test_truncated_jpeg_is_bad_image(tiny_data):
 def test_multipart_field_names():
     img = png_bytes(Image.new("RGB", (4, 4)))
     for field in ("data", "file", "image", "upload"):
-        assert request_image({field: bytearray(img)}) == img
+        assert request_image({field: bytearray(img)}) == (f"form field '{field}'", img)
+    assert request_image({"body": bytearray(img)}) == ("the request body", img)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    img = png_bytes(Image.new("L", (300, 200)))
+    assert open_image(img, max_pixels=60_000).size == (300, 200)
+    with pytest.raises(BadImage, match="image of 300x200 pixels is over the pixel limit of 59999"):
+        open_image(img, max_pixels=59_999)

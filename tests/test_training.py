@@ -49,7 +49,7 @@ def test_training_prints_epochs_and_test_accuracy(tiny_data, tmp_path, capsys):
 
 def test_checkpoint_describes_itself(trained, tiny_data):
     ckpt = torch.load(trained, map_location="cpu", weights_only=True)
-    assert ckpt["model"] == "mobilenet_v2"
+    assert ckpt["model"] == "scratch_cnn"
     assert ckpt["classes"] == sorted(CLASSES) and ckpt["num_classes"] == 3
     assert ckpt["eval_preset"]["resize_size"] == 256 and ckpt["eval_preset"]["crop_size"] == 224
     assert ckpt["args"]["data"] == str(tiny_data) and ckpt["args"]["weights"] is None

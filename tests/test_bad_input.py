@@ -1,0 +1,162 @@
+"""Bad input against the real server: a correct answer or a 4xx JSON error naming the problem,
+never a 5xx, never a dead worker, never a failed neighbour in the batch."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import MODEL_NAME, png_bytes, split_images
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def pixel_bomb() -> bytes:
+    """A 60-byte PNG that declares 30000x30000 grey pixels."""
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def photo(tiny_data) -> Image.Image:
+    return Image.open(split_images(tiny_data)[0]).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def jpeg(tiny_data) -> bytes:
+    return split_images(tiny_data)[0].read_bytes()
+
+
+def post(server, data=None, files=None, content_type=None):
+    headers = {"Authorization": f"Bearer {server.keys()['inference']}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    return requests.post(f"{server.inference_url}/predictions/{MODEL_NAME}", data=data,
+                         files=files, headers=headers, timeout=60)
+
+
+def bad_payloads(jpeg: bytes) -> dict[str, dict]:
+    corrupt_header = jpeg[:2] + bytes(range(200, 240)) + jpeg[42:]
+    return {
+        "empty body": dict(data=b""),
+        "plain text": dict(data=b"hello, I am not an image", content_type="text/plain"),
+        "html": dict(data=b"<!doctype html><html><body>hi</body></html>", content_type="text/html"),
+        "truncated jpeg": dict(data=jpeg[: len(jpeg) // 3]),
+        "corrupt jpeg header": dict(data=corrupt_header),
+        "image extension, other content": dict(files={"data": ("photo.jpg", b"%PDF-1.4 not a photo", "image/jpeg")}),
+        "pixel bomb": dict(data=pixel_bomb()),
+        "multipart without a file": dict(files={"note": (None, "hello")}),
+        "json body": dict(data=b'{"image": "cat.jpg"}', content_type="application/json"),
+    }
+
+
+EXPECTED_MESSAGES = {
+    "empty body": "is empty",
+    "plain text": "got text",
+    "html": "got text",
+    "truncated jpeg": "not a decodable image",
+    "corrupt jpeg header": "not a decodable image",
+    "image extension, other content": "form field 'data': not a decodable image",
+    "pixel bomb": "over the pixel limit: Image size (900000000 pixels)",
+    "multipart without a file": "form field 'note': not a decodable image",
+    "json body": "got JSON",
+}
+
+
+def worker_pid(server) -> int:
+    return server.describe(MODEL_NAME)[0]["workers"][0]["pid"]
+
+
+def test_each_bad_input_gets_a_named_400_and_the_worker_lives(server, jpeg):
+    pid = worker_pid(server)
+    for name, kw in bad_payloads(jpeg).items():
+        r = post(server, **kw)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        body = r.json()
+        assert body["code"] == 400 and body["type"] == "BadImage", name
+        assert EXPECTED_MESSAGES[name] in body["message"], (name, body["message"])
+    assert worker_pid(server) == pid
+    assert server.predict(MODEL_NAME, jpeg)["top_k"]
+
+
+def test_over_max_request_size_is_refused_by_the_front_end(server):
+    # TorchServe's front end answers 413 itself (with an empty body) before any worker sees it.
+    pid = worker_pid(server)
+    r = post(server, data=b"\0" * (21 << 20))
+    assert r.status_code == 413
+    assert worker_pid(server) == pid
+
+
+def variants(photo: Image.Image) -> dict[str, tuple[bytes, Image.Image]]:
+    """name -> (request bytes, the RGB image the server should classify)."""
+    small = photo.resize((64, 48))
+    out = {
+        "1x1 png": (png_bytes(Image.new("RGB", (1, 1), (200, 30, 30))), Image.new("RGB", (1, 1), (200, 30, 30))),
+        "rgba png": (png_bytes(photo.convert("RGBA")), photo),
+        "webp lossless": (png_bytes(photo, "WEBP", lossless=True), photo),
+    }
+    grey16 = photo.convert("L").convert("I;16")
+    out["16-bit grey png"] = (png_bytes(grey16), Image.open(io.BytesIO(png_bytes(grey16))).convert("RGB"))
+    pal = photo.convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal_png = png_bytes(pal, transparency=0)
+    out["palette png with transparency"] = (pal_png, Image.open(io.BytesIO(pal_png)).convert("RGB"))
+    cmyk = png_bytes(photo.convert("CMYK"), "JPEG", quality=95)
+    out["cmyk jpeg"] = (cmyk, Image.open(io.BytesIO(cmyk)).convert("RGB"))
+    frames = [small, small.rotate(180)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out["animated gif"] = (gif.getvalue(), Image.open(io.BytesIO(gif.getvalue())).convert("RGB"))
+    # Stored sideways with EXIF orientation 6 ("rotate 90 clockwise to display").
+    sideways = photo.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out["exif rotated"] = (png_bytes(sideways, exif=exif.tobytes()), photo)
+    return out
+
+
+def test_formats_are_classified_as_their_decoded_image(server, photo):
+    pid = worker_pid(server)
+    for name, (data, expected_image) in variants(photo).items():
+        got = server.predict(MODEL_NAME, data)
+        expected = server.predict(MODEL_NAME, png_bytes(expected_image))
+        assert [e["label"] for e in got["top_k"]] == [e["label"] for e in expected["top_k"]], name
+        for g, e in zip(got["top_k"], expected["top_k"]):
+            assert g["probability"] == pytest.approx(e["probability"], abs=1e-5), name
+    assert worker_pid(server) == pid
+
+
+def test_exif_orientation_changes_what_is_seen(server, photo):
+    sideways = photo.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    with_exif = server.predict(MODEL_NAME, png_bytes(sideways, exif=exif.tobytes()))
+    without = server.predict(MODEL_NAME, png_bytes(sideways))
+    assert with_exif != without  # the tag is honoured, not ignored
+
+
+def test_every_bad_kind_in_one_batch_with_good_ones(server, tiny_data, jpeg):
+    goods = [p.read_bytes() for p in split_images(tiny_data)[:4]]
+    alone = [server.predict(MODEL_NAME, g) for g in goods]
+    bads = list(bad_payloads(jpeg).values())
+    jobs = [dict(data=g) for g in goods] + bads
+    pid = worker_pid(server)
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        responses = list(ex.map(lambda kw: post(server, **dict(kw)), jobs))
+    codes = [r.status_code for r in responses]
+    assert codes == [200] * len(goods) + [400] * len(bads), codes
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses[: len(goods)]) > 1
+    for r, a in zip(responses, alone):
+        got = r.json()["top_k"]
+        assert [e["label"] for e in got] == [e["label"] for e in a["top_k"]]
+        for g, e in zip(got, a["top_k"]):
+            assert g["probability"] == pytest.approx(e["probability"], abs=1e-5)
+    assert worker_pid(server) == pid
