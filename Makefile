@@ -29,7 +29,8 @@ export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 
 # How TorchServe is started: from run/, with its PID file in run/tmp, so the key
-# file, logs and PID file of this checkout's server stay in run/.
+# file, logs and PID file of this checkout's server stay in run/. It reads
+# run/config.properties: config.properties with its relative paths made absolute.
 TS_ENV := cd $(RUN) && env -u PYTHONPATH TMPDIR=$(CURDIR)/$(RUN)/tmp
 CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 
@@ -88,7 +89,8 @@ serve: check-java | venv
 	@mkdir -p $(RUN)/tmp $(STORE)
 	@if $(CLIENT) wait --for 1 >/dev/null 2>&1; then echo "TorchServe is already running"; else \
 	  $(PY) -m serving.archive --verify --model-store $(STORE) && \
-	  ($(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --start --ncs --ts-config $(CURDIR)/config.properties \
+	  $(PY) -m serving.server --out $(RUN)/config.properties && \
+	  ($(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --start --ncs --ts-config config.properties \
 	    --model-store $(CURDIR)/$(STORE) > torchserve.out 2>&1) && \
 	  { $(CLIENT) wait --for 120 || { tail -n 20 $(RUN)/torchserve.out >&2; \
 	    echo "TorchServe did not come up: see $(RUN)/torchserve.out and $(RUN)/logs/" >&2; exit 1; }; }; fi

@@ -75,7 +75,15 @@ MAX_PIXELS = 89_478_485
 
 
 class BadImage(ValueError):
-    """The bytes are not an image this project can decode."""
+    """The bytes are not an image this project can decode.
+
+    ``reason`` is a short category for metrics: empty, text, json, no_image,
+    several_files, undecodable, too_large.
+    """
+
+    def __init__(self, message: str, reason: str = "undecodable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def open_image(source: str | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -92,13 +100,14 @@ def open_image(source: str | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> 
         with Image.open(source) as img:
             w, h = img.size
             if w * h > max_pixels:
-                raise BadImage(f"image of {w}x{h} pixels is over the pixel limit of {max_pixels}")
+                raise BadImage(f"image of {w}x{h} pixels is over the pixel limit of {max_pixels}",
+                               "too_large")
             img.load()
             img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
     except Image.DecompressionBombError as e:
         # Pillow refuses images over twice its limit inside Image.open, before our check.
-        raise BadImage(f"image is over the pixel limit: {e}") from e
+        raise BadImage(f"image is over the pixel limit: {e}", "too_large") from e
     except UnidentifiedImageError as e:
         raise BadImage("not a decodable image: unrecognised image format") from e
     except (OSError, ValueError, SyntaxError) as e:

@@ -56,9 +56,11 @@ class Client:
 
     def __init__(self, inference_url="http://127.0.0.1:8080",
                  management_url="http://127.0.0.1:8081",
-                 key_file: str | Path | None = DEFAULT_KEY_FILE, timeout: float = 60.0):
+                 key_file: str | Path | None = DEFAULT_KEY_FILE, timeout: float = 60.0,
+                 metrics_url="http://127.0.0.1:8082"):
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
+        self.metrics_url = metrics_url.rstrip("/")
         self.key_file = Path(key_file) if key_file else None
         self.timeout = timeout
         self.session = requests.Session()
@@ -148,6 +150,19 @@ class Client:
         if r.status_code >= 400:
             raise TorchServeError(r.status_code, _body(r))
         return r.json()
+
+    # -- metrics -----------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """The metrics API's Prometheus samples: {'Name{labels}': value}."""
+        r = self.session.get(f"{self.metrics_url}/metrics", timeout=self.timeout)
+        if r.status_code != 200:
+            raise TorchServeError(r.status_code, _body(r))
+        samples = {}
+        for line in r.text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name.replace(",}", "}")] = float(value)
+        return samples
 
     # -- management --------------------------------------------------------
     def models(self) -> list[dict]:

@@ -77,6 +77,14 @@ def render_config(base: Path, overrides: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def absolute_paths(base: Path = CONFIG) -> dict[str, str]:
+    """The config's relative paths (model_store, metrics_config) made absolute against ROOT."""
+    props = dict(line.split("=", 1) for line in base.read_text().splitlines()
+                 if "=" in line and not line.lstrip().startswith("#"))
+    return {k: str((ROOT / props[k].strip()).resolve())
+            for k in ("model_store", "metrics_config") if k in props}
+
+
 class LocalServer:
     """A TorchServe instance for one test session or one benchmark."""
 
@@ -95,6 +103,7 @@ class LocalServer:
         self.overrides = {f"{k}_address": f"http://127.0.0.1:{p}" for k, p in self.ports.items()}
         self.overrides["grpc_inference_port"] = str(free_port())
         self.overrides["grpc_management_port"] = str(free_port())
+        self.overrides.update(absolute_paths(self.base_config))
         self.overrides["model_store"] = str(self.model_store)
         self.overrides.update(self._user_overrides)
 
@@ -134,7 +143,8 @@ class LocalServer:
                          "--model-store", str(self.model_store))
         self.client = Client(f"http://127.0.0.1:{self.ports['inference']}",
                              f"http://127.0.0.1:{self.ports['management']}",
-                             key_file=self.workdir / "key_file.json", timeout=60)
+                             key_file=self.workdir / "key_file.json", timeout=60,
+                             metrics_url=f"http://127.0.0.1:{self.ports['metrics']}")
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
@@ -178,3 +188,17 @@ class LocalServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Write the config TorchServe starts with: "
+                                "config.properties with its relative paths made absolute.")
+    p.add_argument("--base", type=Path, default=CONFIG, help="config.properties to start from")
+    p.add_argument("--out", type=Path, required=True, help="file to write")
+    a = p.parse_args(argv)
+    a.out.write_text(render_config(a.base, absolute_paths(a.base)))
+
+
+if __name__ == "__main__":
+    main()

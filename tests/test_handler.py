@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
+import yaml
 from ts.context import Context, RequestProcessor
-from ts.metrics.metrics_store import MetricsStore
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers.image_classifier import ImageClassifier
 from tests.conftest import MODEL_NAME, split_images
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def make_context(export_dir, n_requests: int) -> Context:
-    import yaml
+    """TorchServe's own Context and metrics cache, as a worker builds them."""
+    metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "serving" / "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.set_request_ids({i: str(uuid.uuid4()) for i in range(n_requests)})
     ctx = Context(MODEL_NAME, str(export_dir), {"model": {"serializedFile": "model.pt"}},
-                  batch_size=8, gpu=None, mms_version="0.12.0",
-                  metrics=MetricsStore(uuid.uuid4(), MODEL_NAME),
+                  batch_size=8, gpu=None, mms_version="0.12.0", metrics=metrics,
                   model_yaml_config=yaml.safe_load((export_dir / "model-config.yaml").read_text()))
     ctx.request_processor = [RequestProcessor({}) for _ in range(n_requests)]
     return ctx

@@ -1,6 +1,8 @@
 """One preprocessing: what the handler builds equals what evaluation builds."""
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 from PIL import Image
@@ -56,7 +58,7 @@ def test_modes_become_rgb():
 @pytest.mark.parametrize("row, message", [
     ({"body": bytearray(b"")}, "the request body is empty"),
     ({"body": {"a": 1}}, "expected image bytes in the request body, got JSON"),
-    ({"body": "hello"}, "expected image bytes in the request body, got text"),
+    ({"body": "hello"}, "expected image bytes or base64 in the request body, got text"),
     ({"body": bytearray(b"hello, not an image")},
      "the request body: not a decodable image: unrecognised image format"),
     ({"note": bytearray(b"hello")}, "form field 'note': not a decodable image"),
@@ -79,6 +81,13 @@ def test_multipart_field_names():
     for field in ("data", "file", "image", "upload"):
         assert request_image({field: bytearray(img)}) == (f"form field '{field}'", img)
     assert request_image({"body": bytearray(img)}) == ("the request body", img)
+
+
+def test_base64_text_is_decoded():
+    img = png_bytes(Image.new("RGB", (4, 4)))
+    b64 = base64.b64encode(img).decode()
+    assert request_image({"data": b64}) == ("form field 'data'", img)
+    assert decode({"body": b64}).size == (4, 4)
 
 
 def test_pixel_limit_is_checked_before_decoding():
