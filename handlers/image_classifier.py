@@ -104,13 +104,14 @@ class ImageClassifier(BaseHandler):
         self.preset = EvalPreset.from_dict(cfg)
         self.transform = self.preset.transform()
         self.top_k = min(int(cfg.get("top_k", 5)), len(self.mapping))
-        self.model_name = context.model_name
         logger.info("preprocessing %s, top_k %d", self.preset, self.top_k)
 
     def _metric(self, name: str, value: float, reason: str | None = None) -> None:
         """Update a metric declared in serving/metrics.yaml, dimensions in its order."""
+        if getattr(self.context, "metrics", None) is None:
+            return  # called outside a worker (a test or a benchmark of preprocess alone)
         unit, kind = METRICS[name]
-        dims = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+        dims = [Dimension("ModelName", self.context.model_name), Dimension("Level", "Model")]
         if reason is not None:
             dims.append(Dimension("Reason", reason))
         try:
