@@ -37,7 +37,7 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data train export archive serve register predict stop soak demo test clean
+.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire demo test clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -110,6 +110,22 @@ predict:
 
 stop:
 	@$(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --stop
+
+# Model versions, every step through the management API (serving/versions.py):
+#   make rollout MODEL=flying_objects VERSION=2.0   archive export/flying_objects as 2.0, register, make default
+#   make rollback MODEL=flying_objects VERSION=1.0  make 1.0 the default again
+#   make retire MODEL=flying_objects VERSION=2.0    unregister 2.0
+VERSIONS := $(PY) -m serving.versions --key-file $(RUN)/key_file.json
+rollout:
+	@test -n "$(VERSION)" || { echo "usage: make rollout MODEL=name VERSION=2.0" >&2; exit 1; }
+	$(PY) -m serving.archive --exports $(EXPORT) --model-store $(STORE) --only $(MODEL) --version $(VERSION)
+	$(VERSIONS) rollout --model $(MODEL) --archive $(STORE)/$(MODEL)_v$(VERSION).mar
+rollback:
+	@test -n "$(VERSION)" || { echo "usage: make rollback MODEL=name VERSION=1.0" >&2; exit 1; }
+	$(VERSIONS) rollback --model $(MODEL) --to $(VERSION)
+retire:
+	@test -n "$(VERSION)" || { echo "usage: make retire MODEL=name VERSION=2.0" >&2; exit 1; }
+	$(VERSIONS) retire --model $(MODEL) --version $(VERSION)
 
 # Load on loopback against the running server (make serve): errors, lost requests,
 # latency and worker memory. KILL_AFTER=10 also kills the worker after 10 s.

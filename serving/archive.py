@@ -76,9 +76,15 @@ def archiver() -> str:
     return found
 
 
+def mar_name(name: str, version: str) -> str:
+    """Archive file name: <name>.mar for version 1.0, <name>_v<version>.mar otherwise,
+    so that several versions of a model can sit in one model store."""
+    return f"{name}.mar" if version == "1.0" else f"{name}_v{version}.mar"
+
+
 def build_archive(export_dir: Path, name: str, model_store: Path, version: str = "1.0",
                   handler: Path = HANDLER) -> Path:
-    """Write ``model_store/<name>.mar`` from an export folder; returns its path."""
+    """Write the archive of ``export_dir`` into ``model_store`` (see mar_name); returns its path."""
     missing = [f for f in EXPORT_FILES if not (export_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{export_dir} lacks {', '.join(missing)}: run training.export first")
@@ -95,9 +101,11 @@ def build_archive(export_dir: Path, name: str, model_store: Path, version: str =
                "--handler", str(handler),
                "--extra-files", f"{export_dir / 'index_to_name.json'},{stage}",
                "--config-file", str(export_dir / "model-config.yaml"),
-               "--export-path", str(model_store), "--force"]
+               "--export-path", stage, "--force"]
         subprocess.run(cmd, check=True)
-    mar = model_store / f"{name}.mar"
+        # torch-model-archiver names the file after the model; move it to its versioned name.
+        mar = model_store / mar_name(name, version)
+        shutil.move(Path(stage) / f"{name}.mar", mar)
     digest = record_sum(mar)
     print(f"archived {name} -> {mar} ({mar.stat().st_size / 1e6:.1f} MB, sha256 {digest[:12]}...)")
     return mar
