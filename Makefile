@@ -37,7 +37,7 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire demo test clean
+.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire grpc demo test clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -154,7 +154,13 @@ demo: venv check-java serve archive register
 	@echo "Try: make predict IMG=$(DATA)/test/circle/circle_0090.jpg MODEL=flying_objects"
 	@echo "Stop it with: make stop"
 
-test: venv check-java
+# gRPC stubs, generated from the proto files inside the installed TorchServe jar.
+GRPC_STUBS := serving/_grpc/inference_pb2_grpc.py
+grpc: $(GRPC_STUBS)
+$(GRPC_STUBS): $(VENV)/.installed
+	$(PY) -m serving.grpc_client build
+
+test: venv check-java grpc
 	$(PY) -m pytest -q tests
 
 clean: 

@@ -68,14 +68,20 @@ def model_store(exported, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(model_store, tmp_path_factory):
+def local_server(model_store, tmp_path_factory):
     """A real TorchServe on free loopback ports with the archive registered through the
     management API (with the token); stopped at the end even when tests fail.
     load_models is emptied so that registration is the test's doing, not the config's."""
-    with LocalServer(model_store, tmp_path_factory.mktemp("torchserve"),
-                     {"load_models": ""}) as client:
+    ts = LocalServer(model_store, tmp_path_factory.mktemp("torchserve"), {"load_models": ""})
+    with ts as client:
         client.register(f"{MODEL_NAME}.mar")
-        yield client
+        yield ts
+
+
+@pytest.fixture(scope="session")
+def server(local_server):
+    """The REST client of the session's server."""
+    return local_server.client
 
 
 def split_images(root: Path, split: str = "test") -> list[Path]:
