@@ -37,7 +37,7 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire grpc demo test clean
+.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire grpc kserve demo test clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -154,6 +154,12 @@ demo: venv check-java serve archive register
 	@echo "Try: make predict IMG=$(DATA)/test/circle/circle_0090.jpg MODEL=flying_objects"
 	@echo "Stop it with: make stop"
 
+# KServe storage layout and manifests from the archives (serving/kserve.py): upload
+# build/kserve/ to your storage, build the Dockerfile's image, apply the two manifests.
+KSERVE_ARGS ?= --image image-classifiers:0.1 --storage-uri pvc://models/image-classifiers --protocol v2
+kserve: archive
+	$(PY) -m serving.kserve --model-store $(STORE) --out build/kserve $(KSERVE_ARGS)
+
 # gRPC stubs, generated from the proto files inside the installed TorchServe jar.
 GRPC_STUBS := serving/_grpc/inference_pb2_grpc.py
 grpc: $(GRPC_STUBS)
@@ -165,4 +171,4 @@ test: venv check-java grpc
 
 clean: 
 	@if [ -f $(RUN)/tmp/.model_server.pid ]; then $(MAKE) stop; fi
-	rm -rf $(DATA) $(RUNS) $(EXPORT) $(STORE) $(RUN)
+	rm -rf $(DATA) $(RUNS) $(EXPORT) $(STORE) $(RUN) build serving/_grpc

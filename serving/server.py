@@ -141,9 +141,12 @@ class LocalServer:
         cfg.write_text(render_config(self.base_config, self.overrides))
         self._torchserve("--start", "--ncs", "--ts-config", str(cfg),
                          "--model-store", str(self.model_store))
+        props = dict(line.split("=", 1) for line in cfg.read_text().splitlines()
+                     if "=" in line and not line.lstrip().startswith("#"))
+        tokens = props.get("disable_token_authorization", "false").strip() != "true"
         self.client = Client(f"http://127.0.0.1:{self.ports['inference']}",
                              f"http://127.0.0.1:{self.ports['management']}",
-                             key_file=self.workdir / "key_file.json", timeout=60,
+                             key_file=self.workdir / "key_file.json" if tokens else None, timeout=60,
                              metrics_url=f"http://127.0.0.1:{self.ports['metrics']}")
         deadline = time.monotonic() + self.start_timeout
         while True:
