@@ -44,6 +44,8 @@ help:
 	@echo "make test      run the test suite (installs first)"
 	@echo "steps:         venv data train export archive serve register predict stop"
 	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
+	@echo "make rollout|rollback|retire MODEL=name VERSION=x   model versions through the management API"
+	@echo "make grpc      generate the gRPC client's stubs;  make kserve   KServe layout + manifests"
 	@echo "make predict IMG=path/to/image.jpg MODEL=dog_breeds"
 
 venv: $(VENV)/.installed
