@@ -78,11 +78,12 @@ $(RUNS)/flying_objects/best.pt: $(DATA)/.done
 	$(PY) -m training.train $(FLY_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/flying_objects --workers 1
 
 export: $(MODELS:%=$(EXPORT)/%/model.pt)
-$(EXPORT)/%/model.pt: $(RUNS)/%/best.pt
-	$(PY) -m training.export --checkpoint $< --out $(EXPORT)/$* $(EXPORT_ARGS)
+$(EXPORT)/%/model.pt: $(RUNS)/%/best.pt training/export.py
+	$(PY) -m training.export --checkpoint $< --out $(EXPORT)/$* $(EXPORT_ARGS) \
+	  $(if $(filter dog_breeds,$*),--handler dog_breeds)
 
 archive: $(MARS)
-$(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py models/presets.py
+$(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py handlers/dog_breeds.py models/presets.py
 	$(PY) -m serving.archive --exports $(EXPORT) --model-store $(STORE) --only $*
 
 # config.properties loads every archive of the model store at start (load_models=all),
@@ -145,8 +146,9 @@ demo: venv check-java serve archive register
 	@for m in $(MODELS); do \
 	  printf '%s ' "$$m:"; $(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['test']; print(f\"Test Accuracy: {t['acc']:.0%} ({t['correct']}/{t['total']})\")" $(RUNS)/$$m/metrics.json; \
 	done
-	@echo "dog_breeds answers (raw body):"
-	@$(CLIENT) predict --brief --model dog_breeds $(DATA)/test/*/*_0099.jpg
+	@echo "dog_breeds answers (raw body; the last is a photo of a person, from scikit-image):"
+	@$(CLIENT) predict --brief --model dog_breeds $(DATA)/test/*/*_0099.jpg \
+	  "$$($(PY) -c 'import pathlib, skimage; print(pathlib.Path(skimage.__file__).parent / "data" / "astronaut.png")')"
 	@echo "flying_objects answers (multipart upload):"
 	@$(CLIENT) predict --brief --multipart --model flying_objects $(DATA)/test/*/*_0098.jpg
 	@echo "A file that is not an image gets a 400 with a reason:"

@@ -120,42 +120,54 @@ class ImageClassifier(BaseHandler):
             # e.g. another metrics config: never fail a request over a metric
             logger.warning("metric %s not updated: %s", name, e)
 
+    def inspect(self, image: Image.Image):
+        """Per-image facts gathered while the decoded image is at hand (subclasses)."""
+        return None
+
+    def answer(self, top_k: list[dict], probs: torch.Tensor, aux: torch.Tensor | None, facts) -> dict:
+        """The JSON answer for one good image. ``aux`` is the model's second output, if any."""
+        return {"top_k": top_k}
+
     def preprocess(self, data):
-        """Decode and transform each request; returns (tensor of good images, {row: reason})."""
+        """Decode and transform each request; returns (batch, {row: reason}, rows, facts)."""
         start = time.perf_counter()
-        tensors, errors = [], {}
+        tensors, errors, facts = [], {}, []
         for i, row in enumerate(data):
             try:
-                tensors.append(self.transform(decode(row)))
+                image = decode(row)
+                tensors.append(self.transform(image))
+                facts.append(self.inspect(image))
             except BadImage as e:
                 errors[i] = str(e)
                 self._metric("ImagesRejected", 1, e.reason)
         self._metric("DecodeTime", round(1000 * (time.perf_counter() - start), 3))
         batch = torch.stack(tensors) if tensors else None
-        return batch, errors, len(data)
+        return batch, errors, len(data), facts
 
     def inference(self, data, *args, **kwargs):
-        batch, errors, n = data
-        probs = None
+        batch, errors, n, facts = data
+        probs = aux = None
         if batch is not None:
             self._metric("BatchSize", len(batch))
             with torch.inference_mode():
-                probs = self.model(batch.to(self.device)).softmax(dim=1).cpu()
+                out = self.model(batch.to(self.device))
+            # A model may return (class logits, auxiliary logits), e.g. an ImageNet head.
+            logits, aux = (out[0], out[1].cpu()) if isinstance(out, (tuple, list)) else (out, None)
+            probs = logits.softmax(dim=1).cpu()
             self._metric("ImagesServed", len(batch))
-        return probs, errors, n
+        return probs, aux, errors, n, facts
 
     def postprocess(self, data):
-        probs, errors, n = data
+        probs, aux, errors, n, facts = data
         top = probs.topk(self.top_k, dim=1) if probs is not None else None
         answers, j = [], 0
         for i in range(n):
             if i in errors:
                 answers.append(error_answer(errors[i]))
                 continue
-            answers.append({"top_k": [
-                {"label": self.mapping[str(k)], "index": k, "probability": round(p, 6)}
-                for p, k in zip(top.values[j].tolist(), top.indices[j].tolist())
-            ]})
+            top_k = [{"label": self.mapping[str(k)], "index": k, "probability": round(p, 6)}
+                     for p, k in zip(top.values[j].tolist(), top.indices[j].tolist())]
+            answers.append(self.answer(top_k, probs[j], None if aux is None else aux[j], facts[j]))
             j += 1
         self._report_status(n, errors)
         if getattr(self.context, "input_names", None):  # kservev2 envelope: BYTES are strings

@@ -18,9 +18,21 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "handlers" / "image_classifier.py"
-# What the handler imports from this project, as paths relative to ROOT.
+# What every handler imports from this project, as paths relative to ROOT.
 HANDLER_MODULES = ("models/__init__.py", "models/presets.py")
+# Handlers built on ImageClassifier import it from the handlers package.
+BASE_HANDLER_MODULES = ("handlers/__init__.py", "handlers/image_classifier.py")
+
+
+def handler_of(export_dir: Path) -> Path:
+    """The handler file an export names in its model-config.yaml (handler.name)."""
+    import yaml
+    cfg = yaml.safe_load((export_dir / "model-config.yaml").read_text()) or {}
+    name = (cfg.get("handler") or {}).get("name", "image_classifier")
+    path = ROOT / "handlers" / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}/model-config.yaml names handler {name!r}: no {path}")
+    return path
 EXPORT_FILES = ("model.pt", "index_to_name.json", "model-config.yaml")
 SUMS_FILE = "SHA256SUMS"  # in the model store, in `sha256sum` format
 
@@ -82,17 +94,18 @@ def mar_name(name: str, version: str) -> str:
     return f"{name}.mar" if version == "1.0" else f"{name}_v{version}.mar"
 
 
-def build_archive(export_dir: Path, name: str, model_store: Path, version: str = "1.0",
-                  handler: Path = HANDLER) -> Path:
+def build_archive(export_dir: Path, name: str, model_store: Path, version: str = "1.0") -> Path:
     """Write the archive of ``export_dir`` into ``model_store`` (see mar_name); returns its path."""
     missing = [f for f in EXPORT_FILES if not (export_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{export_dir} lacks {', '.join(missing)}: run training.export first")
     model_store.mkdir(parents=True, exist_ok=True)
+    handler = handler_of(export_dir)
+    modules = HANDLER_MODULES + (BASE_HANDLER_MODULES if handler.stem != "image_classifier" else ())
     with tempfile.TemporaryDirectory() as stage:
         # torch-model-archiver copies a folder's *contents* to the archive root,
-        # so the staging folder holds the package folder itself.
-        for rel in HANDLER_MODULES:
+        # so the staging folder holds the package folders themselves.
+        for rel in modules:
             dst = Path(stage) / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst)

@@ -210,8 +210,15 @@ class Client:
 
 def brief(status: int, body) -> str:
     """One line for an answer: the labels with probabilities, or the error."""
+    if status == 200 and isinstance(body, dict) and body.get("subject") == "none":
+        return f"none: {body['message']}"
     if status == 200 and isinstance(body, dict) and "top_k" in body:
-        return "  ".join(f"{e['label']} {e['probability']:.3f}" for e in body["top_k"])
+        scores = "  ".join(f"{e['label']} {e['probability']:.3f}" for e in body["top_k"])
+        if body.get("subject") == "dog":
+            return f"dog, breed {body['breed']}  ({scores})"
+        if body.get("subject") == "human":
+            return f"human face, resembles {body['resembles']}  ({scores})"
+        return scores
     msg = body.get("message", body) if isinstance(body, dict) else body
     return f"HTTP {status}: {msg}"
 

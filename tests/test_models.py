@@ -146,3 +146,33 @@ def test_offline_download_gives_one_clear_error(tmp_path, monkeypatch):
         get_model("mobilenet_v2", N, weights="DEFAULT")
     msg = str(e.value)
     assert "--weights-file" in msg and "IMAGENET1K_V2" in msg and "\n" not in msg
+
+
+def test_imagenet_head_reproduces_the_pretrained_classifier(tmp_path):
+    torch.manual_seed(7)
+    pretrained = tvm.resnet50().eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(pretrained.state_dict(), path)
+    m = get_model("resnet50", N, weights_file=str(path), imagenet_head=True).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        logits, imagenet = m(x)
+        assert logits.shape == (2, N)
+        assert torch.allclose(imagenet, pretrained(x), atol=1e-4)
+        both = get_model("resnet50", N, weights_file=str(path), imagenet_head=True,
+                         unfreeze_layer3=True).eval()
+        assert both.shared == 2 and torch.allclose(both(x)[1], pretrained(x), atol=1e-4)
+    # Fine-tuning layer4 does not move the ImageNet branch.
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    torch.nn.functional.cross_entropy(m(x)[0], torch.tensor([0, 1])).backward()
+    opt.step()
+    m.eval()
+    assert not torch.equal(m.model.layer4[0].conv1.weight, pretrained.layer4[0].conv1.weight)
+    assert torch.equal(m.imagenet_stages[0][0].conv1.weight, pretrained.layer4[0].conv1.weight)
+    # It survives TorchScript export, both outputs.
+    ts_path = tmp_path / "m.pt"
+    to_torchscript(m).save(str(ts_path))
+    with torch.inference_mode():
+        for got, want in zip(torch.jit.load(str(ts_path))(x), m(x)):
+            assert (got - want).abs().max() < 1e-4

@@ -21,7 +21,7 @@ def test_handler_tensor_equals_evaluation_tensor(tiny_data):
     for path in split_images(tiny_data)[:3]:
         idx = [p for p, _ in sets["test"].samples].index(str(path))
         expected = sets["test"][idx][0]
-        batch, errors, n = handler.preprocess([{"body": bytearray(path.read_bytes())}])
+        batch, errors, n, _ = handler.preprocess([{"body": bytearray(path.read_bytes())}])
         assert errors == {} and n == 1
         assert batch.shape == (1, 3, 224, 224)
         assert torch.equal(batch[0], expected)

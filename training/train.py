@@ -32,6 +32,11 @@ OPTIMIZERS = {
 }
 
 
+def class_logits(out):
+    """The class logits of a model's output (models with an ImageNet head return a pair)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def train_one_epoch(model, data, criterion, optimizer, device, label="train") -> dict:
     """One pass over ``data``; returns mean loss and accuracy."""
     model.train()
@@ -40,7 +45,7 @@ def train_one_epoch(model, data, criterion, optimizer, device, label="train") ->
     for i, (x, y) in enumerate(data, 1):
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
+        out = class_logits(model(x))
         loss = criterion(out, y)
         loss.backward()
         optimizer.step()
@@ -58,7 +63,7 @@ def evaluate(model, data, criterion, device) -> dict:
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in data:
         x, y = x.to(device), y.to(device)
-        out = model(x)
+        out = class_logits(model(x))
         loss_sum += criterion(out, y).item() * len(y)
         correct += (out.argmax(1) == y).sum().item()
         seen += len(y)
@@ -72,6 +77,8 @@ def model_options(a: argparse.Namespace) -> dict:
         opts["unfreeze_layer3"] = True
     if a.unfreeze_blocks:
         opts["unfreeze_blocks"] = a.unfreeze_blocks
+    if a.imagenet_head:
+        opts["imagenet_head"] = True
     return opts
 
 
@@ -116,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resnet50: train layer3 too (the original project's second stage)")
     p.add_argument("--unfreeze-blocks", type=int, default=0,
                    help="mobilenet_v2: train the last N of its 19 feature blocks too")
+    p.add_argument("--imagenet-head", action="store_true",
+                   help="resnet50: keep the pretrained ImageNet classifier as a second output "
+                        "(the dog-breed handler's dog detector); needs ImageNet weights")
     p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
@@ -125,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     if a.weights.lower() == "none" or a.weights_file or not spec.pretrained:
         a.weights = None
+    if a.imagenet_head and not (a.weights or a.weights_file):
+        p.error("--imagenet-head needs ImageNet weights (--weights DEFAULT or --weights-file): "
+                "a randomly initialised head knows no ImageNet classes")
     return a
 
 
