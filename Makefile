@@ -37,7 +37,7 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire grpc kserve demo test clean
+.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -46,6 +46,7 @@ help:
 	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
 	@echo "make rollout|rollback|retire MODEL=name VERSION=x   model versions through the management API"
 	@echo "make grpc      generate the gRPC client's stubs;  make kserve   KServe layout + manifests"
+	@echo "make ui        the upload page on http://127.0.0.1:5000 (with make serve running)"
 	@echo "make predict IMG=path/to/image.jpg MODEL=dog_breeds"
 
 venv: $(VENV)/.installed
@@ -170,7 +171,21 @@ grpc: $(GRPC_STUBS)
 $(GRPC_STUBS): $(VENV)/.installed
 	$(PY) -m serving.grpc_client build
 
-test: venv check-java grpc
+# The upload page on 127.0.0.1 (ui/app.py), calling the running TorchServe (make serve).
+UI_PORT ?= 5000
+ui: | venv
+	$(PY) -m ui.app --port $(UI_PORT) --key-file $(RUN)/key_file.json
+
+# The page's tests drive Debian's chromium (Playwright's own browser download cannot
+# run on offline machines): installed here when missing, which needs root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Debian's chromium for the browser tests..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "The browser tests need chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
+test: venv check-java grpc browser
 	$(PY) -m pytest -q tests
 
 clean: 

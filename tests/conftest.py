@@ -61,6 +61,15 @@ def exported(trained, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dog_export(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dog_export") / "tiny_dogs"
+    a = export_mod.parse_args(["--checkpoint", str(trained), "--out", str(out), "--top-k", "3",
+                               "--handler", "dog_breeds"])
+    export_mod.export(trained, out, a)
+    return out
+
+
+@pytest.fixture(scope="session")
 def model_store(exported, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("model_store")
     build_archive(exported, MODEL_NAME, store)

@@ -16,7 +16,6 @@ from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import png_bytes, split_images
 from tests.test_handler import make_context
-from training import export as export_mod
 
 FACE_PHOTO = Path(skimage.__file__).parent / "data" / "astronaut.png"  # NASA, public domain
 
@@ -37,15 +36,6 @@ def test_face_detector_finds_none_in_generated_images(tiny_data):
     cascade = face_detector()
     for path in split_images(tiny_data) + split_images(tiny_data, "valid"):
         assert count_faces(cascade, Image.open(path).convert("RGB")) == 0, path
-
-
-@pytest.fixture(scope="module")
-def dog_export(trained, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dog_export") / "tiny_dogs"
-    a = export_mod.parse_args(["--checkpoint", str(trained), "--out", str(out), "--top-k", "3",
-                               "--handler", "dog_breeds"])
-    export_mod.export(trained, out, a)
-    return out
 
 
 def handler_for(export_dir: Path, **handler_cfg) -> DogBreedClassifier:

@@ -1,0 +1,92 @@
+"""The upload page in a real headless browser (Debian's chromium driven by Playwright),
+against the Flask app and a real TorchServe. A screenshot of the result page is saved
+to test-artifacts/ui-result.png."""
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+from werkzeug.serving import make_server
+
+from serving.archive import build_archive
+from serving.server import LocalServer, free_port
+from tests.test_dog_breeds import FACE_PHOTO
+from ui.app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the machine notes advise: no first-run, no background traffic to a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def ts_client(dog_export, tmp_path_factory):
+    store = tmp_path_factory.mktemp("ui_store")
+    build_archive(dog_export, "tiny_dogs", store)
+    with LocalServer(store, tmp_path_factory.mktemp("ui_ts")) as client:  # load_models=all
+        yield client
+
+
+@pytest.fixture(scope="module")
+def app_url(ts_client):
+    server = make_server("127.0.0.1", free_port(), create_app(ts_client), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page():
+    assert Path(CHROMIUM).exists(), "chromium missing: `make browser` installs Debian's chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 900, "height": 1000})
+        finally:
+            browser.close()
+
+
+def test_upload_a_face_and_read_the_breed_shown(page, app_url, ts_client):
+    expected = ts_client.predict("tiny_dogs", FACE_PHOTO.read_bytes())
+    assert expected["subject"] == "human"
+    page.goto(app_url)
+    expect(page.locator("#model option")).to_have_text(["tiny_dogs"])
+    page.set_input_files("#image", str(FACE_PHOTO))
+    expect(page.locator("#preview")).to_be_visible()
+    page.click("#submit")
+    breed = expected["resembles"].replace("_", " ")
+    # The answer waits on TorchServe; a cold worker on a busy 2-core machine can take a while.
+    expect(page.locator("#headline")).to_have_text(f"A person. You look like a {breed}.", timeout=60_000)
+    expect(page.locator("#bars .bar")).to_have_count(len(expected["top_k"]))
+    expect(page.locator("#error")).to_have_text("")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-result.png"), full_page=True)
+    assert (ARTIFACTS / "ui-result.png").stat().st_size > 10_000
+
+
+def test_upload_a_text_file_and_read_the_error_shown(page, app_url, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("these are my notes, not a photo")
+    page.goto(app_url)
+    expect(page.locator("#model option")).to_have_count(1)
+    page.set_input_files("#image", str(text))
+    page.click("#submit")
+    expect(page.locator("#error")).to_contain_text("tiny_dogs refused the image", timeout=60_000)
+    expect(page.locator("#error")).to_contain_text("not a decodable image")
+    expect(page.locator("#headline")).to_have_text("")
+
+
+def test_torchserve_down_is_a_readable_message(dog_export, tmp_path):
+    from serving.client import Client
+    dead = Client(f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", key_file=None,
+                  timeout=5)
+    app = create_app(dead).test_client()
+    r = app.post("/api/predict", data={"model": "x", "image": (FACE_PHOTO.open("rb"), "a.png")})
+    assert r.status_code == 502 and "TorchServe is not reachable" in r.get_json()["error"]

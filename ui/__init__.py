@@ -1,0 +1,1 @@
+"""The upload page: pick a photo, see the answer (make ui)."""
