@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 # What every handler imports from this project, as paths relative to ROOT.
 HANDLER_MODULES = ("models/__init__.py", "models/presets.py")
@@ -26,7 +28,6 @@ BASE_HANDLER_MODULES = ("handlers/__init__.py", "handlers/image_classifier.py")
 
 def handler_of(export_dir: Path) -> Path:
     """The handler file an export names in its model-config.yaml (handler.name)."""
-    import yaml
     cfg = yaml.safe_load((export_dir / "model-config.yaml").read_text()) or {}
     name = (cfg.get("handler") or {}).get("name", "image_classifier")
     path = ROOT / "handlers" / f"{name}.py"

@@ -77,12 +77,17 @@ def render_config(base: Path, overrides: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_properties(path: Path) -> dict[str, str]:
+    """key -> value of a config.properties file (comments and blank lines skipped)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def absolute_paths(base: Path = CONFIG) -> dict[str, str]:
     """The config's relative paths (model_store, metrics_config) made absolute against ROOT."""
-    props = dict(line.split("=", 1) for line in base.read_text().splitlines()
-                 if "=" in line and not line.lstrip().startswith("#"))
-    return {k: str((ROOT / props[k].strip()).resolve())
-            for k in ("model_store", "metrics_config") if k in props}
+    props = read_properties(base)
+    return {k: str((ROOT / props[k]).resolve()) for k in ("model_store", "metrics_config") if k in props}
 
 
 class LocalServer:
@@ -141,9 +146,7 @@ class LocalServer:
         cfg.write_text(render_config(self.base_config, self.overrides))
         self._torchserve("--start", "--ncs", "--ts-config", str(cfg),
                          "--model-store", str(self.model_store))
-        props = dict(line.split("=", 1) for line in cfg.read_text().splitlines()
-                     if "=" in line and not line.lstrip().startswith("#"))
-        tokens = props.get("disable_token_authorization", "false").strip() != "true"
+        tokens = read_properties(cfg).get("disable_token_authorization", "false") != "true"
         self.client = Client(f"http://127.0.0.1:{self.ports['inference']}",
                              f"http://127.0.0.1:{self.ports['management']}",
                              key_file=self.workdir / "key_file.json" if tokens else None, timeout=60,

@@ -11,7 +11,7 @@ import yaml
 
 from serving.archive import SUMS_FILE, sha256
 from serving.kserve import layout
-from serving.server import LocalServer
+from serving.server import LocalServer, read_properties
 from tests.conftest import MODEL_NAME, split_images
 
 
@@ -21,17 +21,13 @@ def package(model_store, tmp_path_factory):
     return layout(model_store, out, image="registry.example/ic:1", storage_uri="pvc://models/ic")
 
 
-def props(path) -> dict[str, str]:
-    return dict(l.split("=", 1) for l in path.read_text().splitlines() if "=" in l and not l.startswith("#"))
-
-
 def test_storage_layout_is_what_the_torchserve_runtime_expects(package, model_store):
     assert (package / "config" / "config.properties").is_file()
     mars = sorted(p.name for p in (package / "model-store").glob("*.mar"))
     assert mars == [f"{MODEL_NAME}.mar"]
     assert sha256(package / "model-store" / mars[0]) == sha256(model_store / mars[0])
     assert (package / "model-store" / SUMS_FILE).is_file()
-    cfg = props(package / "config" / "config.properties")
+    cfg = read_properties(package / "config" / "config.properties")
     assert cfg["model_store"] == "/mnt/models/model-store"
     assert cfg["inference_address"] == "http://0.0.0.0:8085"
     assert cfg["metrics_address"] == "http://0.0.0.0:8082" and cfg["metrics_mode"] == "prometheus"

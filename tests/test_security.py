@@ -14,19 +14,14 @@ import pytest
 import torch
 
 from serving.archive import SUMS_FILE, read_sums, sha256
+from serving.server import read_properties
 from tests.conftest import MODEL_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def shipped_config() -> dict[str, str]:
-    pairs = (l.split("=", 1) for l in (ROOT / "config.properties").read_text().splitlines()
-             if l.strip() and not l.lstrip().startswith("#"))
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
 def test_config_listens_on_loopback_only_with_tokens_on():
-    cfg = shipped_config()
+    cfg = read_properties(ROOT / "config.properties")
     addresses = {k: v for k, v in cfg.items() if k.endswith("_address")}
     assert {"inference_address", "management_address", "metrics_address",
             "grpc_inference_address", "grpc_management_address"} <= set(addresses)
