@@ -52,7 +52,7 @@ class DogBreedClassifier(ImageClassifier):
 
     def initialize(self, context):
         super().initialize(context)
-        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        cfg = self.handler_config
         self.dog_threshold = float(cfg.get("dog_threshold", 0.5))
         self.face_max_side = int(cfg.get("face_max_side", 512))
         self.cascade = face_detector()

@@ -100,7 +100,8 @@ class ImageClassifier(BaseHandler):
 
     def initialize(self, context):
         super().initialize(context)
-        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        # model-config.yaml's handler: section; subclasses read their settings from it too.
+        self.handler_config = cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         self.preset = EvalPreset.from_dict(cfg)
         self.transform = self.preset.transform()
         self.top_k = min(int(cfg.get("top_k", 5)), len(self.mapping))

@@ -168,8 +168,9 @@ class Client:
     def models(self) -> list[dict]:
         return self._json("management", "GET", "/models")["models"]
 
-    def describe(self, model: str) -> list[dict]:
-        return self._json("management", "GET", f"/models/{model}")
+    def describe(self, model: str, version: str = "") -> list[dict]:
+        """The default version's description, or ``version``'s ("all": every version)."""
+        return self._json("management", "GET", f"/models/{model}" + (f"/{version}" if version else ""))
 
     def register(self, mar_name: str, batch_size: int | None = None,
                  max_batch_delay: int | None = None, initial_workers: int = 1,
@@ -182,8 +183,13 @@ class Client:
                 params[k] = v
         return self._json("management", "POST", "/models", params=params)
 
-    def unregister(self, model: str) -> dict:
-        return self._json("management", "DELETE", f"/models/{model}")
+    def unregister(self, model: str, version: str = "") -> dict:
+        """Unregister the default version, or ``version``."""
+        return self._json("management", "DELETE", f"/models/{model}" + (f"/{version}" if version else ""))
+
+    def set_default(self, model: str, version: str) -> dict:
+        """Make ``version`` the one /predictions/<model> serves."""
+        return self._json("management", "PUT", f"/models/{model}/{version}/set-default")
 
     def wait_until_up(self, timeout: float = 120.0) -> None:
         """Wait until the server answers /ping and every registered model has all its

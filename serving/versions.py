@@ -31,15 +31,11 @@ def versions(client: Client, model: str) -> list[dict]:
     return [{"version": d["modelVersion"], "archive": d["modelUrl"],
              "default": d["modelUrl"] == default_url, "batchSize": d["batchSize"],
              "workers": [w["status"] for w in d["workers"]]}
-            for d in client._json("management", "GET", f"/models/{model}/all")]
+            for d in client.describe(model, "all")]
 
 
 def default_version(client: Client, model: str) -> str:
     return next(v["version"] for v in versions(client, model) if v["default"])
-
-
-def set_default(client: Client, model: str, version: str) -> None:
-    client._json("management", "PUT", f"/models/{model}/{version}/set-default")
 
 
 def rollout(client: Client, model: str, mar: Path, workers: int = 1) -> str:
@@ -53,14 +49,14 @@ def rollout(client: Client, model: str, mar: Path, workers: int = 1) -> str:
     version = new[0]["version"]
     if not new[0]["workers"] or set(new[0]["workers"]) != {"READY"}:
         raise TorchServeError(503, f"{model} {version} workers not READY: {new[0]['workers']}")
-    set_default(client, model, version)
+    client.set_default(model, version)
     return version
 
 
 def retire(client: Client, model: str, version: str) -> None:
     if default_version(client, model) == version:
         raise TorchServeError(409, f"{model} {version} is the default: roll back first")
-    client._json("management", "DELETE", f"/models/{model}/{version}")
+    client.unregister(model, version)
 
 
 def main(argv=None):
@@ -87,7 +83,7 @@ def main(argv=None):
         if a.cmd == "rollout":
             print(f"{a.model}: version {rollout(c, a.model, a.archive, a.workers)} is the default")
         elif a.cmd == "rollback":
-            set_default(c, a.model, a.to)
+            c.set_default(a.model, a.to)
             print(f"{a.model}: version {a.to} is the default")
         elif a.cmd == "retire":
             retire(c, a.model, a.version)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from serving.archive import SUMS_FILE, read_sums, sha256
+from serving.client import TorchServeError
 from serving.server import read_properties
 from tests.conftest import MODEL_NAME
 
@@ -34,8 +35,9 @@ def test_config_listens_on_loopback_only_with_tokens_on():
 
 
 def test_registration_of_a_path_outside_the_store_is_refused(server):
-    r = server._request("management", "POST", "/models", params={"url": "/etc/ssl/evil.mar"})
-    assert r.status_code == 404 and "not found" in r.json()["message"].lower()
+    with pytest.raises(TorchServeError) as e:
+        server.register("/etc/ssl/evil.mar")
+    assert e.value.status == 404 and "not found" in e.value.body["message"].lower()
 
 
 ALLOWED_IN_ARCHIVE = {"image_classifier.py", "model.pt", "model-config.yaml", "index_to_name.json",

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from serving.client import TorchServeError
 from serving.server import LocalServer
 from tests.conftest import MODEL_NAME, split_images
 
@@ -94,9 +95,10 @@ def test_requests_without_or_with_a_wrong_token_are_refused(server, tiny_data):
     "file:///etc/passwd",
 ])
 def test_registration_only_from_the_local_model_store(server, url):
-    r = server._request("management", "POST", "/models", params={"url": url})
-    assert r.status_code == 404
-    assert "does not match any allowed URL" in r.json()["message"]
+    with pytest.raises(TorchServeError) as e:
+        server.register(url)
+    assert e.value.status == 404
+    assert "does not match any allowed URL" in e.value.body["message"]
     assert MODEL_NAME in {m["modelName"] for m in server.models()}
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from serving.archive import SUMS_FILE, build_archive
 from serving.server import LocalServer
-from serving.versions import default_version, retire, rollout, set_default, versions
+from serving.versions import default_version, retire, rollout, versions
 from tests.conftest import MODEL_NAME, split_images
 
 
@@ -44,7 +44,7 @@ def test_rollout_rollback_retire_under_traffic(exported, model_store, tmp_path, 
             assert rollout(client, MODEL_NAME, mar_v2) == "2.0"
             assert default_version(client, MODEL_NAME) == "2.0"
             assert len(client.predict(MODEL_NAME, body)["top_k"]) == 2
-            set_default(client, MODEL_NAME, "1.0")  # roll back
+            client.set_default(MODEL_NAME, "1.0")  # roll back
             assert len(client.predict(MODEL_NAME, body)["top_k"]) == 3
             retire(client, MODEL_NAME, "2.0")
             assert [v["version"] for v in versions(client, MODEL_NAME)] == ["1.0"]
