@@ -57,7 +57,7 @@ class WithImageNetHead(nn.Module):
         return logits, imagenet
 
 
-@register_model("resnet50", train_preset=TrainPreset(rotation=10.0))
+@register_model("resnet50", train_preset=TrainPreset(rotation=10.0), head="fc")
 def resnet50(num_classes: int, weights: str | None = None, weights_file: str | None = None,
              unfreeze_layer3: bool = False, dropout: float = 0.5,
              imagenet_head: bool = False) -> nn.Module:

@@ -19,16 +19,18 @@ class ModelSpec:
     build: Callable[..., nn.Module]
     train_preset: TrainPreset
     pretrained: bool  # whether torchvision ImageNet weights exist for it
+    head: str  # the classifier module: trained first in staged fine-tuning
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, train_preset: TrainPreset = TrainPreset(), pretrained: bool = True):
+def register_model(name: str, *, train_preset: TrainPreset = TrainPreset(), pretrained: bool = True,
+                   head: str = "classifier"):
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained)
+        _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained, head)
         return fn
     return wrap
 

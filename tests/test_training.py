@@ -105,3 +105,185 @@ def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weigh
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert "--weights-file" in r.stderr
+
+
+# --- The workbench: recipes, schedules, staged fine-tuning, resume, early stopping ---------
+
+from training import distributed  # noqa: E402
+from training.data import EpochSampler, SeededSamples, class_weights, image_folder  # noqa: E402
+from training.optim import lr_factor  # noqa: E402
+from training.recipe import RECIPES  # noqa: E402
+
+
+def small_args(data, out, *extra):
+    return train_mod.parse_args(["--model", "scratch_cnn", "--data", str(data), "--out", str(out),
+                                 "--batch-size", "10", "--workers", "0", "--lr", "0.005",
+                                 "--no-analysis", *extra])
+
+
+def test_recipe_sets_defaults_flags_override_and_settings_reproduce(tmp_path, tiny_data):
+    a = train_mod.parse_args(["--recipe", "dog_breeds", "--data", str(tiny_data),
+                              "--out", str(tmp_path), "--lr", "0.05"])
+    recipe = yaml.safe_load((RECIPES / "dog_breeds.yaml").read_text())
+    assert a.model == recipe["model"] == "resnet50"
+    assert a.batch_size == recipe["batch-size"] and a.optimizer == recipe["optimizer"]
+    assert a.lr == 0.05 != recipe["lr"]
+    from training.recipe import save_settings
+    save_settings(a, tmp_path / "settings.yaml")
+    b = train_mod.parse_args(["--recipe", str(tmp_path / "settings.yaml")])
+    assert vars(b) | {"recipe": None} == vars(a) | {"recipe": None}
+
+
+def test_recipe_unknown_setting_is_named(tmp_path, tiny_data):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: scratch_cnn\nlearning-rate: 0.1\n")
+    r = run_cli("training.train", "--recipe", str(bad), "--data", str(tiny_data), "--out", str(tmp_path))
+    assert r.returncode == 2 and "unknown setting 'learning-rate'" in r.stderr and "lr" in r.stderr
+
+
+def test_every_recipe_parses():
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert {"dog_breeds", "flying_objects"} <= set(names)
+    for name in names:
+        a = train_mod.parse_args(["--recipe", name, "--data", "d", "--out", "o"])
+        assert a.model in ("resnet50", "mobilenet_v2", "scratch_cnn")
+
+
+def test_lr_schedules_by_hand():
+    import argparse
+    a = argparse.Namespace(warmup_epochs=2, schedule="cosine", epochs=6, min_lr_factor=0.0,
+                           gamma=0.5, step_size=2)
+    got = [round(lr_factor(e, a), 4) for e in range(6)]
+    # warm-up 1/3, 2/3; then cosine over 4 epochs: 1, cos-half points 0.8536, 0.5, 0.1464
+    assert got == [0.3333, 0.6667, 1.0, 0.8536, 0.5, 0.1464]
+    a.schedule = "step"
+    assert [lr_factor(e, a) for e in range(2, 7)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+def test_epoch_sampler_processes_together_see_the_single_process_batches():
+    one = EpochSampler(30, shuffle=True, seed=3)
+    one.set_epoch(2)
+    single = list(one)
+    ranks = []
+    for r in range(2):
+        s = EpochSampler(30, shuffle=True, seed=3, rank=r, world=2)
+        s.set_epoch(2)
+        ranks.append(list(s))
+    for k in range(3):  # global batch 10 = 5 per process
+        assert sorted(ranks[0][5 * k:5 * k + 5] + ranks[1][5 * k:5 * k + 5]) == sorted(single[10 * k:10 * k + 10])
+    one.set_epoch(3)
+    assert list(one) != single and sorted(one) == list(range(30))
+
+
+def test_balanced_sampler_and_class_weights_on_imbalanced_data(tmp_path):
+    generate(tmp_path, per_class=10, classes=("circle", "star"), seed=1, quiet=True)
+    for f in sorted((tmp_path / "train" / "star").glob("*.jpg"))[2:]:
+        f.unlink()  # 7 circles, 2 stars
+    ds = image_folder(tmp_path, "train", None)
+    assert [round(w, 4) for w in class_weights(ds).tolist()] == [round(9 / 14, 4), round(9 / 4, 4)]
+    from training.data import sample_weights
+    s = EpochSampler(len(ds), shuffle=True, weights=sample_weights(ds))
+    drawn = []
+    for e in range(200):
+        s.set_epoch(e)
+        drawn += [ds.targets[i] for i in s]
+    share = drawn.count(1) / len(drawn)
+    assert 0.45 < share < 0.55  # 2/9 = 0.22 without the sampler
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(tiny_data):
+    from models.presets import EvalPreset
+    from models.registry import get_spec
+    t = get_spec("scratch_cnn").train_preset.transform(EvalPreset())
+    ds = SeededSamples(image_folder(tiny_data, "train", t), seed=0)
+    x1, _ = ds[(3, 1)]
+    torch.rand(5)  # global generator state must not matter
+    x2, _ = ds[(3, 1)]
+    x3, _ = ds[(3, 2)]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+def weights_of(run_dir):
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def test_staged_fine_tuning_trains_the_head_first(tiny_data, tmp_path):
+    from models.registry import get_model
+    init = get_model("scratch_cnn", 3).state_dict()
+    a = small_args(tiny_data, tmp_path, "--epochs", "1", "--head-epochs", "1")
+    train_mod.run(a)
+    w1 = weights_of(tmp_path)
+    torch.manual_seed(0)
+    init = get_model("scratch_cnn", 3).state_dict()  # the run's own initial weights (seed 0)
+    assert all(torch.equal(w1[k], init[k]) for k in init if k.startswith("features."))
+    assert not torch.equal(w1["classifier.5.weight"], init["classifier.5.weight"])
+    a = small_args(tiny_data, tmp_path, "--epochs", "2", "--head-epochs", "1", "--resume")
+    train_mod.run(a)
+    w2 = weights_of(tmp_path)
+    assert not torch.equal(w2["features.0.weight"], init["features.0.weight"])
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [h["stage"] for h in history] == [1, 2]
+
+
+def test_backbone_lr_is_scaled_for_pretrained_weights(tiny_data, tmp_path):
+    import torchvision
+    wf = tmp_path / "w.pt"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), wf)  # stands in for ImageNet weights
+    a = train_mod.parse_args(["--recipe", "flying_objects", "--data", str(tiny_data),
+                              "--out", str(tmp_path / "o"), "--weights-file", str(wf), "--lr", "0.002"])
+    r = train_mod.Run(a, distributed.Dist())
+    lrs = {g["name"]: g["lr"] for g in r.optimizer.param_groups}
+    assert lrs == {"head": 0.002, "backbone": 0.002 * a.backbone_lr_scale}
+    assert a.backbone_lr_scale < 1
+    # the backbone tensors are those of the last unfreeze-blocks blocks
+    names = {n for n, p in r.model.named_parameters() if any(p is q for q in r.backbone)}
+    assert {n.split(".")[1] for n in names} == {str(i) for i in range(19 - a.unfreeze_blocks, 19)}
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train_mod.run(small_args(tiny_data, straight, "--epochs", "3", "--schedule", "cosine"))
+    real = train_mod.train_one_epoch
+    calls = []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the third epoch
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(small_args(tiny_data, broken, "--epochs", "3", "--schedule", "cosine"))
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    with pytest.raises(ValueError, match="unfinished run .*--resume"):
+        train_mod.run(small_args(tiny_data, broken, "--epochs", "3", "--schedule", "cosine"))
+    train_mod.run(small_args(tiny_data, broken, "--epochs", "3", "--schedule", "cosine", "--resume"))
+    a, b = weights_of(straight), weights_of(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((straight / "metrics.json").read_text())["history"]
+    hb = json.loads((broken / "metrics.json").read_text())["history"]
+    assert [h["valid"]["loss"] for h in ha] == [h["valid"]["loss"] for h in hb]
+    assert [h["lr"] for h in hb] == pytest.approx([0.005, 0.005 * 0.75, 0.005 * 0.25])
+
+
+def test_early_stopping_and_metrics_files(tiny_data, tmp_path):
+    # lr 0: the valid loss never improves after epoch 1, so patience 1 stops after epoch 2.
+    train_mod.run(small_args(tiny_data, tmp_path, "--epochs", "5", "--lr", "0", "--patience", "1"))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(m["history"]) == 2 and m["stopped_early"] is True
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,stage,lr,train_loss") and len(rows) == 3
+    assert yaml.safe_load((tmp_path / "settings.yaml").read_text())["patience"] == 1
+
+
+@pytest.mark.parametrize("options", [["--optimizer", "adamw", "--schedule", "plateau",
+                                      "--label-smoothing", "0.1", "--balance", "weights"],
+                                     ["--optimizer", "sgd", "--schedule", "step", "--step-size", "1",
+                                      "--balance", "sampler", "--warmup-epochs", "1"]])
+def test_option_combinations_train(tiny_data, tmp_path, options):
+    te = train_mod.run(small_args(tiny_data, tmp_path, "--epochs", "2", *options))
+    assert te["total"] == 6
+    s = yaml.safe_load((tmp_path / "settings.yaml").read_text())
+    assert s["optimizer"] == options[1] and s["schedule"] == options[3]

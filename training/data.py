@@ -1,14 +1,24 @@
-"""Datasets in ImageFolder layout: ROOT/{train,valid,test}/CLASS/*.jpg."""
+"""Datasets in ImageFolder layout: ROOT/{train,valid,test}/CLASS/*.jpg, and how batches are drawn.
+
+Randomness is a function of (seed, epoch, index) alone: the order of samples comes
+from ``EpochSampler`` and each sample's augmentation from ``SeededSamples``. A run
+therefore sees the same images, augmented the same way, whatever the number of
+data-loader workers or distributed processes, and a resumed run repeats exactly
+what the interrupted one would have done.
+"""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from models.presets import open_image
 
 SPLITS = ("train", "valid", "test")
+BALANCE = ("none", "weights", "sampler")
 
 
 def image_folder(root: str | Path, split: str, transform) -> ImageFolder:
@@ -32,6 +42,91 @@ def load_splits(root: str | Path, train_transform, eval_transform) -> dict[str, 
     return sets
 
 
-def loader(ds: ImageFolder, batch_size: int, shuffle: bool, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=False)
+def class_counts(ds: ImageFolder) -> list[int]:
+    counts = Counter(ds.targets)
+    return [counts.get(c, 0) for c in range(len(ds.classes))]
+
+
+def class_weights(ds: ImageFolder) -> torch.Tensor:
+    """Loss weights inversely proportional to class frequency, mean 1 over the samples."""
+    counts = torch.tensor(class_counts(ds), dtype=torch.float)
+    return len(ds.targets) / (len(counts) * counts.clamp(min=1))
+
+
+def sample_weights(ds: ImageFolder) -> torch.Tensor:
+    """Per-sample draw weights under which every class is drawn equally often."""
+    counts = class_counts(ds)
+    return torch.tensor([1.0 / counts[t] for t in ds.targets], dtype=torch.double)
+
+
+class EpochSampler(Sampler[int]):
+    """Sample order for one epoch, for one process of ``world`` processes.
+
+    Every process computes the same global order from (seed, epoch): a permutation,
+    a weighted draw with replacement (``weights``, the balanced sampler) or, with
+    ``shuffle=False``, the dataset order. Process ``rank`` takes positions rank,
+    rank+world, ...; so with a global batch split across processes, the processes'
+    batches together hold exactly the single-process batch. Training pads the order
+    (repeating its start) to a multiple of ``world`` so every process takes the same
+    number of steps; evaluation does not pad, so nothing is counted twice.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 weights: torch.Tensor | None = None, pad: bool = True, tag_epoch: bool = False):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.weights, self.pad, self.tag_epoch, self.epoch = weights, pad, tag_epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            idx = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        elif self.shuffle:
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        if self.pad and len(idx) % self.world:
+            idx += idx[:self.world - len(idx) % self.world]
+        return idx
+
+    def __iter__(self):
+        mine = self.order()[self.rank::self.world]
+        # SeededSamples needs the epoch; passing it with the index reaches persistent workers.
+        return iter([(i, self.epoch) for i in mine] if self.tag_epoch else mine)
+
+    def __len__(self) -> int:
+        total = -(-self.n // self.world) * self.world if self.pad else self.n
+        return len(range(self.rank, total, self.world))
+
+
+class SeededSamples(Dataset):
+    """An ImageFolder indexed by (index, epoch) whose random transform is seeded by
+    (seed, epoch, index).
+
+    torchvision's transforms draw from torch's global generator; forking it around
+    each sample keeps the draws independent of which process or worker loads it.
+    """
+
+    def __init__(self, ds: ImageFolder, seed: int):
+        self.ds, self.seed = ds, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = key
+        path, target = self.ds.samples[i]
+        image = self.ds.loader(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            return self.ds.transform(image), target
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int,
+           sampler: Sampler | None = None) -> DataLoader:
+    if sampler is not None:
+        shuffle = False
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=False)

@@ -1,16 +1,27 @@
 """Train a registered model on an ImageFolder dataset and keep the best checkpoint.
 
-    python -m training.train --model resnet50 --data data/demo --out runs/dog_breeds
+    python -m training.train --recipe training/recipes/dog_breeds.yaml --data DIR --out runs/dog_breeds
+    torchrun --nproc-per-node 2 -m training.train --recipe ... (distributed data parallel)
 
-Prints per-epoch train/valid loss and accuracy, keeps the checkpoint with the
-lowest validation loss (``best.pt``), then reports ``Test Loss`` and
-``Test Accuracy`` of that checkpoint. The checkpoint describes itself: model
-name and options, class names, preprocessing and the training arguments.
+Each epoch prints train/valid loss and accuracy; the checkpoint with the lowest
+validation loss is ``best.pt`` (what export reads), and ``last.pt`` holds the whole
+training state after every epoch, so ``--resume`` continues an interrupted run
+where it stopped. At the end the best checkpoint is tested (``Test Loss``,
+``Test Accuracy``) and the run folder gets metrics.csv/json, settings.yaml and
+the analysis PNGs (training/analysis.py).
+
+Staged fine-tuning: for ``--head-epochs`` epochs only the classifier head trains;
+then the backbone layers the model options unfreeze (resnet50: layer4, plus layer3
+with --unfreeze-layer3; mobilenet_v2: the last --unfreeze-blocks blocks) train too,
+at ``lr * backbone-lr-scale``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
+import os
 import random
 import sys
 import time
@@ -22,14 +33,13 @@ from torch import nn
 from models.presets import EvalPreset
 from models.registry import get_model, get_spec, list_models
 from models.weights import WeightsUnavailable
-from training.data import load_splits, loader
+from training import distributed
+from training.data import (BALANCE, EpochSampler, SeededSamples, class_weights, load_splits,
+                           loader, sample_weights)
+from training.optim import (OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler,
+                            set_backbone_trainable, split_parameters)
 from training.progress import Progress
-
-OPTIMIZERS = {
-    "sgd": lambda params, a: torch.optim.SGD(params, lr=a.lr, momentum=a.momentum,
-                                             weight_decay=a.weight_decay),
-    "adam": lambda params, a: torch.optim.Adam(params, lr=a.lr, weight_decay=a.weight_decay),
-}
+from training.recipe import parse_with_recipe, save_settings
 
 
 def class_logits(out):
@@ -37,48 +47,78 @@ def class_logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def train_one_epoch(model, data, criterion, optimizer, device, label="train") -> dict:
-    """One pass over ``data``; returns mean loss and accuracy."""
+def _autocast(d: distributed.Dist, amp: bool):
+    # Mixed precision where it pays: CUDA. On CPUs fp16 autocast is slower, so it is off.
+    on = amp and d.device.type == "cuda"
+    return torch.autocast(device_type=d.device.type, dtype=torch.float16) if on else contextlib.nullcontext()
+
+
+def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scaler=None,
+                    amp: bool = False, label: str = "train") -> dict:
+    """One pass over ``data``; returns mean loss, accuracy and images/s over all processes."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    progress = Progress(len(data), label)
+    progress = Progress(len(data), label) if d.main else None
+    start = time.perf_counter()
     for i, (x, y) in enumerate(data, 1):
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        out = class_logits(model(x))
-        loss = criterion(out, y)
-        loss.backward()
-        optimizer.step()
+        with _autocast(d, amp):
+            out = class_logits(model(x))
+            loss = criterion(out, y)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         loss_sum += loss.item() * len(y)
         correct += (out.argmax(1) == y).sum().item()
         seen += len(y)
-        progress.update(i, loss=loss_sum / seen)
-    return {"loss": loss_sum / seen, "acc": correct / seen, "correct": correct, "total": seen}
+        if progress:
+            rate = seen * d.world / (time.perf_counter() - start)
+            progress.update(i, loss=loss_sum / seen, img_s=f"{rate:.1f}")
+    seconds = time.perf_counter() - start
+    loss_sum, correct, seen = distributed.all_sum(d, loss_sum, correct, seen)
+    return {"loss": loss_sum / seen, "acc": correct / seen, "correct": int(correct),
+            "total": int(seen), "images_per_s": seen / seconds}
 
 
 @torch.inference_mode()
-def evaluate(model, data, criterion, device) -> dict:
-    """Mean loss and accuracy of ``model`` over ``data``."""
+def evaluate(model, data, criterion, d: distributed.Dist, collect: bool = False) -> dict:
+    """Mean loss and accuracy of ``model`` over ``data`` (summed over all processes).
+
+    With ``collect`` (one process), also the predicted class and its probability per image.
+    """
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
+    y_true, y_pred, confidence = [], [], []
     for x, y in data:
-        x, y = x.to(device), y.to(device)
-        out = class_logits(model(x))
+        x, y = x.to(d.device), y.to(d.device)
+        out = class_logits(model(x)).float()
         loss_sum += criterion(out, y).item() * len(y)
-        correct += (out.argmax(1) == y).sum().item()
+        conf, pred = out.softmax(1).max(1)
+        correct += (pred == y).sum().item()
         seen += len(y)
-    return {"loss": loss_sum / seen, "acc": correct / seen, "correct": correct, "total": seen}
+        if collect:
+            y_true += y.tolist()
+            y_pred += pred.tolist()
+            confidence += conf.tolist()
+    loss_sum, correct, seen = distributed.all_sum(d, loss_sum, correct, seen)
+    result = {"loss": loss_sum / seen, "acc": correct / seen, "correct": int(correct), "total": int(seen)}
+    if collect:
+        result["predictions"] = (y_true, y_pred, confidence)
+    return result
 
 
 def model_options(a: argparse.Namespace) -> dict:
     """Builder keywords that shape the network (saved in the checkpoint to rebuild it)."""
-    opts = {}
-    if a.unfreeze_layer3:
-        opts["unfreeze_layer3"] = True
+    opts = {k: True for k in ("unfreeze_layer3", "imagenet_head") if getattr(a, k)}
     if a.unfreeze_blocks:
         opts["unfreeze_blocks"] = a.unfreeze_blocks
-    if a.imagenet_head:
-        opts["imagenet_head"] = True
+    if a.dropout is not None:
+        opts["dropout"] = a.dropout
     return opts
 
 
@@ -104,86 +144,297 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), ckpt
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train an image classifier on an ImageFolder dataset.")
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file: an interruption never leaves half a checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train an image classifier on an ImageFolder dataset (train/ valid/ test/).",
+        epilog="Recipes in training/recipes/ set the defaults (--recipe dog_breeds); flags override.")
+    p.add_argument("--recipe", help="YAML file of settings (or the name of one in training/recipes/)")
     p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
     p.add_argument("--data", required=True, type=Path, help="dataset root with train/ valid/ test/")
     p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and metrics")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=32, help="images per training step")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="optimiser")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
-    p.add_argument("--weights", default="DEFAULT",
+    p.add_argument("--epochs", type=int, default=10, help="training epochs in all")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per step in all; split across processes under torchrun")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="optimiser")
+    g.add_argument("--lr", type=float, default=0.01, help="learning rate of the head")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--schedule", choices=SCHEDULES, default="none",
+                   help="learning-rate schedule, stepped per epoch")
+    g.add_argument("--warmup-epochs", type=int, default=0,
+                   help="linear warm-up epochs before the step or cosine schedule")
+    g.add_argument("--step-size", type=int, default=5, help="step: epochs between decays")
+    g.add_argument("--gamma", type=float, default=0.1, help="step and plateau: decay factor")
+    g.add_argument("--plateau-patience", type=int, default=2,
+                   help="plateau: epochs without improvement before decaying")
+    g.add_argument("--min-lr-factor", type=float, default=0.0, help="cosine: final lr / initial lr")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss")
+    g.add_argument("--balance", choices=BALANCE, default="none",
+                   help="imbalanced classes: loss weights, or a sampler that draws classes equally")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision (fp16 autocast) on CUDA; no effect on CPUs")
+    s = p.add_argument_group("staged fine-tuning")
+    s.add_argument("--head-epochs", type=int, default=0,
+                   help="epochs that train only the classifier head before the backbone joins")
+    s.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                   help="backbone learning rate = lr x this, for pretrained weights "
+                        "(a randomly initialised backbone trains at lr)")
+    m = p.add_argument_group("model")
+    m.add_argument("--weights", default="DEFAULT",
                    help="torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2), "
                         "downloaded when online, or 'none' for random initialisation")
-    p.add_argument("--weights-file", type=Path, help="local torchvision state dict (offline machines)")
-    p.add_argument("--unfreeze-layer3", action="store_true",
+    m.add_argument("--weights-file", type=Path, help="local torchvision state dict (offline machines)")
+    m.add_argument("--unfreeze-layer3", action=argparse.BooleanOptionalAction, default=False,
                    help="resnet50: train layer3 too (the original project's second stage)")
-    p.add_argument("--unfreeze-blocks", type=int, default=0,
+    m.add_argument("--unfreeze-blocks", type=int, default=0,
                    help="mobilenet_v2: train the last N of its 19 feature blocks too")
-    p.add_argument("--imagenet-head", action="store_true",
+    m.add_argument("--imagenet-head", action=argparse.BooleanOptionalAction, default=False,
                    help="resnet50: keep the pretrained ImageNet classifier as a second output "
                         "(the dog-breed handler's dog detector); needs ImageNet weights")
-    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    a = p.parse_args(argv)
+    m.add_argument("--dropout", type=float, help="dropout of the head (the builder's default if unset)")
+    r = p.add_argument_group("run")
+    r.add_argument("--patience", type=int, default=0,
+                   help="early stopping: stop after this many epochs without a better valid loss (0: off)")
+    r.add_argument("--min-delta", type=float, default=0.0, help="early stopping: smallest improvement")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    r.add_argument("--restart", action="store_true", help="start over although --out holds an unfinished run")
+    r.add_argument("--workers", type=int, default=2, help="data-loader worker processes (per process)")
+    r.add_argument("--seed", type=int, default=0, help="random seed: same seed, same run")
+    r.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the analysis PNGs at the end")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    a = parse_with_recipe(p, argv)
     try:
         spec = get_spec(a.model)
     except ValueError as e:
         p.error(str(e))
-    if a.weights.lower() == "none" or a.weights_file or not spec.pretrained:
+    if not a.weights or a.weights.lower() == "none" or a.weights_file or not spec.pretrained:
         a.weights = None
     if a.imagenet_head and not (a.weights or a.weights_file):
         p.error("--imagenet-head needs ImageNet weights (--weights DEFAULT or --weights-file): "
                 "a randomly initialised head knows no ImageNet classes")
+    if a.schedule == "plateau" and a.warmup_epochs:
+        p.error("--warmup-epochs works with the step and cosine schedules, not plateau")
+    if a.resume and a.restart:
+        p.error("--resume and --restart exclude each other")
     return a
 
 
-def run(a: argparse.Namespace) -> dict:
-    """Train, keep the best checkpoint by validation loss, test it; returns the test metrics."""
-    torch.manual_seed(a.seed)
-    random.seed(a.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    spec = get_spec(a.model)
-    eval_preset = EvalPreset()
-    sets = load_splits(a.data, spec.train_preset.transform(eval_preset), eval_preset.transform())
-    classes = sets["train"].classes
-    print(f"{a.model}: {len(classes)} classes, "
-          + ", ".join(f"{s} {len(d)}" for s, d in sets.items()) + f" images, device {device}")
-    model = get_model(a.model, len(classes), weights=a.weights,
-                      weights_file=a.weights_file, **model_options(a)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = OPTIMIZERS[a.optimizer](params, a)
-    criterion = nn.CrossEntropyLoss()
-    train_dl = loader(sets["train"], a.batch_size, True, a.workers)
-    valid_dl = loader(sets["valid"], a.batch_size, False, a.workers)
-    a.out.mkdir(parents=True, exist_ok=True)
-    best = float("inf")
-    history = []
-    for epoch in range(1, a.epochs + 1):
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+class Run:
+    """One training run: its data, model, optimiser and the files in its folder."""
+
+    def __init__(self, a: argparse.Namespace, d: distributed.Dist):
+        self.a, self.d = a, d
+        if a.batch_size % d.world:
+            raise ValueError(f"--batch-size {a.batch_size} must divide by the {d.world} processes")
+        spec = get_spec(a.model)
+        self.eval_preset = EvalPreset()
+        self.sets = load_splits(a.data, spec.train_preset.transform(self.eval_preset),
+                                self.eval_preset.transform())
+        self.classes = self.sets["train"].classes
+        self.model = get_model(a.model, len(self.classes), weights=a.weights,
+                               weights_file=a.weights_file, **model_options(a)).to(d.device)
+        self.head, self.backbone = split_parameters(self.model, spec.head)
+        # A lower rate protects pretrained features; a randomly initialised backbone has none.
+        self.backbone_scale = a.backbone_lr_scale if (a.weights or a.weights_file) else 1.0
+        self.optimizer = build_optimizer(self.head, self.backbone, a, self.backbone_scale)
+        self.scheduler = build_scheduler(self.optimizer, a)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=a.amp and d.device.type == "cuda")
+        weights = class_weights(self.sets["train"]).to(d.device) if a.balance == "weights" else None
+        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=a.label_smoothing)
+        self.eval_criterion = nn.CrossEntropyLoss()
+        per_process = a.batch_size // d.world
+        train = self.sets["train"]
+        self.train_sampler = EpochSampler(
+            len(train), shuffle=True, seed=a.seed, rank=d.rank, world=d.world, tag_epoch=True,
+            weights=sample_weights(train) if a.balance == "sampler" else None)
+        self.train_dl = loader(SeededSamples(train, a.seed), per_process, False, a.workers,
+                               sampler=self.train_sampler)
+        valid = self.sets["valid"]
+        self.valid_dl = loader(valid, per_process, False, a.workers, sampler=EpochSampler(
+            len(valid), shuffle=False, rank=d.rank, world=d.world, pad=False))
+        self.history: list[dict] = []
+        self.best, self.bad_epochs, self.start_epoch = float("inf"), 0, 0
+        self.stage = None
+
+    def summary(self) -> str:
+        a = self.a
+        sizes = ", ".join(f"{s} {len(ds)}" for s, ds in self.sets.items())
+        return (f"{a.model}: {len(self.classes)} classes, {sizes} images, device {self.d.device}"
+                + (f", {self.d.world} processes" if self.d.active else "")
+                + f"; trains {len(self.head)} head tensors at lr {a.lr:g} and "
+                f"{len(self.backbone)} backbone tensors at lr {a.lr * self.backbone_scale:g}")
+
+    def set_stage(self, epoch: int) -> None:
+        """Stage 1 (head only) for the first head-epochs, then stage 2 with the backbone."""
+        stage = 1 if epoch < self.a.head_epochs and self.backbone else 2
+        if stage != self.stage:
+            set_backbone_trainable(self.backbone, stage == 2)
+            self.ddp = distributed.wrap(self.model, self.d)
+            if self.stage is not None and self.d.main:
+                print(f"Stage 2 from epoch {epoch + 1}: backbone joins at lr "
+                      f"{self.a.lr * self.backbone_scale:g}", flush=True)
+            self.stage = stage
+
+    def state(self, epoch: int, finished: bool = False) -> dict:
+        """Everything needed to continue after ``epoch`` (0-based) as if never interrupted."""
+        return {"epoch": epoch, "finished": finished, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "history": self.history, "best": self.best,
+                "bad_epochs": self.bad_epochs, "rng": torch.get_rng_state(),
+                "model_name": self.a.model, "classes": list(self.classes)}
+
+    def restore(self, path: Path) -> None:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+        if s["model_name"] != self.a.model or s["classes"] != list(self.classes):
+            raise ValueError(f"{path} is a run of {s['model_name']} on classes {s['classes'][:5]}...; "
+                             f"it cannot continue as {self.a.model} on this data")
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        self.history, self.best, self.bad_epochs = s["history"], s["best"], s["bad_epochs"]
+        torch.set_rng_state(s["rng"])
+        self.start_epoch = s["epoch"] + 1
+
+    def step_schedule(self, valid_loss: float) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(valid_loss)
+        else:
+            self.scheduler.step()
+
+    def epoch(self, epoch: int) -> bool:
+        """Train and validate one epoch, save checkpoints; returns False when early stopping says stop."""
+        a, d = self.a, self.d
+        self.set_stage(epoch)
+        self.train_sampler.set_epoch(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        tr = train_one_epoch(model, train_dl, criterion, optimizer, device,
-                             label=f"epoch {epoch}/{a.epochs}")
-        va = evaluate(model, valid_dl, criterion, device)
-        history.append({"epoch": epoch, "train": tr, "valid": va})
-        mark = ""
-        if va["loss"] < best:
-            best = va["loss"]
-            torch.save(checkpoint(model, a, classes, eval_preset, epoch, va), a.out / "best.pt")
-            mark = "  (saved best.pt)"
-        print(f"Epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['acc']:.1%} | "
-              f"valid loss {va['loss']:.4f} acc {va['acc']:.1%} | "
-              f"{time.perf_counter() - t0:.0f}s{mark}", flush=True)
+        tr = train_one_epoch(self.ddp, self.train_dl, self.criterion, self.optimizer, d, self.scaler,
+                             a.amp, label=f"epoch {epoch + 1}/{a.epochs}")
+        va = evaluate(self.model, self.valid_dl, self.eval_criterion, d)
+        self.step_schedule(va["loss"])
+        self.history.append({"epoch": epoch + 1, "stage": self.stage, "lr": lr, "train": tr,
+                             "valid": va, "seconds": time.perf_counter() - t0})
+        improved = va["loss"] < self.best - a.min_delta
+        self.best = min(self.best, va["loss"])
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        stop = bool(a.patience) and self.bad_epochs >= a.patience
+        if d.main:
+            if improved:
+                save_atomic(checkpoint(self.model, a, self.classes, self.eval_preset, epoch + 1, va),
+                            a.out / "best.pt")
+            save_atomic(self.state(epoch, finished=stop or epoch + 1 == a.epochs), a.out / "last.pt")
+            write_history(self.history, a.out)
+            print(f"Epoch {epoch + 1}: train loss {tr['loss']:.4f} acc {tr['acc']:.1%} | "
+                  f"valid loss {va['loss']:.4f} acc {va['acc']:.1%} | lr {lr:.2e} | "
+                  f"{tr['images_per_s']:.1f} img/s | {time.perf_counter() - t0:.0f}s"
+                  + ("  (saved best.pt)" if improved else ""), flush=True)
+            if stop:
+                print(f"Early stopping: no better valid loss for {a.patience} epochs", flush=True)
+        return not stop
+
+
+def write_history(history: list[dict], out: Path) -> None:
+    """metrics.csv, one row per epoch (metrics.json gets the same at the end)."""
+    cols = ["epoch", "stage", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc",
+            "train_images_per_s", "seconds"]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for h in history:
+            w.writerow([h["epoch"], h["stage"], f"{h['lr']:.6g}", f"{h['train']['loss']:.6f}",
+                        f"{h['train']['acc']:.6f}", f"{h['valid']['loss']:.6f}",
+                        f"{h['valid']['acc']:.6f}", f"{h['train']['images_per_s']:.2f}",
+                        f"{h['seconds']:.2f}"])
+
+
+def prepare_out(a: argparse.Namespace) -> Path | None:
+    """The run folder; the last.pt to resume from, if any. An unfinished run is never
+    overwritten by accident."""
+    a.out.mkdir(parents=True, exist_ok=True)
+    last = a.out / "last.pt"
+    if a.resume:
+        if not last.exists():
+            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
+        return last
+    if last.exists() and not a.restart:
+        s = torch.load(last, map_location="cpu", weights_only=True)
+        if not s["finished"]:
+            raise ValueError(f"{a.out} holds an unfinished run (epoch {s['epoch'] + 1} done): "
+                             "pass --resume to continue it or --restart to start over")
+    return None
+
+
+def test_and_analyse(run: Run) -> dict:
+    """Test the best checkpoint in one process; write metrics.json and the analysis."""
+    a, one = run.a, distributed.Dist(device=run.d.device)
     model, ckpt = load_checkpoint(a.out / "best.pt")
-    te = evaluate(model.to(device), loader(sets["test"], a.batch_size, False, a.workers),
-                  criterion, device)
+    test = run.sets["test"]
+    te = evaluate(model.to(one.device), loader(test, a.batch_size, False, a.workers),
+                  run.eval_criterion, one, collect=True)
+    y_true, y_pred, confidence = te.pop("predictions")
     print(f"Test Loss: {te['loss']:.6f}")
     print(f"Test Accuracy: {te['acc']:.0%} ({te['correct']}/{te['total']})")
-    metrics = {"model": a.model, "best_epoch": ckpt["epoch"], "test": te, "history": history}
+    files = []
+    if a.analysis:
+        from training.analysis import Predictions, analyse
+        preds = Predictions(y_true, y_pred, confidence, [p for p, _ in test.samples])
+        files = [str(f) for f in analyse(a.out, run.history, preds, run.classes)]
+    metrics = {"model": a.model, "best_epoch": ckpt["epoch"], "test": te, "history": run.history,
+               "stopped_early": len(run.history) < a.epochs, "files": files}
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("Wrote: " + ", ".join(str(a.out / n) for n in
+                               ("best.pt", "last.pt", "settings.yaml", "metrics.csv", "metrics.json")))
+    for f in files:
+        print(f"Wrote: {f}")
     return te
+
+
+def run(a: argparse.Namespace) -> dict | None:
+    """Train, keep the best checkpoint by validation loss, test it; returns the test metrics
+    (in the main process; None in the others)."""
+    d = distributed.setup()
+    try:
+        _seed(a.seed)
+        resume_from = prepare_out(a)
+        r = Run(a, d)
+        if resume_from:
+            r.restore(resume_from)
+        if d.main:
+            save_settings(a, a.out / "settings.yaml")
+            print(r.summary() + (f"; resuming after epoch {r.start_epoch}" if resume_from else ""),
+                  flush=True)
+        try:
+            for epoch in range(r.start_epoch, a.epochs):
+                if not r.epoch(epoch):
+                    break
+        except KeyboardInterrupt:
+            if d.main:
+                print(f"\nInterrupted: {len(r.history)} epochs are saved in {a.out / 'last.pt'}; "
+                      "run the same command with --resume to continue.", file=sys.stderr)
+            raise
+        distributed.barrier(d)
+        return test_and_analyse(r) if d.main else None
+    finally:
+        distributed.teardown(d)
 
 
 def main(argv=None):
@@ -192,6 +443,8 @@ def main(argv=None):
         run(a)
     except (WeightsUnavailable, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""Optimisers, learning-rate schedules and the head/backbone split of staged fine-tuning.
+
+Small lookup tables rather than if/elif chains: a new optimiser or schedule is one entry.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+OPTIMIZERS = {
+    "sgd": lambda groups, a: torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum,
+                                             weight_decay=a.weight_decay),
+    "adam": lambda groups, a: torch.optim.Adam(groups, lr=a.lr, weight_decay=a.weight_decay),
+    "adamw": lambda groups, a: torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay),
+}
+
+SCHEDULES = ("none", "step", "plateau", "cosine")
+
+
+def split_parameters(model: nn.Module, head: str) -> tuple[list, list]:
+    """(head parameters, trainable backbone parameters).
+
+    ``head`` is the registry's name of the classifier module ("fc", "classifier");
+    a wrapper such as WithImageNetHead holds the network as ``model``.
+    """
+    prefixes = (f"{head}.", f"model.{head}.")
+    head_params, backbone = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (head_params if name.startswith(prefixes) else backbone).append(p)
+    if not head_params:
+        raise ValueError(f"no trainable parameters under {head!r}: is the registry's head right?")
+    return head_params, backbone
+
+
+def build_optimizer(head_params: list, backbone: list, a, backbone_scale: float) -> torch.optim.Optimizer:
+    """One optimiser, two groups: the head at ``lr``, the backbone at ``lr * backbone_scale``.
+
+    Both groups exist from the start, so the optimiser's state and a resumed run do
+    not depend on the stage; while the backbone is frozen its gradients are None and
+    the optimiser leaves it alone.
+    """
+    groups = [{"params": head_params, "lr": a.lr, "name": "head"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": a.lr * backbone_scale, "name": "backbone"})
+    return OPTIMIZERS[a.optimizer](groups, a)
+
+
+def lr_factor(epoch: int, a) -> float:
+    """Multiplier of each group's base learning rate for ``epoch`` (0-based): linear warmup
+    over ``warmup_epochs``, then the step or cosine schedule over the remaining epochs."""
+    if epoch < a.warmup_epochs:
+        return (epoch + 1) / (a.warmup_epochs + 1)
+    e = epoch - a.warmup_epochs
+    if a.schedule == "step":
+        return a.gamma ** (e // a.step_size)
+    if a.schedule == "cosine":
+        t = e / max(1, a.epochs - a.warmup_epochs)
+        return a.min_lr_factor + (1 - a.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, a):
+    """Stepped once per epoch; ``plateau`` is stepped with the validation loss."""
+    if a.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=a.gamma,
+                                                          patience=a.plateau_patience)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, a))
+
+
+def set_backbone_trainable(backbone: list, trainable: bool) -> None:
+    for p in backbone:
+        p.requires_grad_(trainable)
