@@ -16,11 +16,14 @@ RUN    := run
 
 # Training from random weights: no pretrained weights can be downloaded on every
 # machine. On an online machine, WEIGHTS=DEFAULT uses torchvision's ImageNet weights.
+# Each model starts from its recipe (training/recipes/); the demo shortens it for
+# the small demo data. On real data: DOG_TRAIN_ARGS= FLY_TRAIN_ARGS= WEIGHTS=DEFAULT.
 WEIGHTS ?= none
-DOG_TRAIN_ARGS ?= --model resnet50 --epochs 4 --batch-size 16 --optimizer adam --lr 0.001
+DOG_TRAIN_ARGS ?= --epochs 4 --batch-size 16 --optimizer adam --lr 0.001
 # A frozen *random* MobileNetV2 backbone carries no class information (measured), so
-# the demo trains all 19 feature blocks; with ImageNet weights, drop --unfreeze-blocks.
-FLY_TRAIN_ARGS ?= --model mobilenet_v2 --epochs 5 --batch-size 16 --optimizer adam --lr 0.001 --unfreeze-blocks 19
+# the demo trains all 19 feature blocks from the start; with ImageNet weights, drop
+# these flags and the recipe's staged fine-tuning applies.
+FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 19
 EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 50 --workers 1
 
 # glibc returns freed memory to the OS too eagerly for PyTorch's allocation pattern;
@@ -37,12 +40,14 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test clean
+.PHONY: help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
 	@echo "make test      run the test suite (installs first)"
 	@echo "steps:         venv data train export archive serve register predict stop"
+	@echo "make check-data  data problems and class counts (training.clean, training.stats; DATA=...)"
+	@echo "make bench-train training throughput table;  make bench   serving benchmark"
 	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
 	@echo "make rollout|rollback|retire MODEL=name VERSION=x   model versions through the management API"
 	@echo "make grpc      generate the gRPC client's stubs;  make kserve   KServe layout + manifests"
@@ -72,15 +77,24 @@ $(DATA)/.done: training/demo_data.py | venv
 	$(PY) -m training.demo_data --out $(DATA)
 	touch $@
 
-train: $(RUNS)/dog_breeds/best.pt $(RUNS)/flying_objects/best.pt
-$(RUNS)/dog_breeds/best.pt: $(DATA)/.done
-	$(PY) -m training.train $(DOG_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/dog_breeds --workers 1
-$(RUNS)/flying_objects/best.pt: $(DATA)/.done
-	$(PY) -m training.train $(FLY_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/flying_objects --workers 1
+# metrics.json is written when a run ends. An interrupted run continues with
+# make train RESUME=1 (from its last.pt); RESUME=0 starts it over.
+RESUME_ARG = $(if $(filter 1,$(RESUME)),--resume,$(if $(filter 0,$(RESUME)),--restart))
+train: $(RUNS)/dog_breeds/metrics.json $(RUNS)/flying_objects/metrics.json
+$(RUNS)/dog_breeds/metrics.json: $(DATA)/.done
+	$(PY) -m training.train --recipe dog_breeds $(DOG_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/dog_breeds --workers 1 $(RESUME_ARG)
+$(RUNS)/flying_objects/metrics.json: $(DATA)/.done
+	$(PY) -m training.train --recipe flying_objects $(FLY_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/flying_objects --workers 1 $(RESUME_ARG)
+
+# The data tools on a dataset: problems (not images, corrupt, tiny, duplicates,
+# label conflicts) and class counts, with a chart beside the dataset folder.
+check-data: | venv
+	$(PY) -m training.clean --data $(DATA) || test $$? = 3
+	$(PY) -m training.stats --data $(DATA)
 
 export: $(MODELS:%=$(EXPORT)/%/model.pt)
-$(EXPORT)/%/model.pt: $(RUNS)/%/best.pt training/export.py
-	$(PY) -m training.export --checkpoint $< --out $(EXPORT)/$* $(EXPORT_ARGS) \
+$(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py
+	$(PY) -m training.export --checkpoint $(RUNS)/$*/best.pt --out $(EXPORT)/$* $(EXPORT_ARGS) \
 	  $(if $(filter dog_breeds,$*),--handler dog_breeds)
 
 archive: $(MARS)
@@ -184,6 +198,11 @@ browser:
 	    echo "Installing Debian's chromium for the browser tests..."; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	  else echo "The browser tests need chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
+# Training throughput (images/s) per model, frozen vs unfrozen backbone, per
+# data-loader worker count: build/bench/train.md.
+bench-train: | venv
+	$(PY) -m training.bench_train
 
 test: venv check-java grpc browser
 	$(PY) -m pytest -q tests
