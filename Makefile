@@ -24,7 +24,10 @@ DOG_TRAIN_ARGS ?= --epochs 4 --batch-size 16 --optimizer adam --lr 0.001
 # the demo trains all 19 feature blocks from the start; with ImageNet weights, drop
 # these flags and the recipe's staged fine-tuning applies.
 FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 19
-EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 50 --workers 1
+# Serving settings written into each archive's model-config.yaml. On this 2-core
+# machine 2 workers x 1 torch thread served best (workers x threads <= cores; see
+# training/export.py and the README's benchmark); raise --workers on bigger machines.
+EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 10 --workers 2 --threads 1
 
 # glibc returns freed memory to the OS too eagerly for PyTorch's allocation pattern;
 # raising these thresholds doubled MobileNetV2 throughput on the 2-core machine.
@@ -115,9 +118,8 @@ serve: check-java | venv
 
 # Registration parameters override the archive's model-config.yaml when given:
 #   make register BATCH_SIZE=16 MAX_BATCH_DELAY=20 WORKERS=1
-WORKERS ?= 1
 REGISTER_ARGS = $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
-                $(if $(MAX_BATCH_DELAY),--max-batch-delay $(MAX_BATCH_DELAY)) --workers $(WORKERS)
+                $(if $(MAX_BATCH_DELAY),--max-batch-delay $(MAX_BATCH_DELAY)) $(if $(WORKERS),--workers $(WORKERS))
 register: archive
 	$(CLIENT) register --model-store $(STORE) $(REGISTER_ARGS)
 

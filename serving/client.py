@@ -173,12 +173,15 @@ class Client:
         return self._json("management", "GET", f"/models/{model}" + (f"/{version}" if version else ""))
 
     def register(self, mar_name: str, batch_size: int | None = None,
-                 max_batch_delay: int | None = None, initial_workers: int = 1,
+                 max_batch_delay: int | None = None, initial_workers: int | None = None,
                  response_timeout: int | None = None) -> dict:
-        """Register an archive of the model store by file name and wait for its workers."""
-        params = {"url": mar_name, "initial_workers": initial_workers, "synchronous": "true"}
+        """Register an archive of the model store by file name and wait for its workers.
+
+        Settings left None come from the archive's model-config.yaml (workers: minWorkers).
+        """
+        params = {"url": mar_name, "synchronous": "true"}
         for k, v in (("batch_size", batch_size), ("max_batch_delay", max_batch_delay),
-                     ("response_timeout", response_timeout)):
+                     ("initial_workers", initial_workers), ("response_timeout", response_timeout)):
             if v is not None:
                 params[k] = v
         return self._json("management", "POST", "/models", params=params)
@@ -249,7 +252,7 @@ def main(argv=None):
     rg.add_argument("--model-store", type=Path, default=Path("model_store"), help="folder of .mar files")
     rg.add_argument("--batch-size", type=int, help="override the archive's batchSize")
     rg.add_argument("--max-batch-delay", type=int, help="override the archive's maxBatchDelay (ms)")
-    rg.add_argument("--workers", type=int, default=1, help="initial workers per model")
+    rg.add_argument("--workers", type=int, help="workers per model (default: the archive's minWorkers)")
     sub.add_parser("models", help="list registered models with their workers")
     wt = sub.add_parser("wait", help="wait until the server answers /ping")
     wt.add_argument("--for", dest="wait_s", type=float, default=120.0, help="seconds to wait")

@@ -38,7 +38,7 @@ def default_version(client: Client, model: str) -> str:
     return next(v["version"] for v in versions(client, model) if v["default"])
 
 
-def rollout(client: Client, model: str, mar: Path, workers: int = 1) -> str:
+def rollout(client: Client, model: str, mar: Path, workers: int | None = None) -> str:
     """Register ``mar`` as a new version of ``model`` and make it the default; returns the version."""
     verify_archive(mar)
     before = {v["version"] for v in versions(client, model)}
@@ -68,7 +68,7 @@ def main(argv=None):
     ro = sub.add_parser("rollout", help="register a new version and make it the default")
     ro.add_argument("--model", required=True, help="model name")
     ro.add_argument("--archive", required=True, type=Path, help="the new version's .mar in the model store")
-    ro.add_argument("--workers", type=int, default=1, help="workers for the new version")
+    ro.add_argument("--workers", type=int, help="workers for the new version (default: its minWorkers)")
     rb = sub.add_parser("rollback", help="make an earlier version the default again")
     rb.add_argument("--model", required=True, help="model name")
     rb.add_argument("--to", required=True, help="version to make the default")

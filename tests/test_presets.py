@@ -2,22 +2,29 @@
 from __future__ import annotations
 
 import base64
+import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from handlers.image_classifier import ImageClassifier, decode, request_image
-from models.presets import BadImage, EvalPreset, open_image
+from models.presets import BadImage, EvalPreset, decode_image, open_image
 from tests.conftest import png_bytes, split_images
+from training.export import DEFAULT_JPEG_DRAFT
 from training.data import load_splits
 
 
 def test_handler_tensor_equals_evaluation_tensor(tiny_data):
+    """Exactly equal where no reduced decoding happens: these JPEGs are 256 px, under
+    twice the reduced decode's minimum short side (default jpeg_draft x 256 = 320)."""
     preset = EvalPreset()
     sets = load_splits(tiny_data, preset.transform(), preset.transform())
     handler = ImageClassifier()
-    handler.transform = preset.transform()
+    handler.preset = preset
+    handler.min_short = round(DEFAULT_JPEG_DRAFT * preset.resize_size)
     for path in split_images(tiny_data)[:3]:
         idx = [p for p, _ in sets["test"].samples].index(str(path))
         expected = sets["test"][idx][0]
@@ -95,3 +102,75 @@ def test_pixel_limit_is_checked_before_decoding():
     assert open_image(img, max_pixels=60_000).size == (300, 200)
     with pytest.raises(BadImage, match="image of 300x200 pixels is over the pixel limit of 59999"):
         open_image(img, max_pixels=59_999)
+
+
+# Reduced JPEG decoding (the handler's jpeg_draft). Tolerance on the normalised tensor,
+# measured on photo-like JPEGs of 2048-4096 px short side: decoded short side >= 1.25 x
+# resize_size gives max 0.07 / mean 0.011 (1 grey level is 0.017); stated with margin.
+DRAFT_MAX_DIFF = 0.1
+DRAFT_MEAN_DIFF = 0.015
+
+
+def photo_jpeg(w: int, h: int, orientation: int = 1, seed: int = 0) -> bytes:
+    """Photo-like content (smooth gradients, detail, noise) that compresses like a photo."""
+    rng = np.random.default_rng(seed)
+    def field(gw, gh):
+        return np.asarray(Image.fromarray(rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8))
+                          .resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    arr = 0.7 * field(8, 6) + 0.3 * field(80, 60) + rng.normal(0, 10, (h, w, 3))
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    return png_bytes(img, "JPEG", quality=90, exif=exif.tobytes())
+
+
+def draft_diff(data: bytes, preset: EvalPreset, min_short: int):
+    decoded = decode_image(data, min_short=min_short)
+    diff = (preset.serve(decoded) - preset.transform()(open_image(data))).abs()
+    return decoded, diff.max().item(), diff.mean().item()
+
+
+def test_phone_photo_reduced_decode_is_within_tolerance():
+    """3467x2601 rotated by EXIF (orientation 6): 1/8 scale, short side 326 = 1.27 x 256,
+    and partial edge pixels (2601 is not a multiple of 8) on the side the rotation moves."""
+    preset = EvalPreset()
+    data = photo_jpeg(3467, 2601, orientation=6)
+    decoded, max_diff, mean_diff = draft_diff(data, preset, round(1.25 * preset.resize_size))
+    assert decoded.size == (2601, 3467) and decoded.image.size == (326, 434)
+    assert max_diff <= DRAFT_MAX_DIFF and mean_diff <= DRAFT_MEAN_DIFF, (max_diff, mean_diff)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_decode_box_follows_every_orientation(orientation):
+    """Small version of the phone photo (1030x770 at 1/4 for a 128 px resize): a box on
+    the wrong side of the image shifts the picture by half a pixel and fails the mean."""
+    preset = EvalPreset(resize_size=128, crop_size=112)
+    decoded, max_diff, mean_diff = draft_diff(photo_jpeg(1030, 770, orientation), preset, 160)
+    assert decoded.image.size in ((258, 193), (193, 258))
+    assert max_diff <= DRAFT_MAX_DIFF and mean_diff <= DRAFT_MEAN_DIFF, (max_diff, mean_diff)
+
+
+def test_no_reduced_decode_for_small_jpegs_and_other_formats():
+    preset = EvalPreset()
+    big_png = png_bytes(Image.open(io.BytesIO(photo_jpeg(1200, 900))))
+    for data in (big_png, photo_jpeg(600, 500)):  # 500 < 2 x 320: no reduction possible
+        decoded = decode_image(data, min_short=320)
+        assert decoded.box is None and decoded.image.size == decoded.size
+        assert torch.equal(preset.serve(decoded), preset.transform()(open_image(data)))
+
+
+def test_large_png_is_box_reduced_within_two_grey_levels():
+    """2400x1800 PNG: short side over 4 x 256, so PIL box-reduces by 2 before resampling."""
+    preset = EvalPreset()
+    data = png_bytes(Image.open(io.BytesIO(photo_jpeg(2400, 1800))), compress_level=1)
+    decoded = decode_image(data, min_short=320)
+    assert decoded.box is None
+    diff = (preset.serve(decoded) - preset.transform()(open_image(data))).abs()
+    assert 0 < diff.max() <= 0.04 and diff.mean() <= 0.005  # one grey level is 0.017
+
+
+def test_resized_size_matches_torchvision():
+    preset = EvalPreset()
+    for size in ((4000, 3000), (3000, 4000), (257, 1000), (300, 300), (1025, 769)):
+        img = Image.new("RGB", size)
+        assert preset.resized_size(size) == T.Resize(256)(img).size
