@@ -112,7 +112,7 @@ serve: check-java | venv
 	  $(PY) -m serving.archive --verify --model-store $(STORE) && \
 	  $(PY) -m serving.server --out $(RUN)/config.properties && \
 	  ($(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --start --ncs --ts-config config.properties \
-	    --model-store $(CURDIR)/$(STORE) > torchserve.out 2>&1) && \
+	    --log-config $(CURDIR)/serving/log4j2.xml --model-store $(CURDIR)/$(STORE) > torchserve.out 2>&1) && \
 	  { $(CLIENT) wait --for 120 || { tail -n 20 $(RUN)/torchserve.out >&2; \
 	    echo "TorchServe did not come up: see $(RUN)/torchserve.out and $(RUN)/logs/" >&2; exit 1; }; }; fi
 
@@ -205,6 +205,14 @@ browser:
 # data-loader worker count: build/bench/train.md.
 bench-train: | venv
 	$(PY) -m training.bench_train
+
+# The serving benchmark (bench/run.py): TorchServe with this project's handler vs the
+# in-process limit, TorchServe's built-in handler (which needs captum: installed here,
+# for the benchmark only) and a Flask-style server. build/bench/results.md and .json.
+BENCH_ARGS ?=
+bench: venv check-java
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 test: venv check-java grpc browser
 	$(PY) -m pytest -q tests

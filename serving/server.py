@@ -28,6 +28,8 @@ from serving.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.properties"
+# TorchServe's logging without its per-request DEBUG lines (see the file's comment).
+LOG_CONFIG = ROOT / "serving" / "log4j2.xml"
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 MALLOC_THRESHOLD = "17179869184"  # 16 GiB, the Makefile's value
 
@@ -96,11 +98,13 @@ class LocalServer:
     """A TorchServe instance for one test session or one benchmark."""
 
     def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None,
-                 base_config: Path = CONFIG, start_timeout: float = 120.0):
+                 base_config: Path = CONFIG, start_timeout: float = 120.0,
+                 log_config: Path | None = LOG_CONFIG):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
         self.base_config = base_config
         self.start_timeout = start_timeout
+        self.log_config = log_config  # None: TorchServe's own logging
         self.client: Client | None = None
         self._user_overrides = dict(overrides or {})
         self._pick_ports()
@@ -152,7 +156,8 @@ class LocalServer:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "config.properties"
         cfg.write_text(render_config(self.base_config, self.overrides))
-        self._torchserve("--start", "--ncs", "--ts-config", str(cfg),
+        logging = ["--log-config", str(self.log_config)] if self.log_config else []
+        self._torchserve("--start", "--ncs", "--ts-config", str(cfg), *logging,
                          "--model-store", str(self.model_store))
         tokens = read_properties(cfg).get("disable_token_authorization", "false") != "true"
         self.client = Client(f"http://127.0.0.1:{self.ports['inference']}",

@@ -1,0 +1,128 @@
+"""The in-process limit: the served handler's own decode + preprocessing + forward, in one
+process, with no server and no HTTP. What the server should approach.
+
+    python -m bench.inprocess --export build/bench/exports/flying_objects --threads 2 \
+        --images 500x375=a.jpg,b.jpg --batch-sizes 1 4 8 16 --out result.json
+
+The handler (handlers/image_classifier.py) is initialised inside TorchServe's own
+Context from the export folder, so it reads the same model-config.yaml as the served
+archive (decoding options, optimize, top_k) and loads model.pt as its workers do;
+each batch goes through its preprocess, inference and postprocess, one image after
+the other on the main thread as in a worker. Only the thread count differs: the
+handler sets its per-worker ``threads``, and this process then gets --threads (the
+server's workers x threads), the same cores in one process.
+
+Run as a subprocess by bench.run so that it gets the same environment as the servers
+(glibc reads MALLOC_* at process start) and shares no threads with the load generator.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from ts.context import Context, RequestProcessor
+
+from handlers.image_classifier import ImageClassifier
+
+
+def load_handler(export: Path, threads: int) -> ImageClassifier:
+    config = yaml.safe_load((export / "model-config.yaml").read_text())
+    ctx = Context(export.name, str(export), {"model": {"serializedFile": "model.pt"}},
+                  batch_size=int(config.get("batchSize", 1)), gpu=None, mms_version="0.12.0",
+                  metrics=None, model_yaml_config=config)
+    handler = ImageClassifier()
+    handler.initialize(ctx)
+    handler.context = ctx  # TorchServe sets it per batch in handle(); postprocess reads it
+    torch.set_num_threads(threads)  # after the handler's own per-worker setting
+    return handler
+
+
+def classify(handler: ImageClassifier, images: list[bytes]) -> list:
+    """One batch through the handler, as a worker runs it (without TorchServe's metrics)."""
+    handler.context.request_processor = [RequestProcessor({}) for _ in images]
+    rows = [{"body": bytearray(b)} for b in images]
+    return handler.postprocess(handler.inference(handler.preprocess(rows)))
+
+
+def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_batches: int,
+                warmup_batches: int = 2) -> dict:
+    """Images/s over whole batches, and the time of each batch."""
+    n = 0
+
+    def one_batch() -> float:
+        nonlocal n
+        chunk = [images[(n + j) % len(images)] for j in range(batch)]
+        n += batch
+        t0 = time.perf_counter()
+        answers = classify(handler, chunk)
+        elapsed = time.perf_counter() - t0
+        if any("top_k" not in a for a in answers):
+            raise RuntimeError(f"the handler refused a benchmark image: {answers}")
+        return elapsed
+
+    for _ in range(warmup_batches):  # TorchScript optimises on its first calls per shape
+        one_batch()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_batches or time.perf_counter() - start < seconds:
+        times.append(one_batch())
+    total = sum(times)
+    return {"batch_size": batch, "batches": len(times), "images": batch * len(times),
+            "images_per_s": batch * len(times) / total, "batch_times_s": times}
+
+
+def outputs(model, crop: int = 224) -> int:
+    """How many tensors the model returns (2 with an ImageNet head)."""
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, crop, crop))
+    return len(out) if isinstance(out, (tuple, list)) else 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="In-process decode + preprocess + forward speed.")
+    p.add_argument("--export", type=Path, required=True,
+                   help="folder with model.pt, index_to_name.json and model-config.yaml")
+    p.add_argument("--images", action="append", required=True,
+                   help="SIZE=file1,file2,... (repeat per size)")
+    p.add_argument("--threads", type=int, required=True, help="torch intra-op threads")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--seconds", type=float, default=3.0, help="time per batch size and image size")
+    p.add_argument("--min-batches", type=int, default=3, help="at least this many timed batches")
+    p.add_argument("--request-threads", type=int,
+                   help="also time single images with this many threads: what one request gets "
+                        "from a worker (the served p50 at concurrency 1 is compared with it)")
+    p.add_argument("--out", type=Path, required=True, help="JSON result")
+    a = p.parse_args(argv)
+    handler = load_handler(a.export, a.threads)
+    result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+              "outputs": outputs(handler.model, handler.preset.crop_size),
+              "handler_config": handler.handler_config, "sizes": {}}
+    for spec in a.images:
+        size, files = spec.split("=", 1)
+        images = [Path(f).read_bytes() for f in files.split(",")]
+        runs = []
+        for b in a.batch_sizes:
+            r = run_batches(handler, images, b, a.seconds, a.min_batches)
+            print(f"    in-process {size} batch {b}: {r['images_per_s']:.1f} images/s", flush=True)
+            runs.append(r)
+        result["sizes"][size] = runs
+    if a.request_threads and a.request_threads != a.threads:
+        torch.set_num_threads(a.request_threads)
+        result["request_threads"] = a.request_threads
+        result["single_per_request_threads"] = {}
+        for spec in a.images:
+            size, files = spec.split("=", 1)
+            images = [Path(f).read_bytes() for f in files.split(",")]
+            r = run_batches(handler, images, 1, a.seconds, a.min_batches)
+            print(f"    in-process {size} single image, {a.request_threads} thread(s): "
+                  f"{1000 / r['images_per_s']:.1f} ms", flush=True)
+            result["single_per_request_threads"][size] = r["batch_times_s"]
+    a.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

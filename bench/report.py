@@ -1,0 +1,195 @@
+"""Numbers to tables: percentiles, per-cell summaries, the ratio table, machine facts,
+and the markdown written next to results.json."""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+
+# Contestant keys, in table order, and how the tables name them.
+SERVED = "served"
+INPROCESS = "in_process"
+BUILTIN = "builtin"
+DEFAULT = "builtin_default"
+FLASK = "flask"
+NAMES = {SERVED: "TorchServe, project handler", INPROCESS: "in-process limit",
+         BUILTIN: "TorchServe, built-in handler, same settings",
+         DEFAULT: "TorchServe out of the box (built-in handler, defaults)",
+         FLASK: "Flask-style, per request"}
+# Ratio column -> the contestant that served is divided by.
+RATIOS = {"served/in-process": INPROCESS, "served/built-in": BUILTIN,
+          "served/out-of-box": DEFAULT, "served/flask": FLASK}
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics
+    (numpy's default 'linear' method); NaN for no values."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def latency_ms(latencies_s) -> dict:
+    return {f"p{q}": round(1000 * percentile(latencies_s, q), 2) for q in (50, 90, 99)}
+
+
+def summarize(cell: dict) -> dict:
+    """A load cell without its raw latencies: throughput, p50/p90/p99 (ms), counts."""
+    out = {k: v for k, v in cell.items() if k != "latencies_s"}
+    out["images_per_s"] = round(cell["images_per_s"], 2)
+    out["window_s"] = round(cell["window_s"], 2)
+    out["latency_ms"] = latency_ms(cell["latencies_s"])
+    out["measured_requests"] = len(cell["latencies_s"])
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return round(a / b, 3)
+
+
+def ratio_table(throughput: dict) -> list[dict]:
+    """Rows of served ÷ each other contestant.
+
+    ``throughput[contestant][size][concurrency] = images/s``; the in-process limit has
+    one number per size (its best batch size), used for every concurrency. Missing
+    contestants (skipped) give None.
+    """
+    served = throughput.get(SERVED, {})
+    rows = []
+    for size, by_c in served.items():
+        for c, ips in sorted(by_c.items()):
+            row = {"size": size, "concurrency": c, "served_images_per_s": ips}
+            for col, other in RATIOS.items():
+                o = throughput.get(other, {}).get(size)
+                o = o if other == INPROCESS or o is None else o.get(c)
+                row[col] = ratio(ips, o)
+            rows.append(row)
+    return rows
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": affinity,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(),
+            # Other processes' load makes the numbers noisy: a quiet machine reads ~0 here.
+            "load_average_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _fmt(v, digits=2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown: machine, command, settings, ratio and per-model tables."""
+    m, lines = results["machine"], []
+    lines += [f"Serving benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+              f"Python {m['python']}; load average at start {m['load_average_1_5_15_at_start'][0]}, "
+              f"at end {m.get('load_average_1_5_15_at_end', ['?'])[0]}; "
+              f"run took {results.get('duration_s', 0) / 60:.1f} min.", "",
+              f"Command: `{results['command']}`", ""]
+    if results.get("smoke"):
+        lines += ["**Smoke run**: tiny request counts; the numbers are not measurements.", ""]
+    lines += ["Contestants and settings:", ""]
+    for key, c in results["contestants"].items():
+        what = f"skipped: {c['skipped']}" if c.get("skipped") else c["settings"]
+        lines.append(f"- **{NAMES[key]}** (`{key}`): {what}")
+    lines += [f"- environment of every contestant: {results['environment']}", ""]
+    st = results["settings"]
+    lines += [f"Method: closed-loop clients on the same machine, one keep-alive connection each, "
+              f"the JPEG as the raw body. Per cell: warm-up {st['warmup_requests']}; measured "
+              f"requests {st['requests']}; time budget {st['max_cell_seconds']:g} s per cell (a slow "
+              f"contestant is measured on fewer requests: see `measured`). Images: "
+              + ", ".join(f"{k} ({v['count']} JPEGs, ~{sum(v['bytes']) / len(v['bytes']) / 1e3:.0f} kB)"
+                          for k, v in st["images"].items()) + ".", ""]
+    for name, model in results["models"].items():
+        lines += [f"### {name} ({model['origin']})", ""]
+        for key, why in (model.get("skipped") or {}).items():
+            lines += [f"{NAMES[key]} skipped for this model: {why}.", ""]
+        actual = model.get("server_settings") or {}
+        if actual:
+            lines += ["Settings as TorchServe reports them: " + "; ".join(
+                f"{key}: {s['workers']} workers, batch size {s['batch_size']}, "
+                f"max batch delay {s['max_batch_delay_ms']} ms" for key, s in actual.items()) + ".", ""]
+        st = model.get("startup")
+        if st:
+            lines += [f"TorchServe start to model READY: {st['start_to_ready_s']:.1f} s; "
+                      f"to first answer: {st['start_to_first_answer_s']:.1f} s.", ""]
+        lines += ["Ratios: served images/s divided by the other contestant's at the same size and "
+                  "concurrency (the in-process limit: its best batch size); above 1, served is faster.", "",
+                  "| size | concurrency | " + " | ".join(RATIOS) + " | served img/s |",
+                  "|---|---:|" + "---:|" * len(RATIOS) + "---:|"]
+        for r in model["ratios"]:
+            lines.append(f"| {r['size']} | {r['concurrency']} | "
+                         + " | ".join(_fmt(r[col]) for col in RATIOS)
+                         + f" | {_fmt(r['served_images_per_s'], 1)} |")
+        lines += ["", "| contestant | size | concurrency | img/s | p50 ms | p90 ms | p99 ms | measured | errors |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, sizes in model["cells"].items():
+            for size, cells in sizes.items():
+                for c in cells:
+                    lat = c["latency_ms"]
+                    lines.append(f"| {key} | {size} | {c['concurrency']} | {c['images_per_s']:.1f} | "
+                                 f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | "
+                                 f"{c['measured_requests']} | {c['errors']} |")
+        ip = model.get("in_process")
+        if ip:
+            lines += ["", "In-process limit (images/s by batch size; single-image latency):", "",
+                      "| size | " + " | ".join(f"batch {b}" for b in ip["batch_sizes"]) + " | best | 1-image p50 ms |",
+                      "|---|" + "---:|" * (len(ip["batch_sizes"]) + 2)]
+            for size, s in ip["sizes"].items():
+                lines.append(f"| {size} | " + " | ".join(f"{v:.1f}" for v in s["images_per_s_by_batch"])
+                             + f" | {s['best_images_per_s']:.1f} (batch {s['best_batch_size']}) | "
+                             f"{s['single_image_latency_ms']['p50']:.1f} |")
+        lc = model.get("latency_check")
+        if lc:
+            lines += ["", "p50 at concurrency 1, served vs in-process single image on the threads one "
+                      "request gets in a worker (target: within 10 ms); the last column is one image "
+                      "on all the in-process threads:", "",
+                      "| size | served p50 ms | in-process ms (threads) | difference ms | in-process, all threads ms |",
+                      "|---|---:|---:|---:|---:|"]
+            for size, d in lc.items():
+                lines.append(f"| {size} | {d['served_p50_ms']:.1f} | {d['in_process_ms']:.1f} "
+                             f"({d.get('in_process_threads', '?')}) | {d['difference_ms']:+.1f} | "
+                             f"{_fmt(d.get('in_process_all_threads_ms'), 1)} |")
+        lines.append("")
+    pre = results.get("preprocessing")
+    if pre:
+        lines += ["Preprocessing alone, one thread, median: the plain PIL path (full decode + eval "
+                  "transform) vs the handler's (reduced JPEG decoding + the same transform):", "",
+                  "| size | plain ms | handler ms | ratio | max / mean abs diff (normalised tensor) |",
+                  "|---|---:|---:|---:|---:|"]
+        for size, p in pre.items():
+            lines.append(f"| {size} | {p['plain_ms']:.1f} | {p['handler_ms']:.1f} | {p['ratio']:.3f} | "
+                         f"{p['max_abs_diff']:.3f} / {p['mean_abs_diff']:.4f} |")
+        lines.append("")
+    if results.get("targets"):
+        lines += ["Targets:", ""]
+        lines += [f"- {t['what']}: {t['value']} ({'met' if t['met'] else 'NOT met'})"
+                  for t in results["targets"]]
+        lines.append("")
+    return "\n".join(lines)

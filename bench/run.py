@@ -1,0 +1,479 @@
+"""The serving benchmark: TorchServe with the project's handler against the in-process
+limit, TorchServe's built-in handler (same settings, and out of the box) and a
+per-request Flask-style server, on generated photo-like JPEGs of two sizes.
+
+    python -m bench.run                       # the full run (make bench)
+    python -m bench.run --smoke --out /tmp/b  # the CI smoke version: harness only, not speed
+
+Writes <out>/results.json and <out>/results.md (default build/bench/) and prints the
+tables. Every cell (contestant x model x size x concurrency c) runs c closed-loop
+clients: a warm-up of max(2, c/2) answers, then a fixed number of measured answers
+(--requests; by default max(2c, 16, --cell-seconds x the in-process images/s of that
+model and size), so a cell of a contestant as fast as the in-process limit lasts about
+--cell-seconds), within a time budget per cell (--max-cell-seconds): a slow contestant
+is measured over what it answered until then. The requests in flight at the end are
+waited for, and their latencies counted.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+from bench import exports as ex
+from bench import preprocess, report
+from bench.images import SIZES, make_images
+from bench.load import Target, one, run_load
+from serving.server import ROOT, LocalServer, free_port
+
+# Raised glibc malloc thresholds (the Makefile exports the same): every contestant,
+# in-process included, runs with them, so none of them is favoured by the allocator.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+ALL = [report.SERVED, report.BUILTIN, report.DEFAULT, report.FLASK]  # plus in-process, always
+
+
+def builtin_unavailable() -> str | None:
+    """Why TorchServe's built-in image_classifier handler cannot run here, if it cannot:
+    it imports captum, which only requirements-bench.txt installs."""
+    if importlib.util.find_spec("captum") is None:
+        return "captum is not installed (pip install -r requirements-bench.txt)"
+    return None
+
+
+def malloc_env() -> dict:
+    return {k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}
+
+
+def child_env(omp_threads: int | None) -> dict:
+    """os.environ with the benchmark's malloc settings; OMP_NUM_THREADS set, or removed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONPATH")}
+    env.update(malloc_env())
+    if omp_threads:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
+    return env
+
+
+class BenchServer(LocalServer):
+    """A LocalServer whose processes get the benchmark's environment."""
+
+    def __init__(self, *args, omp_threads: int | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.omp_threads = omp_threads
+
+    def start(self, attempts: int = 3):
+        # A key file left by an earlier run in this folder would be read before the new
+        # server writes its own.
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        return super().start(attempts)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = child_env(self.omp_threads)
+        env["TMPDIR"] = str(self.workdir / "tmp")
+        return env
+
+
+# -- answers ----------------------------------------------------------------------------
+def check_answer(kind: str, status: int, body: bytes) -> None:
+    """Fail early, with the answer, unless a contestant's first answer has its expected shape."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    ok = status == 200 and isinstance(data, dict) and (
+        all(isinstance(v, float) for v in data.values()) if kind == "builtin" else "top_k" in data)
+    if not ok:
+        raise RuntimeError(f"unexpected {kind} answer: HTTP {status}: {body[:300]!r}")
+
+
+def warm(a, target: Target, images: dict[str, list[bytes]], kind: str, burst: int) -> None:
+    """Check the answer, then warm up: TorchScript optimises on its first calls, in every
+    worker and for each batch shape, so a few requests one at a time and a short burst of
+    ``burst`` concurrent ones per size, none of them measured."""
+    for imgs in images.values():
+        for i in range(2):
+            status, body = one(target, imgs[i % len(imgs)])
+            check_answer(kind, status, body)
+        c = max(1, min(burst, max(a.concurrency)))
+        run_load(target, imgs, c, c, warmup_requests=0, max_seconds=a.max_cell_seconds)
+
+
+# -- cells ------------------------------------------------------------------------------
+def requests_for(a, ip_rate: float | None, c: int) -> int:
+    """Measured answers per cell: --requests, else what the in-process limit does in
+    --cell-seconds, and at least two per client (so every client's latency counts)."""
+    if a.requests:
+        return a.requests
+    return max(2 * c, 16, round(a.cell_seconds * (ip_rate or 10)))
+
+
+def run_cells(a, label: str, target: Target, images: dict[str, list[bytes]],
+              ip_rates: dict[str, float]) -> dict:
+    """Every size x concurrency for one contestant; {size: [cell summary, ...]}."""
+    out = {}
+    for size, imgs in images.items():
+        out[size] = []
+        for c in a.concurrency:
+            n = requests_for(a, ip_rates.get(size), c)
+            warmup = max(2, c // 2)
+            print(f"  {label} {size} c={c}: {warmup} warm-up + {n} measured requests ...",
+                  end="", flush=True)
+            cell = report.summarize(run_load(target, imgs, c, n, warmup_requests=warmup,
+                                             max_seconds=a.max_cell_seconds))
+            lat = cell["latency_ms"]
+            print(f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
+                  f"p99 {lat['p99']:.0f} ms, {cell['measured_requests']} measured, "
+                  f"errors {cell['errors']}"
+                  + (" (window closed by --max-cell-seconds)" if cell["window_closed_by"] == "time" else ""),
+                  flush=True)
+            out[size].append(cell)
+    return out
+
+
+def server_settings(client, model: str) -> dict:
+    """What the server reports for a registered model: the settings actually in force."""
+    d = client.describe(model)[0]
+    return {"batch_size": d.get("batchSize"), "max_batch_delay_ms": d.get("maxBatchDelay"),
+            "workers": len(d.get("workers", []))}
+
+
+# -- contestants ------------------------------------------------------------------------
+def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], workdir: Path) -> dict:
+    threads = a.workers * a.threads
+    out = workdir / f"inprocess_{name}.json"
+    cmd = [sys.executable, "-m", "bench.inprocess", "--export", str(export), "--threads", str(threads),
+           "--seconds", str(a.inprocess_seconds), "--min-batches", str(a.inprocess_min_batches),
+           "--out", str(out), "--batch-sizes", *map(str, a.inprocess_batch_sizes),
+           "--request-threads", str(a.threads)]
+    for size, files in image_files.items():
+        cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
+    print(f"  in-process limit: {threads} torch threads, batch sizes {a.inprocess_batch_sizes}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=child_env(threads))
+    raw = json.loads(out.read_text())
+    sizes = {}
+    for size, runs in raw["sizes"].items():
+        best = max(runs, key=lambda r: r["images_per_s"])
+        single = next((r for r in runs if r["batch_size"] == 1), None)
+        per_request = (raw.get("single_per_request_threads", {}).get(size)
+                       or (single["batch_times_s"] if single else None))
+        sizes[size] = {
+            "images_per_s_by_batch": [round(r["images_per_s"], 2) for r in runs],
+            "best_images_per_s": round(best["images_per_s"], 2), "best_batch_size": best["batch_size"],
+            "single_image_latency_ms": report.latency_ms(single["batch_times_s"]) if single else None,
+            # What one request gets in a worker: --threads (with workers > 1, not all the cores).
+            "single_image_request_threads_ms": report.latency_ms(per_request) if per_request else None,
+            "batches_timed": [r["batches"] for r in runs]}
+    return {"threads": raw["threads"], "interop_threads": raw["interop_threads"],
+            "request_threads": raw.get("request_threads", raw["threads"]),
+            "outputs": raw["outputs"], "batch_sizes": a.inprocess_batch_sizes, "sizes": sizes}
+
+
+def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workdir: Path,
+                           skip: dict) -> dict:
+    """served and builtin on one server (the bench settings), builtin_default on another."""
+    res = {"cells": {}, "server_settings": {}}
+    builtin = report.BUILTIN in a.contestants and not skip.get(report.BUILTIN)
+    if report.SERVED in a.contestants or builtin:
+        ts = BenchServer(workdir / "model_store", workdir / f"ts_{name}",
+                         {"load_models": archives["custom"]}, omp_threads=a.threads)
+        print(f"  starting TorchServe (OMP_NUM_THREADS={a.threads}, {archives['custom']} loaded at start)",
+              flush=True)
+        t0 = time.perf_counter()
+        with ts as client:
+            t_ready = time.perf_counter() - t0
+            key = client.keys().get("inference")
+            auth = {"Authorization": f"Bearer {key}"} if key else {}
+            base = f"http://127.0.0.1:{ts.ports['inference']}/predictions/"
+            target = Target(base + name, auth)
+            first = next(iter(images.values()))[0]
+            while True:  # start -> first successful prediction
+                status, body = one(target, first)
+                if status == 200 or time.perf_counter() - t0 > 120:
+                    break
+                time.sleep(0.05)
+            check_answer("custom", status, body)
+            res["startup"] = {"start_to_ready_s": round(t_ready, 2),
+                              "start_to_first_answer_s": round(time.perf_counter() - t0, 2),
+                              "note": "torchserve --start to workers READY (polled every 0.5 s), "
+                                      "then to the first 200 answer; model loaded by load_models"}
+            print(f"  TorchServe start -> {name} READY {t_ready:.1f} s, first answer "
+                  f"{res['startup']['start_to_first_answer_s']:.1f} s", flush=True)
+            if report.SERVED in a.contestants:
+                res["server_settings"][report.SERVED] = server_settings(client, name)
+                warm(a, target, images, "custom", a.batch_size * a.workers)
+                res["cells"][report.SERVED] = run_cells(a, "served", target, images, ip_rates)
+            if builtin:
+                client.unregister(name)  # its idle workers would hold memory during the next runs
+                bname = Path(archives["builtin"]).stem
+                client.register(archives["builtin"], batch_size=a.batch_size,
+                                max_batch_delay=a.max_batch_delay, initial_workers=a.workers)
+                res["server_settings"][report.BUILTIN] = server_settings(client, bname)
+                target = Target(base + bname, auth)
+                warm(a, target, images, "builtin", a.batch_size * a.workers)
+                res["cells"][report.BUILTIN] = run_cells(a, "built-in", target, images, ip_rates)
+    if report.DEFAULT in a.contestants and not skip.get(report.DEFAULT):
+        cores = os.cpu_count()
+        # TorchServe's defaults: one worker per core, batch size 1, torch's own thread count.
+        ts = BenchServer(workdir / "model_store", workdir / f"ts_default_{name}",
+                         {"load_models": "", "default_workers_per_model": str(cores)}, omp_threads=None,
+                         log_config=None)
+        print(f"  starting TorchServe with its defaults ({cores} workers, batch 1, no OMP_NUM_THREADS)",
+              flush=True)
+        with ts as client:
+            bname = Path(archives["builtin"]).stem
+            client.register(archives["builtin"], initial_workers=cores)
+            res["server_settings"][report.DEFAULT] = server_settings(client, bname)
+            key = client.keys().get("inference")
+            target = Target(f"http://127.0.0.1:{ts.ports['inference']}/predictions/{bname}",
+                            {"Authorization": f"Bearer {key}"} if key else {})
+            warm(a, target, images, "builtin", cores)
+            res["cells"][report.DEFAULT] = run_cells(a, "out-of-box", target, images, ip_rates)
+    return res
+
+
+def flask_contestant(a, name: str, export: Path, images, ip_rates, workdir: Path) -> tuple[dict, dict]:
+    port = free_port()
+    log = open(workdir / f"flask_{name}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.flask_server", "--export", str(export),
+                             "--port", str(port)], cwd=ROOT, env=child_env(None),
+                            stdout=log, stderr=subprocess.STDOUT)
+    print(f"  starting the Flask-style server on 127.0.0.1:{port}", flush=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/info")
+                info = json.loads(conn.getresponse().read())
+                conn.close()
+                break
+            except (OSError, ValueError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Flask-style server did not start: see {log.name}")
+                time.sleep(0.2)
+        target = Target(f"http://127.0.0.1:{port}/predictions/{name}")
+        warm(a, target, images, "custom", 4)
+        return run_cells(a, "flask", target, images, ip_rates), info
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+# -- the run ----------------------------------------------------------------------------
+SPEED_KEYS = ("threads", "jpeg_draft", "optimize", "half", "gpu_decode")
+
+
+def contestant_settings(a, skip: dict, flask_info: dict | None, handler: dict) -> dict:
+    cores = os.cpu_count()
+    same = (f"{a.workers} worker(s) x {a.threads} torch thread(s) (OMP_NUM_THREADS={a.threads}), "
+            f"batch size {a.batch_size}, max batch delay {a.max_batch_delay} ms")
+    speed = ", ".join(f"{k}={handler[k]}" for k in SPEED_KEYS if k in handler)
+    c = {report.SERVED: {"settings": f"handlers/image_classifier.py ({speed}); {same}"},
+         report.INPROCESS: {"settings": f"the same handler and model-config.yaml in one process, "
+                                         f"{a.workers * a.threads} torch thread(s), no server; "
+                                         f"best of batch sizes {a.inprocess_batch_sizes}"},
+         report.BUILTIN: {"settings": f"TorchServe's image_classifier handler; {same}"},
+         report.DEFAULT: {"settings": f"TorchServe's image_classifier handler with TorchServe's defaults: "
+                                      f"{cores} workers (one per core), batch size 1, no OMP_NUM_THREADS"},
+         report.FLASK: {"settings": "Flask development server, threaded, one image per request "
+                                    "(PIL decode + eval transform + forward, model as torch.jit.load "
+                                    "gives it), torch threads "
+                                    f"{flask_info['torch_threads'] if flask_info else 'default'}"
+                                    ", no OMP_NUM_THREADS"}}
+    for k in c:
+        if k != report.INPROCESS and k not in a.contestants:
+            c[k]["skipped"] = "not selected (--contestants)"
+        elif k in skip:
+            c[k]["skipped"] = skip[k]
+    return c
+
+
+def targets(results: dict, top_c: int) -> list[dict]:
+    out = []
+    for name, m in results["models"].items():
+        for r in m["ratios"]:
+            if r["concurrency"] != top_c:
+                continue
+            if r["served/in-process"] is not None:
+                out.append({"what": f"{name} {r['size']} c={top_c}: served/in-process >= 0.85",
+                            "value": r["served/in-process"], "met": r["served/in-process"] >= 0.85})
+            if r["served/built-in"] is not None:
+                goal = 3.0 if r["size"] == "4000x3000" else 1.5
+                out.append({"what": f"{name} {r['size']} c={top_c}: served/built-in >= {goal:g}",
+                            "value": r["served/built-in"], "met": r["served/built-in"] >= goal})
+        for size, d in (m.get("latency_check") or {}).items():
+            out.append({"what": f"{name} {size}: p50 at c=1 within 10 ms of in-process",
+                        "value": f"{d['difference_ms']:+.1f} ms", "met": d["difference_ms"] <= 10})
+    for size, p in (results.get("preprocessing") or {}).items():
+        if size == "4000x3000":
+            out.append({"what": f"{size} preprocessing: handler / plain PIL <= 0.25",
+                        "value": p["ratio"], "met": p["ratio"] <= 0.25})
+    return out
+
+
+def print_tables(results: dict) -> None:
+    print("\n" + report.markdown(results))
+
+
+def run(a) -> dict:
+    t_start = time.perf_counter()
+    out: Path = a.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    (work / "model_store").mkdir(parents=True, exist_ok=True)
+    settings = {"workers": a.workers, "threads": a.threads, "batch_size": a.batch_size,
+                "max_batch_delay": a.max_batch_delay}
+    skip = {}
+    if report.BUILTIN in a.contestants or report.DEFAULT in a.contestants:
+        reason = builtin_unavailable()
+        if reason:
+            skip = {report.BUILTIN: reason, report.DEFAULT: reason}
+            print(f"built-in handler contestants skipped: {reason}", flush=True)
+    print(f"images: {a.images_per_size} per size of {', '.join(a.sizes)} (generated once, cached in "
+          f"{out / 'images'})", flush=True)
+    image_files = {}
+    for size in a.sizes:
+        make_images(out / "images", size, a.images_per_size)
+        image_files[size] = [out / "images" / f"photo_{size}_{i}.jpg" for i in range(a.images_per_size)]
+    images = {s: [f.read_bytes() for f in fs] for s, fs in image_files.items()}
+    results = {"command": "python -m bench.run " + shlex.join(a.argv), "smoke": a.smoke,
+               "machine": report.machine(), "environment": malloc_env(),
+               "settings": {**settings, "concurrency": a.concurrency, "sizes": a.sizes,
+                            "requests": a.requests or "auto: max(2 x concurrency, 16, "
+                                        "cell_seconds x in-process images/s)",
+                            "warmup_requests": "max(2, concurrency // 2) per cell",
+                            "cell_seconds": a.cell_seconds, "max_cell_seconds": a.max_cell_seconds,
+                            "export_args": a.export_args,
+                            "inprocess_batch_sizes": a.inprocess_batch_sizes,
+                            "images": {s: {"count": len(v), "bytes": [len(b) for b in v]}
+                                       for s, v in images.items()}},
+               "models": {}}
+    flask_info = None
+    for name in a.models:
+        print(f"\n== {name} ==", flush=True)
+        meta = ex.prepare_export(name, a.exports, work, settings, shlex.split(a.export_args))
+        export = Path(meta["export"])
+        archives = ex.build_archives(name, export, work / "model_store")
+        model = {**meta, "builtin_handler": archives["builtin_handler"]}
+        ip = in_process(a, name, export, image_files, work)
+        model["in_process"] = ip
+        ip_rates = {s: v["best_images_per_s"] for s, v in ip["sizes"].items()}
+        mskip = dict(skip)
+        if ip["outputs"] > 1:
+            why = "the model has an ImageNet head (2 outputs), which the built-in handler cannot answer"
+            mskip.setdefault(report.BUILTIN, why)
+            mskip.setdefault(report.DEFAULT, why)
+        model["skipped"] = {k: v for k, v in mskip.items() if k not in skip}
+        model.update(torchserve_contestants(a, name, archives, images, ip_rates, work, mskip))
+        if report.FLASK in a.contestants:
+            model["cells"][report.FLASK], flask_info = flask_contestant(a, name, export, images,
+                                                                        ip_rates, work)
+        tp = {k: {s: {c["concurrency"]: c["images_per_s"] for c in cells} for s, cells in v.items()}
+              for k, v in model["cells"].items()}
+        tp[report.INPROCESS] = ip_rates
+        model["ratios"] = report.ratio_table(tp)
+        if report.SERVED in model["cells"]:
+            model["latency_check"] = {}
+            for size, cells in model["cells"][report.SERVED].items():
+                c1 = next((c for c in cells if c["concurrency"] == 1), None)
+                # One request runs on one worker's threads: compare with one image on as many.
+                single = ip["sizes"][size]["single_image_request_threads_ms"]
+                every = ip["sizes"][size]["single_image_latency_ms"]
+                if c1 and single:
+                    model["latency_check"][size] = {
+                        "served_p50_ms": c1["latency_ms"]["p50"], "in_process_ms": single["p50"],
+                        "in_process_threads": ip["request_threads"],
+                        "in_process_all_threads_ms": every["p50"] if every else None,
+                        "difference_ms": round(c1["latency_ms"]["p50"] - single["p50"], 2)}
+        results["models"][name] = model
+    first = next(iter(results["models"].values()), {})
+    results["contestants"] = contestant_settings(a, skip, flask_info,
+                                                 first.get("model_config", {}).get("handler", {}))
+    handler_cfg = first.get("model_config", {}).get("handler", {})
+    if handler_cfg:
+        print("preprocessing alone, plain PIL vs the handler's path ...", flush=True)
+        results["preprocessing"] = {size: preprocess.measure(images[size][0], handler_cfg,
+                                                             repeats=3 if a.smoke else 9)
+                                    for size in a.sizes}
+    results["machine"]["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["duration_s"] = round(time.perf_counter() - t_start, 1)
+    results["targets"] = targets(results, max(a.concurrency))
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    print_tables(results)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return results
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description="Serving benchmark: TorchServe vs in-process, built-in "
+                                "handler and a Flask-style server.")
+    p.add_argument("--models", nargs="+", default=list(ex.MODELS), choices=list(ex.MODELS),
+                   help="served model names")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="JPEG sizes")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32], help="concurrent clients")
+    p.add_argument("--contestants", nargs="+", default=ALL, choices=ALL,
+                   help="which to run besides the in-process limit (always run)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="TorchServe workers per model (default: cores / --threads)")
+    p.add_argument("--threads", type=int, default=getattr(ex.export_mod, "DEFAULT_THREADS", 1),
+                   help="torch threads per worker: OMP_NUM_THREADS and model-config.yaml's threads")
+    p.add_argument("--batch-size", type=int, default=getattr(ex.export_mod, "DEFAULT_BATCH_SIZE", 8),
+                   help="TorchServe batch size")
+    # TorchServe waits up to this long for a batch to fill even when one request is all
+    # there is: it adds to every latency at concurrency 1 (target: within 10 ms of in-process).
+    p.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe max batch delay (ms)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="measured requests per cell (default: --cell-seconds x in-process images/s)")
+    p.add_argument("--cell-seconds", type=float, default=5.0,
+                   help="sets the default --requests: this many seconds at the in-process rate")
+    p.add_argument("--max-cell-seconds", type=float, default=20.0,
+                   help="time budget of a cell: it stops issuing requests this long after its "
+                        "start, measured count reached or not (in-flight requests then finish)")
+    p.add_argument("--inprocess-batch-sizes", nargs="+", type=int, default=[1, 4, 8, 16],
+                   help="batch sizes the in-process limit tries (the best one counts)")
+    p.add_argument("--inprocess-seconds", type=float, default=3.0, help="time per in-process batch size")
+    p.add_argument("--inprocess-min-batches", type=int, default=3,
+                   help="at least this many timed batches per in-process batch size")
+    p.add_argument("--images-per-size", type=int, default=4, help="different JPEGs per size")
+    p.add_argument("--export-args", default="",
+                   help="more training.export options for the served model-config.yaml, e.g. "
+                        "'--jpeg-draft 0 --no-optimize' (default: the export's defaults)")
+    p.add_argument("--exports", type=Path, default=ROOT / "export",
+                   help="trained exports (<dir>/<model>/model.pt); random weights where absent")
+    p.add_argument("--out", type=Path, default=ROOT / "build" / "bench", help="results and work files")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI version: flying_objects, 500x375, concurrency 1 8, tiny counts")
+    a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    a.workers = a.workers or max(1, (os.cpu_count() or 1) // a.threads)
+    if a.smoke:
+        a.models, a.sizes, a.concurrency = ["flying_objects"], ["500x375"], [1, 8]
+        a.requests = a.requests or 12
+        a.cell_seconds, a.max_cell_seconds = 2.0, 20.0
+        a.inprocess_batch_sizes, a.inprocess_seconds, a.inprocess_min_batches = [1, 4], 0.3, 2
+        a.images_per_size = 2
+    a.out = a.out.resolve()
+    a.exports = a.exports.resolve()
+    return a
+
+
+def main(argv=None):
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

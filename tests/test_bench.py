@@ -1,0 +1,159 @@
+"""The serving benchmark's harness (bench/): the smoke version end to end, and its arithmetic.
+
+The smoke run is real: TorchServe on loopback, the Flask-style server as a subprocess,
+the in-process limit as a subprocess, on a randomly initialised MobileNetV2. It checks
+that the harness works and what it writes, not speed. The built-in-handler contestants
+need captum (requirements-bench.txt, not requirements.txt): without it they must be
+reported as skipped, with that reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import psutil
+import pytest
+
+from bench import report
+from bench import run as bench_run
+from bench.run import main as bench_main
+
+HAVE_CAPTUM = importlib.util.find_spec("captum") is not None
+
+
+def test_percentile_interpolates_between_order_statistics():
+    values = [5, 1, 4, 2, 3]  # unsorted on purpose
+    assert report.percentile(values, 0) == 1
+    assert report.percentile(values, 50) == 3
+    assert report.percentile(values, 100) == 5
+    assert report.percentile(values, 90) == pytest.approx(4.6)  # 4 + 0.6 * (5 - 4)
+    assert report.percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+    assert report.percentile([7.0], 99) == 7.0
+    assert math.isnan(report.percentile([], 50))
+
+
+def test_latency_summary_in_ms():
+    lat = report.latency_ms([0.010, 0.020, 0.030, 0.040, 0.050])
+    assert lat == {"p50": 30.0, "p90": 46.0, "p99": 49.6}
+
+
+def test_ratio_table_divides_served_by_each_contestant():
+    tp = {report.SERVED: {"small": {1: 40.0, 8: 90.0}},
+          report.INPROCESS: {"small": 100.0},  # one number per size: its best batch size
+          report.BUILTIN: {"small": {1: 20.0, 8: 30.0}},
+          report.FLASK: {"small": {1: 50.0, 8: 45.0}}}  # no builtin_default: skipped
+    rows = report.ratio_table(tp)
+    assert [(r["size"], r["concurrency"]) for r in rows] == [("small", 1), ("small", 8)]
+    assert rows[0] == {"size": "small", "concurrency": 1, "served_images_per_s": 40.0,
+                       "served/in-process": 0.4, "served/built-in": 2.0,
+                       "served/out-of-box": None, "served/flask": 0.8}
+    assert rows[1]["served/in-process"] == 0.9
+    assert rows[1]["served/built-in"] == 3.0
+    assert rows[1]["served/flask"] == 2.0
+
+
+def _bench_processes(root) -> list[str]:
+    """Command lines of processes started for the benchmark under ``root``."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        # TorchServe's frontend and workers name the config file under root; the
+        # Flask-style server names its export folder under root.
+        if str(root) in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # An exports folder without models: the harness exports a random MobileNetV2 itself.
+    bench_main(["--smoke", "--out", str(out), "--exports", str(out / "no_exports")])
+    return out
+
+
+def test_smoke_run_writes_complete_results(smoke):
+    results = json.loads((smoke / "results.json").read_text())
+    assert results["smoke"] is True
+    assert set(results["machine"]) >= {"cpu", "cores", "torch", "date"}
+    assert results["environment"] == {"MALLOC_MMAP_THRESHOLD_": "17179869184",
+                                      "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+    contestants = results["contestants"]
+    assert set(contestants) == {"served", "in_process", "builtin", "builtin_default", "flask"}
+    builtin_ran = {k for k in ("builtin", "builtin_default") if not contestants[k].get("skipped")}
+    if HAVE_CAPTUM:
+        assert builtin_ran == {"builtin", "builtin_default"}
+    else:
+        for k in ("builtin", "builtin_default"):
+            assert "captum" in contestants[k]["skipped"]
+        assert builtin_ran == set()
+
+    assert list(results["models"]) == ["flying_objects"]
+    model = results["models"]["flying_objects"]
+    assert model["origin"].startswith("random mobilenet_v2")
+    assert set(model["cells"]) == {"served", "flask"} | builtin_ran
+    for key, sizes in model["cells"].items():
+        assert list(sizes) == ["500x375"], key
+        cells = sizes["500x375"]
+        assert [c["concurrency"] for c in cells] == [1, 8], key
+        for c in cells:
+            assert c["images_per_s"] > 0, (key, c)
+            assert c["errors"] == 0, (key, c)
+            assert c["measured_requests"] > 0, (key, c)
+            lat = c["latency_ms"]
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"], (key, c)
+    # TorchServe ran with the settings asked for.
+    assert model["server_settings"]["served"] == {"batch_size": 8, "max_batch_delay_ms": 5,
+                                                  "workers": psutil.cpu_count()}
+    assert model["startup"]["start_to_ready_s"] > 0
+    assert model["startup"]["start_to_first_answer_s"] >= model["startup"]["start_to_ready_s"]
+
+    ip = model["in_process"]
+    assert ip["batch_sizes"] == [1, 4]
+    size = ip["sizes"]["500x375"]
+    assert size["best_images_per_s"] == max(size["images_per_s_by_batch"]) > 0
+    assert size["single_image_latency_ms"]["p50"] > 0
+
+    rows = model["ratios"]
+    assert [(r["size"], r["concurrency"]) for r in rows] == [("500x375", 1), ("500x375", 8)]
+    for r in rows:
+        assert r["served/in-process"] > 0 and r["served/flask"] > 0
+        assert (r["served/built-in"] is not None) == HAVE_CAPTUM
+    check = model["latency_check"]["500x375"]
+    assert check["difference_ms"] == pytest.approx(check["served_p50_ms"] - check["in_process_ms"], abs=0.02)
+
+    pre = results["preprocessing"]["500x375"]
+    assert pre["plain_ms"] > 0 and pre["handler_ms"] > 0
+    assert pre["ratio"] == pytest.approx(pre["handler_ms"] / pre["plain_ms"], abs=2e-3)
+    assert pre["max_abs_diff"] == 0  # a 500x375 photo is too small to be decoded reduced
+
+    md = (smoke / "results.md").read_text()
+    assert "Smoke run" in md and results["machine"]["cpu"] in md
+    assert "Preprocessing alone" in md
+    assert "| 500x375 | 8 |" in md and "served/in-process" in md
+    assert "python -m bench.run --smoke" in md
+
+
+def test_smoke_run_leaves_no_server_behind(smoke):
+    assert _bench_processes(smoke) == []
+
+
+def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeypatch):
+    """Where captum is missing (CI installs requirements.txt only), the built-in handler's
+    contestants are reported as skipped, with the reason, and the rest still runs."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(bench_run.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "captum" else real(name, *a))
+    # The smoke run's export folder serves as "trained" exports: no new export needed.
+    bench_main(["--smoke", "--contestants", "builtin", "builtin_default", "--out", str(tmp_path),
+                "--exports", str(smoke / "work" / "exports")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    for k in ("builtin", "builtin_default"):
+        assert results["contestants"][k]["skipped"].startswith("captum is not installed")
+    for k in ("served", "flask"):
+        assert results["contestants"][k]["skipped"] == "not selected (--contestants)"
+    model = results["models"]["flying_objects"]
+    assert model["cells"] == {} and model["ratios"] == []
+    assert model["in_process"]["sizes"]["500x375"]["best_images_per_s"] > 0
+    assert "skipped: captum is not installed" in (tmp_path / "results.md").read_text()
