@@ -25,21 +25,19 @@ from training.train import load_checkpoint
 MODEL_FILE = "model.pt"
 # Settings of handlers beyond the base one, written into model-config.yaml to be edited there.
 HANDLER_DEFAULTS = {"dog_breeds": {"dog_threshold": 0.5, "face_max_side": 512}}
-# Serving defaults, measured on the shared 2-core CPU machine at concurrency 32
-# (MobileNetV2, 4 classes, and ResNet50, 133 classes; random weights, 500x375 JPEGs):
-# workers x threads must not exceed the cores. 1 thread per worker ran 2-4x faster
-# than 2 threads (1 worker x 2 threads vs 2 workers x 1 thread, requests/s in the same
-# runs: MobileNetV2 6-14 vs 26-49, ResNet50 3-5 vs 8-9): with other processes on the
-# cores, torch's threads wait on each other at every op. Batch 8 vs 16 (MobileNetV2)
-# and 4 vs 8 (ResNet50) made no clear difference; a 10 ms batch delay fills batches
-# of 8 at this concurrency and costs little latency when alone. 2 workers x 1 thread
-# and 1 worker x 1 thread measured alike there (the load generator and TorchServe's
-# frontend share the same 2 cores). The default stays 1 worker (tests/test_training.py
-# and test_serving.py expect one); the Makefile's EXPORT_ARGS should pass --workers 2. On a bigger machine, raise --workers, not --threads.
+# Serving defaults. Workers x threads must not exceed the cores: TorchServe's default
+# (one worker per core, each using every core) oversubscribes the machine. Measured with
+# make bench on the 2-core machine (README, "Serving speed"): 2 workers x 1 thread served
+# more images/s at concurrency 32 than 1 worker x 2 threads (ResNet50 19.8 vs 14.0
+# img/s; MobileNetV2 102 vs 48), while one request alone waits longer (ResNet50 p50 129
+# vs 92 ms): each request gets one core. The Makefile passes --workers 2 (the cores
+# here); on a bigger machine raise --workers, not --threads. A 5 ms batch delay fills
+# batches under load and adds at most 5 ms to a lone request. export alone defaults to
+# one worker: it does not know the serving machine.
 DEFAULT_WORKERS = 1
 DEFAULT_THREADS = 1
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_BATCH_DELAY = 10
+DEFAULT_MAX_BATCH_DELAY = 5
 # A large JPEG is decoded at reduced scale keeping its short side >= 1.25 x resize_size:
 # a 12 MP phone photo decodes at 1/8 scale, within max 0.07 / mean 0.011 of the eval
 # tensor (tests/test_presets.py states and tests the tolerance).
