@@ -32,11 +32,12 @@ from bench import exports as ex
 from bench import preprocess, report
 from bench.images import SIZES, make_images
 from bench.load import Target, one, run_load
-from serving.server import ROOT, LocalServer, free_port
+from serving.server import MALLOC_ENV as SERVER_MALLOC_ENV
+from serving.server import MALLOC_THRESHOLD, ROOT, LocalServer, free_port
 
 # Raised glibc malloc thresholds (the Makefile exports the same): every contestant,
 # in-process included, runs with them, so none of them is favoured by the allocator.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+MALLOC_ENV = {k: MALLOC_THRESHOLD for k in SERVER_MALLOC_ENV}
 ALL = [report.SERVED, report.BUILTIN, report.DEFAULT, report.FLASK]  # plus in-process, always
 
 
