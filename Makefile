@@ -27,7 +27,7 @@ FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 1
 # Serving settings written into each archive's model-config.yaml. On this 2-core
 # machine 2 workers x 1 torch thread served best (workers x threads <= cores; see
 # training/export.py and the README's benchmark); raise --workers on bigger machines.
-EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 5 --workers 2 --threads 1
+EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 2 --workers 2 --threads 1
 
 # glibc returns freed memory to the OS too eagerly for PyTorch's allocation pattern;
 # raising these thresholds doubled MobileNetV2 throughput on the 2-core machine.

@@ -436,7 +436,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TorchServe batch size")
     # TorchServe waits up to this long for a batch to fill even when one request is all
     # there is: it adds to every latency at concurrency 1 (target: within 10 ms of in-process).
-    p.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe max batch delay (ms)")
+    p.add_argument("--max-batch-delay", type=int, default=2, help="TorchServe max batch delay (ms)")
     p.add_argument("--requests", type=int, default=None,
                    help="measured requests per cell (default: --cell-seconds x in-process images/s)")
     p.add_argument("--cell-seconds", type=float, default=5.0,

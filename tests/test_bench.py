@@ -104,7 +104,7 @@ def test_smoke_run_writes_complete_results(smoke):
             lat = c["latency_ms"]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"], (key, c)
     # TorchServe ran with the settings asked for.
-    assert model["server_settings"]["served"] == {"batch_size": 8, "max_batch_delay_ms": 5,
+    assert model["server_settings"]["served"] == {"batch_size": 8, "max_batch_delay_ms": 2,
                                                   "workers": psutil.cpu_count()}
     assert model["startup"]["start_to_ready_s"] > 0
     assert model["startup"]["start_to_first_answer_s"] >= model["startup"]["start_to_ready_s"]

@@ -31,13 +31,14 @@ HANDLER_DEFAULTS = {"dog_breeds": {"dog_threshold": 0.5, "face_max_side": 512}}
 # more images/s at concurrency 32 than 1 worker x 2 threads (ResNet50 19.8 vs 14.0
 # img/s; MobileNetV2 102 vs 48), while one request alone waits longer (ResNet50 p50 129
 # vs 92 ms): each request gets one core. The Makefile passes --workers 2 (the cores
-# here); on a bigger machine raise --workers, not --threads. A 5 ms batch delay fills
-# batches under load and adds at most 5 ms to a lone request. export alone defaults to
+# here); on a bigger machine raise --workers, not --threads. A 2 ms batch delay fills
+# batches under load and adds at most 2 ms to a lone request (0 is a trap: measured, a
+# lone request then waited ~100 ms more). export alone defaults to
 # one worker: it does not know the serving machine.
 DEFAULT_WORKERS = 1
 DEFAULT_THREADS = 1
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_BATCH_DELAY = 5
+DEFAULT_MAX_BATCH_DELAY = 2
 # A large JPEG is decoded at reduced scale keeping its short side >= 1.25 x resize_size:
 # a 12 MP phone photo decodes at 1/8 scale, within max 0.07 / mean 0.011 of the eval
 # tensor (tests/test_presets.py states and tests the tolerance).
