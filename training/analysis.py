@@ -26,9 +26,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from PIL import Image
+from torch import nn
 from torch.utils.data import SequentialSampler
 
-from models.presets import BadImage, open_image
+from models.presets import BadImage, EvalPreset, open_image
+from training.data import image_folder, loader
+from training.distributed import Dist
+# The trainer imports this module only inside a function, so this is not circular.
+from training.train import evaluate, load_checkpoint
 
 # Cell counts are written into the confusion matrix only up to this many classes.
 CELL_NUMBERS_MAX = 20
@@ -55,9 +60,13 @@ class Predictions:
 
 # ---------------------------------------------------------------- predictions
 
-def _class_logits(out):
-    # Models with an ImageNet head return (class logits, ImageNet logits).
-    return out[0] if isinstance(out, (tuple, list)) else out
+def from_evaluation(result: dict, samples) -> Predictions:
+    """The Predictions of ``training.train.evaluate(..., collect=True)`` over a dataset
+    read in order; ``samples`` is its ImageFolder's (path, label) list."""
+    y_true, y_pred, conf = result["predictions"]
+    if len(y_true) != len(samples) or any(t != s[1] for t, s in zip(y_true, samples)):
+        raise ValueError("labels from the loader do not match dataset.samples in order")
+    return Predictions(y_true, y_pred, conf, [str(s[0]) for s in samples])
 
 
 def predict(model, data_loader, device) -> Predictions:
@@ -70,23 +79,13 @@ def predict(model, data_loader, device) -> Predictions:
     if not isinstance(data_loader.sampler, SequentialSampler):
         raise ValueError("predict() needs a loader built with shuffle=False: "
                          "image paths are matched to predictions by position")
-    samples = data_loader.dataset.samples
     was_training = model.training
-    model.eval()
-    y_true, y_pred, conf = [], [], []
     try:
-        with torch.inference_mode():
-            for x, y in data_loader:
-                probs = _class_logits(model(x.to(device))).float().softmax(1)
-                p, idx = probs.max(1)
-                y_true += y.tolist()
-                y_pred += idx.cpu().tolist()
-                conf += p.cpu().tolist()
+        result = evaluate(model, data_loader, nn.CrossEntropyLoss(),
+                          Dist(device=torch.device(device)), collect=True)
     finally:
         model.train(was_training)
-    if len(y_true) != len(samples) or any(t != s[1] for t, s in zip(y_true, samples)):
-        raise ValueError("labels from the loader do not match dataset.samples in order")
-    return Predictions(y_true, y_pred, conf, [str(s[0]) for s in samples])
+    return from_evaluation(result, data_loader.dataset.samples)
 
 
 # -------------------------------------------------------------------- metrics
@@ -387,11 +386,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    # Imported here: the trainer imports this module, so a top-level import would be circular.
-    from models.presets import EvalPreset
-    from training.data import image_folder, loader
-    from training.train import load_checkpoint
-
     for name in ("best.pt", "metrics.json"):
         if not (a.run / name).is_file():
             sys.exit(f"error: {a.run / name} is missing: --run must be a training run folder")

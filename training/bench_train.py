@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench import report
+from bench.images import photo
 from models.presets import EvalPreset
 from models.registry import get_model, get_spec
-from training.data import EpochSampler, SeededSamples, image_folder, loader
+from training.data import image_folder, training_loader
 from training.progress import Progress
 
 MODELS = {"resnet50": 133, "mobilenet_v2": 4}
@@ -31,7 +32,6 @@ MODELS = {"resnet50": 133, "mobilenet_v2": 4}
 
 def make_dataset(root: Path, n: int, classes: int = 4) -> Path:
     """n photo-like 500x375 JPEGs in ROOT/train/CLASS/ (made once, reused)."""
-    from bench.images import photo
     if len(list(root.glob("train/*/*.jpg"))) >= n:
         return root
     for i in range(n):
@@ -49,8 +49,7 @@ def set_backbone(model: nn.Module, head: str, trainable: bool) -> None:
 
 def train_loader(data: Path, model: str, batch: int, workers: int):
     ds = image_folder(data, "train", get_spec(model).train_preset.transform(EvalPreset()))
-    sampler = EpochSampler(len(ds), shuffle=True, tag_epoch=True)
-    return loader(SeededSamples(ds, 0), batch, False, workers, sampler=sampler)
+    return training_loader(ds, batch, workers, seed=0)
 
 
 def rate(batches, step, steps: int, batch: int, label: str) -> float:
@@ -117,9 +116,9 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    """The serving benchmark's machine facts, as one line, with this process's torch threads."""
+    m = report.machine()
+    return f"{m['cpu']}, {torch.get_num_threads()} torch threads, torch {m['torch']}"
 
 
 def main(argv=None):
@@ -136,10 +135,11 @@ def main(argv=None):
     n = a.batch_size * (a.steps + 1)
     data = make_dataset(a.data, n)
     rows = [r for m in a.models for r in measure(m, data, a.batch_size, a.steps, a.workers)]
-    md = (f"Training throughput, batch {a.batch_size}, 500x375 JPEGs; {machine()}; "
+    facts = machine()
+    md = (f"Training throughput, batch {a.batch_size}, 500x375 JPEGs; {facts}; "
           f"{time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n")
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "train.json").write_text(json.dumps({"machine": machine(), "batch_size": a.batch_size,
+    (a.out / "train.json").write_text(json.dumps({"machine": facts, "batch_size": a.batch_size,
                                                   "steps": a.steps, "rows": rows}, indent=2))
     (a.out / "train.md").write_text(md)
     print("\n" + md)

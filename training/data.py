@@ -124,6 +124,16 @@ class SeededSamples(Dataset):
             return self.ds.transform(image), target
 
 
+def training_loader(ds: ImageFolder, batch_size: int, workers: int, seed: int, rank: int = 0,
+                    world: int = 1, balanced: bool = False) -> DataLoader:
+    """How training batches are drawn: this process's share of the seeded epoch order
+    (drawn class-balanced with ``balanced``), each image augmented by its own seed.
+    Call ``.sampler.set_epoch(e)`` before each epoch."""
+    sampler = EpochSampler(len(ds), shuffle=True, seed=seed, rank=rank, world=world,
+                           tag_epoch=True, weights=sample_weights(ds) if balanced else None)
+    return loader(SeededSamples(ds, seed), batch_size, False, workers, sampler=sampler)
+
+
 def loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int,
            sampler: Sampler | None = None) -> DataLoader:
     if sampler is not None:

@@ -34,8 +34,8 @@ from models.presets import EvalPreset
 from models.registry import get_model, get_spec, list_models
 from models.weights import WeightsUnavailable
 from training import distributed
-from training.data import (BALANCE, EpochSampler, SeededSamples, class_weights, load_splits,
-                           loader, sample_weights)
+from training.data import (BALANCE, EpochSampler, class_weights, load_splits, loader,
+                           training_loader)
 from training.optim import (OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler,
                             set_backbone_trainable, split_parameters)
 from training.progress import Progress
@@ -261,12 +261,8 @@ class Run:
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=a.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()
         per_process = a.batch_size // d.world
-        train = self.sets["train"]
-        self.train_sampler = EpochSampler(
-            len(train), shuffle=True, seed=a.seed, rank=d.rank, world=d.world, tag_epoch=True,
-            weights=sample_weights(train) if a.balance == "sampler" else None)
-        self.train_dl = loader(SeededSamples(train, a.seed), per_process, False, a.workers,
-                               sampler=self.train_sampler)
+        self.train_dl = training_loader(self.sets["train"], per_process, a.workers, a.seed,
+                                        d.rank, d.world, balanced=a.balance == "sampler")
         valid = self.sets["valid"]
         self.valid_dl = loader(valid, per_process, False, a.workers, sampler=EpochSampler(
             len(valid), shuffle=False, rank=d.rank, world=d.world, pad=False))
@@ -324,7 +320,7 @@ class Run:
         """Train and validate one epoch, save checkpoints; returns False when early stopping says stop."""
         a, d = self.a, self.d
         self.set_stage(epoch)
-        self.train_sampler.set_epoch(epoch)
+        self.train_dl.sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         tr = train_one_epoch(self.ddp, self.train_dl, self.criterion, self.optimizer, d, self.scaler,
@@ -390,14 +386,14 @@ def test_and_analyse(run: Run) -> dict:
     test = run.sets["test"]
     te = evaluate(model.to(one.device), loader(test, a.batch_size, False, a.workers),
                   run.eval_criterion, one, collect=True)
-    y_true, y_pred, confidence = te.pop("predictions")
     print(f"Test Loss: {te['loss']:.6f}")
     print(f"Test Accuracy: {te['acc']:.0%} ({te['correct']}/{te['total']})")
     files = []
     if a.analysis:
-        from training.analysis import Predictions, analyse
-        preds = Predictions(y_true, y_pred, confidence, [p for p, _ in test.samples])
+        from training.analysis import analyse, from_evaluation
+        preds = from_evaluation(te, test.samples)
         files = [str(f) for f in analyse(a.out, run.history, preds, run.classes)]
+    te.pop("predictions")
     metrics = {"model": a.model, "best_epoch": ckpt["epoch"], "test": te, "history": run.history,
                "stopped_early": len(run.history) < a.epochs, "files": files}
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
