@@ -57,18 +57,19 @@ def jpeg_bytes(img: Image.Image, exif: bool = False) -> bytes:
     return buf.getvalue()
 
 
-def make_images(out: Path, size: str, count: int = 4, seed: int = 0) -> list[bytes]:
-    """``count`` different JPEGs of ``size`` (a key of SIZES), cached as files under ``out``."""
+def make_images(out: Path, size: str, count: int = 4, seed: int = 0) -> list[Path]:
+    """``count`` different JPEGs of ``size`` (a key of SIZES), cached as files under ``out``;
+    returns their paths."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
     w, h, exif = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)
-    images = []
+    paths = []
     for i in range(count):
         path = out / f"photo_{size}_{seed + i}.jpg"
         if not path.exists():
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(jpeg_bytes(photo(w, h, seed + i), exif))
             tmp.rename(path)
-        images.append(path.read_bytes())
-    return images
+        paths.append(path)
+    return paths

@@ -69,16 +69,11 @@ class BenchServer(LocalServer):
         super().__init__(*args, **kw)
         self.omp_threads = omp_threads
 
-    def start(self, attempts: int = 3):
-        # A key file left by an earlier run in this folder would be read before the new
-        # server writes its own.
-        (self.workdir / "key_file.json").unlink(missing_ok=True)
-        return super().start(attempts)
-
     @property
     def env(self) -> dict[str, str]:
-        env = child_env(self.omp_threads)
-        env["TMPDIR"] = str(self.workdir / "tmp")
+        env = {k: v for k, v in super().env.items() if k != "OMP_NUM_THREADS"}
+        if self.omp_threads:
+            env["OMP_NUM_THREADS"] = str(self.omp_threads)
         return env
 
 
@@ -146,6 +141,13 @@ def server_settings(client, model: str) -> dict:
             "workers": len(d.get("workers", []))}
 
 
+def inference_target(ts: LocalServer, model: str) -> Target:
+    """The load generator's target for ``model`` on ``ts``, with its inference key."""
+    key = ts.client.keys().get("inference")
+    return Target(f"http://127.0.0.1:{ts.ports['inference']}/predictions/{model}",
+                  {"Authorization": f"Bearer {key}"} if key else {})
+
+
 # -- contestants ------------------------------------------------------------------------
 def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], workdir: Path) -> dict:
     threads = a.workers * a.threads
@@ -190,10 +192,7 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
         t0 = time.perf_counter()
         with ts as client:
             t_ready = time.perf_counter() - t0
-            key = client.keys().get("inference")
-            auth = {"Authorization": f"Bearer {key}"} if key else {}
-            base = f"http://127.0.0.1:{ts.ports['inference']}/predictions/"
-            target = Target(base + name, auth)
+            target = inference_target(ts, name)
             first = next(iter(images.values()))[0]
             while True:  # start -> first successful prediction
                 status, body = one(target, first)
@@ -217,7 +216,7 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
                 client.register(archives["builtin"], batch_size=a.batch_size,
                                 max_batch_delay=a.max_batch_delay, initial_workers=a.workers)
                 res["server_settings"][report.BUILTIN] = server_settings(client, bname)
-                target = Target(base + bname, auth)
+                target = inference_target(ts, bname)
                 warm(a, target, images, "builtin", a.batch_size * a.workers)
                 res["cells"][report.BUILTIN] = run_cells(a, "built-in", target, images, ip_rates)
     if report.DEFAULT in a.contestants and not skip.get(report.DEFAULT):
@@ -232,9 +231,7 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
             bname = Path(archives["builtin"]).stem
             client.register(archives["builtin"], initial_workers=cores)
             res["server_settings"][report.DEFAULT] = server_settings(client, bname)
-            key = client.keys().get("inference")
-            target = Target(f"http://127.0.0.1:{ts.ports['inference']}/predictions/{bname}",
-                            {"Authorization": f"Bearer {key}"} if key else {})
+            target = inference_target(ts, bname)
             warm(a, target, images, "builtin", cores)
             res["cells"][report.DEFAULT] = run_cells(a, "out-of-box", target, images, ip_rates)
     return res
@@ -345,10 +342,7 @@ def run(a) -> dict:
             print(f"built-in handler contestants skipped: {reason}", flush=True)
     print(f"images: {a.images_per_size} per size of {', '.join(a.sizes)} (generated once, cached in "
           f"{out / 'images'})", flush=True)
-    image_files = {}
-    for size in a.sizes:
-        make_images(out / "images", size, a.images_per_size)
-        image_files[size] = [out / "images" / f"photo_{size}_{i}.jpg" for i in range(a.images_per_size)]
+    image_files = {size: make_images(out / "images", size, a.images_per_size) for size in a.sizes}
     images = {s: [f.read_bytes() for f in fs] for s, fs in image_files.items()}
     results = {"command": "python -m bench.run " + shlex.join(a.argv), "smoke": a.smoke,
                "machine": report.machine(), "environment": malloc_env(),
@@ -401,9 +395,8 @@ def run(a) -> dict:
                         "difference_ms": round(c1["latency_ms"]["p50"] - single["p50"], 2)}
         results["models"][name] = model
     first = next(iter(results["models"].values()), {})
-    results["contestants"] = contestant_settings(a, skip, flask_info,
-                                                 first.get("model_config", {}).get("handler", {}))
     handler_cfg = first.get("model_config", {}).get("handler", {})
+    results["contestants"] = contestant_settings(a, skip, flask_info, handler_cfg)
     if handler_cfg:
         print("preprocessing alone, plain PIL vs the handler's path ...", flush=True)
         results["preprocessing"] = {size: preprocess.measure(images[size][0], handler_cfg,
@@ -430,13 +423,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which to run besides the in-process limit (always run)")
     p.add_argument("--workers", type=int, default=None,
                    help="TorchServe workers per model (default: cores / --threads)")
-    p.add_argument("--threads", type=int, default=getattr(ex.export_mod, "DEFAULT_THREADS", 1),
+    p.add_argument("--threads", type=int, default=ex.export_mod.DEFAULT_THREADS,
                    help="torch threads per worker: OMP_NUM_THREADS and model-config.yaml's threads")
-    p.add_argument("--batch-size", type=int, default=getattr(ex.export_mod, "DEFAULT_BATCH_SIZE", 8),
+    p.add_argument("--batch-size", type=int, default=ex.export_mod.DEFAULT_BATCH_SIZE,
                    help="TorchServe batch size")
     # TorchServe waits up to this long for a batch to fill even when one request is all
     # there is: it adds to every latency at concurrency 1 (target: within 10 ms of in-process).
-    p.add_argument("--max-batch-delay", type=int, default=2, help="TorchServe max batch delay (ms)")
+    p.add_argument("--max-batch-delay", type=int, default=ex.export_mod.DEFAULT_MAX_BATCH_DELAY,
+                   help="TorchServe max batch delay (ms)")
     p.add_argument("--requests", type=int, default=None,
                    help="measured requests per cell (default: --cell-seconds x in-process images/s)")
     p.add_argument("--cell-seconds", type=float, default=5.0,

@@ -154,6 +154,9 @@ class LocalServer:
 
     def _start_once(self) -> Client:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        # A key file left by an earlier server in this folder would be read before the new
+        # server writes its own.
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
         cfg = self.workdir / "config.properties"
         cfg.write_text(render_config(self.base_config, self.overrides))
         logging = ["--log-config", str(self.log_config)] if self.log_config else []
