@@ -57,7 +57,7 @@ from ts.metrics.metric_cache_errors import (MetricsCacheKeyError, MetricsCacheTy
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from models.presets import (MAX_PIXELS, BadImage, EvalPreset, decode_image, open_image,
+from models.presets import (MAX_PIXELS, BadImage, Decoded, EvalPreset, decode_image,
                             orient_tensor)
 
 logger = logging.getLogger(__name__)
@@ -96,16 +96,12 @@ def request_image(row: dict) -> tuple[str, bytes]:
     return where, bytes(value)
 
 
-def decode(row: dict) -> Image.Image:
-    """The request's image, upright RGB; BadImage names the part and the problem."""
+def decode(row: dict, min_short: int = 0) -> Decoded:
+    """The request's image, upright RGB, large JPEGs reduced at decode to ``min_short``
+    (models.presets.decode_image); BadImage names the part and the problem."""
     where, data = request_image(row)
-    return named(where, open_image, data)
-
-
-def named(where: str, fn, *args):
-    """fn(*args), with ``where`` put before the message of a BadImage it raises."""
     try:
-        return fn(*args)
+        return decode_image(data, MAX_PIXELS, min_short)
     except BadImage as e:
         raise BadImage(f"{where}: {e}", e.reason) from None
 
@@ -172,7 +168,6 @@ class ImageClassifier(BaseHandler):
         if cfg.get("threads"):
             set_threads(int(cfg["threads"]))
         super().initialize(context)  # loads the model through _load_torchscript_model
-        self.transform = self.preset.transform()
         self.top_k = min(int(cfg.get("top_k", 5)), len(self.mapping))
         self.min_short = round(float(cfg.get("jpeg_draft", 0)) * self.preset.resize_size)
         self.half = self._cuda_option("half")
@@ -239,12 +234,12 @@ class ImageClassifier(BaseHandler):
 
     def prepare(self, row: dict):
         """(input tensor, facts) for one request; BadImage names what is wrong."""
-        where, data = request_image(row)
-        if self.gpu_decode and is_jpeg(data):
-            x = self._decode_on_gpu(data)
+        if self.gpu_decode:
+            _, data = request_image(row)
+            x = self._decode_on_gpu(data) if is_jpeg(data) else None
             if x is not None:
                 return x, None
-        decoded = named(where, decode_image, data, MAX_PIXELS, self.min_short)
+        decoded = decode(row, self.min_short)
         x = self.preset.serve(decoded)
         return (x.to(self.device) if self.gpu_decode else x), self.inspect(decoded.image)
 
