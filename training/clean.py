@@ -38,8 +38,9 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from models.presets import BadImage, open_image
+from serving.archive import sha256
 from training.imagefiles import (check_apart, class_dirs, format_table, list_files, rel,
-                                 sha256_file, strict_decoding, tool_parser)
+                                 strict_decoding, tool_parser)
 from training.progress import Progress
 
 KINDS = ("not_image", "corrupt", "too_large", "too_small", "duplicate", "label_conflict")
@@ -114,7 +115,7 @@ def find_problems(root: str | Path, min_size: int = 32) -> list[Problem]:
     bar = Progress(len(files), "clean: decoding")
     problems, usable = [], []
     for i, (cls, f) in enumerate(files, 1):
-        digest = sha256_file(f)
+        digest = sha256(f)
         found = decode_problem(f, min_size)
         if found:
             problems.append(Problem(rel(f, root), *found, sha256=digest))

@@ -1,5 +1,5 @@
 """What the data tools share: finding a dataset's class folders and image files,
-hashing, strict decoding, output-folder checks and plain-text tables.
+strict decoding, output-folder checks and plain-text tables.
 
 A dataset is ImageFolder-style, either unsplit (ROOT/CLASS/*.jpg, "flat") or
 split (ROOT/{train,valid,test}/CLASS/*.jpg, as training.data reads it).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -64,15 +63,6 @@ def has_image_extension(path: Path) -> bool:
 def list_images(folder: Path) -> list[Path]:
     """The files of a class folder that ImageFolder would load (by extension)."""
     return [p for p in list_files(folder) if has_image_extension(p)]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rel(path: Path, root: Path) -> str:
