@@ -1,0 +1,110 @@
+"""int8 export (training/quantize.py, training/export.py --quantize int8) and serving it:
+the accuracy guard, the handler's engine and device handling, and a real TorchServe."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from handlers.image_classifier import ImageClassifier
+from serving.archive import build_archive
+from tests.conftest import CLASSES, MODEL_NAME, Reference, split_images
+from tests.test_handler import make_context
+from training import export as export_mod
+from training import quantize
+
+INT8_NAME = MODEL_NAME + "_int8"
+
+
+def int8_args(trained, out, data, *extra) -> list[str]:
+    return ["--checkpoint", str(trained), "--out", str(out), "--top-k", "3",
+            "--quantize", "int8", "--calibration-data", str(data), "--calibration-images", "16",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / INT8_NAME
+    a = export_mod.parse_args(int8_args(trained, out, tiny_data, "--max-accuracy-drop", "100"))
+    export_mod.export(trained, out, a)
+    return out
+
+
+def test_int8_export_is_quantised_and_reports_its_accuracy(int8_export, exported, tiny_data):
+    model = torch.jit.load(str(int8_export / "model.pt"))
+    assert "quantized::" in str(model.inlined_graph)
+    assert "quantized::" not in str(torch.jit.load(str(exported / "model.pt")).inlined_graph)
+    cfg = yaml.safe_load((int8_export / "model-config.yaml").read_text())
+    assert cfg["handler"]["quantized_engine"] == quantize.DEFAULT_ENGINE
+    report = json.loads((int8_export / export_mod.QUANTIZATION_FILE).read_text())
+    tests = len(split_images(tiny_data))
+    assert report["images"] == tests and report["calibration_images"] == 16
+    assert 0 <= report["agree"] <= tests
+    assert report["accuracy_drop_points"] == pytest.approx(
+        100 * (report["fp32_correct"] - report["int8_correct"]) / tests)
+    # int8 stays close to the fp32 model it came from, on the test images.
+    fp32, int8 = Reference(exported), Reference(int8_export)
+    for path in split_images(tiny_data):
+        want, got = fp32.probabilities(path.read_bytes()), int8.probabilities(path.read_bytes())
+        assert max(abs(want[k] - got[k]) for k in want) < 0.1
+
+
+def test_accuracy_guard_stops_the_export_and_writes_nothing(trained, tiny_data, tmp_path):
+    out = tmp_path / "refused"
+    # A drop below -100 points is impossible: the guard must refuse.
+    a = export_mod.parse_args(int8_args(trained, out, tiny_data, "--max-accuracy-drop", "-101"))
+    with pytest.raises(SystemExit, match="nothing written"):
+        export_mod.export(trained, out, a)
+    assert not out.exists()
+
+
+def test_int8_needs_calibration_data_of_the_models_classes(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export_mod.parse_args(["--checkpoint", str(trained), "--out", str(tmp_path),
+                               "--quantize", "int8"])
+    assert "--calibration-data" in capsys.readouterr().err
+    from training.demo_data import generate
+    other = tmp_path / "other"
+    generate(other, per_class=6, classes=CLASSES[:2], seed=2, quiet=True)
+    a = export_mod.parse_args(int8_args(trained, tmp_path / "out", other))
+    with pytest.raises(ValueError, match="calibrate on the dataset the model was trained on"):
+        export_mod.export(trained, tmp_path / "out", a)
+
+
+def test_handler_sets_the_engine_and_serves_int8(int8_export, tiny_data):
+    torch.backends.quantized.engine = "x86" if quantize.DEFAULT_ENGINE != "x86" else "onednn"
+    h = ImageClassifier()
+    h.initialize(make_context(int8_export, 1))
+    assert torch.backends.quantized.engine == quantize.DEFAULT_ENGINE
+    assert "quantized::" in str(h.model.inlined_graph)
+    good = split_images(tiny_data)[0]
+    ctx = make_context(int8_export, 2)
+    out = h.handle([{"body": bytearray(good.read_bytes())}, {"body": bytearray(b"nope")}], ctx)
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 400]
+    want = Reference(int8_export).probabilities(good.read_bytes())
+    for e in out[0]["top_k"]:
+        assert e["probability"] == pytest.approx(want[e["label"]], abs=1e-4)
+
+
+def test_handler_refuses_an_unknown_engine(int8_export):
+    ctx = make_context(int8_export, 1)
+    ctx.model_yaml_config["handler"]["quantized_engine"] = "no_such_engine"
+    with pytest.raises(RuntimeError, match="no_such_engine"):
+        ImageClassifier().initialize(ctx)
+
+
+def test_int8_archive_on_a_real_torchserve(int8_export, model_store, server, tiny_data):
+    build_archive(int8_export, INT8_NAME, model_store)
+    server.register(f"{INT8_NAME}.mar")
+    try:
+        ref = Reference(int8_export)
+        for path in split_images(tiny_data)[:3]:
+            answer = server.predict(INT8_NAME, path.read_bytes())
+            want = ref.probabilities(path.read_bytes())
+            assert answer["top_k"][0]["label"] == max(want, key=want.get)
+            for e in answer["top_k"]:
+                assert e["probability"] == pytest.approx(want[e["label"]], abs=1e-4)
+    finally:
+        server.unregister(INT8_NAME)
