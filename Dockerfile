@@ -22,4 +22,4 @@ WORKDIR /home/model-server
 EXPOSE 8085 8082 7070
 # KServe's ServingRuntime (build/kserve/servingruntime.yaml) passes the same arguments.
 CMD ["torchserve", "--start", "--foreground", "--model-store=/mnt/models/model-store", \
-     "--ts-config=/mnt/models/config/config.properties"]
+     "--ts-config=/mnt/models/config/config.properties", "--log-config=/mnt/models/config/log4j2.xml"]

@@ -11,7 +11,7 @@ import yaml
 
 from serving.archive import SUMS_FILE, sha256
 from serving.kserve import layout
-from serving.server import LocalServer, read_properties
+from serving.server import ROOT, LocalServer, read_properties
 from tests.conftest import MODEL_NAME, split_images
 
 
@@ -51,6 +51,11 @@ def test_manifests_use_kserve_fields(package):
     assert c["name"] == "kserve-container" and c["image"] == "registry.example/ic:1"
     assert "--ts-config=/mnt/models/config/config.properties" in c["args"]
     assert "--model-store=/mnt/models/model-store" in c["args"]
+    # The project's quieter logging, shipped in the package and named as the pod runs it.
+    assert "--log-config=/mnt/models/config/log4j2.xml" in c["args"]
+    assert (package / "config" / "log4j2.xml").read_bytes() == (ROOT / "serving" / "log4j2.xml").read_bytes()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "--log-config=/mnt/models/config/log4j2.xml" in dockerfile
     assert {"name": "TS_SERVICE_ENVELOPE", "value": "{{.Labels.serviceEnvelope}}"} in c["env"]
 
 
@@ -58,7 +63,8 @@ def test_torchserve_serves_from_the_generated_config(package, tmp_path, tiny_dat
     # The pod's paths and ports, moved to this machine's loopback; the rest as generated.
     overrides = {"metrics_config": str(package / "config" / "metrics.yaml")}
     ts = LocalServer(package / "model-store", tmp_path, overrides,
-                     base_config=package / "config" / "config.properties")
+                     base_config=package / "config" / "config.properties",
+                     log_config=package / "config" / "log4j2.xml")
     img = split_images(tiny_data)[0].read_bytes()
     with ts as client:  # no registration: the snapshot loads the model
         body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
