@@ -28,6 +28,10 @@ FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 1
 # machine 2 workers x 1 torch thread served best (workers x threads <= cores; see
 # training/export.py and the README's benchmark); raise --workers on bigger machines.
 EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 2 --workers 2 --threads 1
+# QUANTIZE=int8: int8 models for x86 CPUs (training/quantize.py), 3-4x faster forward,
+# calibrated on $(DATA)/train; the export stops, writing nothing, if test accuracy drops
+# by more than 1 point. Off by default: fp32 answers exactly what evaluation measured.
+QUANTIZE ?=
 
 # glibc returns freed memory to the OS too eagerly for PyTorch's allocation pattern;
 # raising these thresholds doubled MobileNetV2 throughput on the 2-core machine.
@@ -43,14 +47,14 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-train clean
+.PHONY: help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-int8 bench-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
 	@echo "make test      run the test suite (installs first)"
 	@echo "steps:         venv data train export archive serve register predict stop"
 	@echo "make check-data  data problems and class counts (training.clean, training.stats; DATA=...)"
-	@echo "make bench-train training throughput table;  make bench   serving benchmark"
+	@echo "make bench-train training throughput table;  make bench   serving benchmark (bench-int8: on int8 exports)"
 	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
 	@echo "make rollout|rollback|retire MODEL=name VERSION=x   model versions through the management API"
 	@echo "make grpc      generate the gRPC client's stubs;  make kserve   KServe layout + manifests"
@@ -98,7 +102,8 @@ check-data: | venv
 export: $(MODELS:%=$(EXPORT)/%/model.pt)
 $(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py
 	$(PY) -m training.export --checkpoint $(RUNS)/$*/best.pt --out $(EXPORT)/$* $(EXPORT_ARGS) \
-	  $(if $(filter dog_breeds,$*),--handler dog_breeds)
+	  $(if $(filter dog_breeds,$*),--handler dog_breeds) \
+	  $(if $(QUANTIZE),--quantize $(QUANTIZE) --calibration-data $(DATA))
 
 archive: $(MARS)
 $(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py handlers/dog_breeds.py models/presets.py
@@ -209,10 +214,16 @@ bench-train: | venv
 # The serving benchmark (bench/run.py): TorchServe with this project's handler vs the
 # in-process limit, TorchServe's built-in handler (which needs captum: installed here,
 # for the benchmark only) and a Flask-style server. build/bench/results.md and .json.
+# `make bench-int8`: the same on int8 exports of the trained runs (build/export-int8,
+# results in build/bench-int8/), every contestant on the same int8 file.
 BENCH_ARGS ?=
-bench: venv check-java
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+bench: bench-deps
 	$(PY) -m bench.run $(BENCH_ARGS)
+bench-int8: bench-deps
+	$(MAKE) export EXPORT=build/export-int8 QUANTIZE=int8
+	$(PY) -m bench.run --exports build/export-int8 --out build/bench-int8 $(BENCH_ARGS)
+bench-deps: venv check-java
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 test: venv check-java grpc browser
 	$(PY) -m pytest -q tests

@@ -6,6 +6,10 @@ weights' values), so `make bench` does not need training. Either way the benchma
 writes its own model-config.yaml with the server settings under test and the project's
 base handler (handlers/image_classifier.py): the dog-breed handler's face detection is
 application logic that the other contestants do not have.
+
+An int8 export (training/export.py --quantize int8, e.g. `make bench-int8`) keeps its
+quantized engine; the built-in handler's archive then sets the same engine before
+loading, so both handlers run the same int8 kernels.
 """
 from __future__ import annotations
 
@@ -26,14 +30,21 @@ from training import export as export_mod
 MODELS = {"dog_breeds": ("resnet50", 133), "flying_objects": ("mobilenet_v2", 4)}
 BUILTIN_SUFFIX = "_builtin"
 # TorchServe's built-in ImageClassifier answers a fixed top 5: on a model with fewer
-# classes torch.topk fails on every request. Such models get this one-attribute
-# subclass; everything else (decoding, transform, batching) is the built-in's.
-TOPK_HANDLER = '''"""TorchServe's built-in image_classifier handler with top_k = {k} ({k} classes)."""
+# classes torch.topk fails on every request; an int8 model needs its quantized engine
+# set before loading. Such models get this subclass; everything else (decoding,
+# transform, batching) is the built-in's.
+BUILTIN_SUBCLASS = '''"""TorchServe's built-in image_classifier handler: {what}."""
+import torch
 from ts.torch_handler.image_classifier import ImageClassifier
 
 
-class BuiltinTopK(ImageClassifier):
+class BuiltinAdjusted(ImageClassifier):
     topk = {k}
+
+    def initialize(self, context):
+        if {engine!r}:
+            torch.backends.quantized.engine = {engine!r}
+        super().initialize(context)
 '''
 
 
@@ -97,6 +108,9 @@ def prepare_export(name: str, exports: Path, work: Path, settings: dict,
         origin = f"random {arch}, {MODELS[name][1]} classes"
     classes = len(json.loads((out / export_mod.LABELS_FILE).read_text()))
     cfg = bench_config(handler, arch, classes, settings, list(export_args))
+    if handler.get("quantized_engine"):  # the model file is int8: its engine comes with it
+        cfg["handler"]["quantized_engine"] = handler["quantized_engine"]
+        origin += f", int8 ({handler['quantized_engine']})"
     (out / export_mod.CONFIG_FILE).write_text(
         "# Written by bench/exports.py (training.export.model_config) for the serving benchmark.\n"
         + yaml.safe_dump(cfg, sort_keys=False))
@@ -109,14 +123,18 @@ def build_archives(name: str, export: Path, store: Path) -> dict:
     image_classifier handler, same model.pt and labels, no model-config.yaml)."""
     build_archive(export, name, store)
     classes = len(json.loads((export / export_mod.LABELS_FILE).read_text()))
+    cfg = yaml.safe_load((export / export_mod.CONFIG_FILE).read_text()) or {}
+    engine = cfg.get("handler", {}).get("quantized_engine")
     builtin = name + BUILTIN_SUFFIX
     with tempfile.TemporaryDirectory() as stage:
         handler, note = "image_classifier", "image_classifier (built-in)"
-        if classes < 5:
-            handler = str(Path(stage) / "builtin_topk.py")
-            Path(handler).write_text(TOPK_HANDLER.format(k=classes))
-            note = (f"image_classifier (built-in) with topk={classes}: its fixed top 5 "
-                    f"fails on {classes} classes")
+        changes = ([f"topk={classes} (its fixed top 5 fails on {classes} classes)"] if classes < 5 else []) \
+            + ([f"quantized engine {engine} set before loading (int8 model)"] if engine else [])
+        if changes:
+            handler = str(Path(stage) / "builtin_adjusted.py")
+            Path(handler).write_text(BUILTIN_SUBCLASS.format(
+                k=min(classes, 5), engine=engine or "", what="; ".join(changes)))
+            note = "image_classifier (built-in) with " + "; ".join(changes)
         subprocess.run([archiver(), "--model-name", builtin, "--version", "1.0",
                         "--serialized-file", str(export / export_mod.MODEL_FILE),
                         "--handler", handler,

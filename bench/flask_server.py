@@ -24,9 +24,12 @@ from models.presets import BadImage, EvalPreset, open_image
 
 def load(export: Path):
     """The TorchScript file as loaded by torch.jit.load, and the eval transform: no
-    optimisation, no reduced-scale decoding (the original app had neither)."""
-    model = torch.jit.load(str(export / "model.pt"), map_location="cpu").eval()
+    optimisation, no reduced-scale decoding (the original app had neither). An int8
+    model gets its quantized engine, as the other contestants do."""
     cfg = yaml.safe_load((export / "model-config.yaml").read_text()).get("handler", {})
+    if cfg.get("quantized_engine"):
+        torch.backends.quantized.engine = cfg["quantized_engine"]
+    model = torch.jit.load(str(export / "model.pt"), map_location="cpu").eval()
     return model, EvalPreset.from_dict(cfg).transform()
 
 

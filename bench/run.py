@@ -271,7 +271,7 @@ def flask_contestant(a, name: str, export: Path, images, ip_rates, workdir: Path
 
 
 # -- the run ----------------------------------------------------------------------------
-SPEED_KEYS = ("threads", "jpeg_draft", "optimize", "half", "gpu_decode")
+SPEED_KEYS = ("threads", "jpeg_draft", "optimize", "half", "gpu_decode", "quantized_engine")
 
 
 def contestant_settings(a, skip: dict, flask_info: dict | None, handler: dict) -> dict:

@@ -108,3 +108,24 @@ def test_int8_archive_on_a_real_torchserve(int8_export, model_store, server, tin
                 assert e["probability"] == pytest.approx(want[e["label"]], abs=1e-4)
     finally:
         server.unregister(INT8_NAME)
+
+
+def test_benchmark_runs_the_builtin_handler_on_the_same_int8_kernels(int8_export, tmp_path):
+    """make bench-int8: the built-in handler's archive sets the export's engine before loading."""
+    import zipfile
+
+    from bench import exports as ex
+    archives = ex.build_archives(INT8_NAME, int8_export, tmp_path)
+    assert "quantized engine onednn" in archives["builtin_handler"]
+    with zipfile.ZipFile(tmp_path / archives["builtin"]) as z:
+        source = z.read("builtin_adjusted.py").decode()
+    namespace: dict = {}
+    exec(compile(source.replace("from ts.torch_handler.image_classifier import ImageClassifier",
+                                "ImageClassifier = type('ImageClassifier', (), "
+                                "{'initialize': lambda self, context: None})"), "h", "exec"),
+         namespace)
+    handler = namespace["BuiltinAdjusted"]()
+    torch.backends.quantized.engine = "x86"
+    handler.initialize(None)
+    assert torch.backends.quantized.engine == quantize.DEFAULT_ENGINE
+    assert handler.topk == len(CLASSES)  # fewer than the built-in's fixed 5
