@@ -164,3 +164,14 @@ def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
     assert out[0]["top_k"][0]["label"] == max(expected, key=expected.get)
     for e in out[0]["top_k"]:
         assert e["probability"] == pytest.approx(expected[e["label"]], abs=0.02)
+
+
+def test_initialize_moves_the_workers_objects_out_of_the_collectors_sight(exported):
+    import gc
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    h = handler_with(exported)
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()  # the rest of the test session collects as usual
+    assert frozen > 10_000  # torch, the model, TorchServe's modules
+    assert h.model is not None
