@@ -10,6 +10,7 @@ import yaml
 
 from handlers.image_classifier import ImageClassifier
 from serving.archive import build_archive
+from serving.server import LocalServer
 from tests.conftest import CLASSES, MODEL_NAME, Reference, split_images
 from tests.test_handler import make_context
 from training import export as export_mod
@@ -95,10 +96,12 @@ def test_handler_refuses_an_unknown_engine(int8_export):
         ImageClassifier().initialize(ctx)
 
 
-def test_int8_archive_on_a_real_torchserve(int8_export, model_store, server, tiny_data):
-    build_archive(int8_export, INT8_NAME, model_store)
-    server.register(f"{INT8_NAME}.mar")
-    try:
+def test_int8_archive_on_a_real_torchserve(int8_export, tiny_data, tmp_path):
+    """Its own server and model store: the session's server and store stay as other tests expect."""
+    store = tmp_path / "model_store"
+    build_archive(int8_export, INT8_NAME, store)
+    with LocalServer(store, tmp_path / "torchserve", {"load_models": ""}) as server:
+        server.register(f"{INT8_NAME}.mar")
         ref = Reference(int8_export)
         for path in split_images(tiny_data)[:3]:
             answer = server.predict(INT8_NAME, path.read_bytes())
@@ -106,8 +109,6 @@ def test_int8_archive_on_a_real_torchserve(int8_export, model_store, server, tin
             assert answer["top_k"][0]["label"] == max(want, key=want.get)
             for e in answer["top_k"]:
                 assert e["probability"] == pytest.approx(want[e["label"]], abs=1e-4)
-    finally:
-        server.unregister(INT8_NAME)
 
 
 def test_benchmark_runs_the_builtin_handler_on_the_same_int8_kernels(int8_export, tmp_path):
