@@ -15,7 +15,7 @@ from handlers.dog_breeds import NONE_MESSAGE, DogBreedClassifier, count_faces, f
 from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import png_bytes, split_images
-from tests.test_handler import make_context
+from tests.test_handler import answers, make_context
 
 FACE_PHOTO = Path(skimage.__file__).parent / "data" / "astronaut.png"  # NASA, public domain
 
@@ -47,7 +47,7 @@ def handler_for(export_dir: Path, **handler_cfg) -> DogBreedClassifier:
 
 
 def classify(h: DogBreedClassifier, export_dir: Path, images: list[bytes]) -> list[dict]:
-    return h.handle([{"body": bytearray(b)} for b in images], make_context(export_dir, len(images)))
+    return answers(h.handle([{"body": bytearray(b)} for b in images], make_context(export_dir, len(images))))
 
 
 def test_export_names_the_handler_and_its_settings(dog_export):

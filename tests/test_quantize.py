@@ -12,7 +12,7 @@ from handlers.image_classifier import ImageClassifier
 from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import CLASSES, MODEL_NAME, Reference, split_images
-from tests.test_handler import make_context
+from tests.test_handler import answers, make_context
 from training import export as export_mod
 from training import quantize
 
@@ -82,7 +82,7 @@ def test_handler_sets_the_engine_and_serves_int8(int8_export, tiny_data):
     assert "quantized::" in str(h.model.inlined_graph)
     good = split_images(tiny_data)[0]
     ctx = make_context(int8_export, 2)
-    out = h.handle([{"body": bytearray(good.read_bytes())}, {"body": bytearray(b"nope")}], ctx)
+    out = answers(h.handle([{"body": bytearray(good.read_bytes())}, {"body": bytearray(b"nope")}], ctx))
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 400]
     want = Reference(int8_export).probabilities(good.read_bytes())
     for e in out[0]["top_k"]:

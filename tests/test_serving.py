@@ -37,6 +37,7 @@ def test_concurrent_predictions_are_batched_and_correct(server, tiny_data, refer
     payloads = [p.read_bytes() for p in images]
     responses = predict_all(server, payloads)
     assert [r.status_code for r in responses] == [200] * len(payloads)
+    assert {r.headers["Content-Type"] for r in responses} == {"application/json"}
     for r, body in zip(responses, payloads):
         assert_matches_reference(r.json(), reference.probabilities(body))
     # The answers depend on the image, so a handler that mixed up a batch would be caught.

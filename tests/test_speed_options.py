@@ -17,7 +17,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from handlers.image_classifier import ImageClassifier, optimized, set_threads
 from models.presets import EvalPreset, open_image, orient_tensor
 from tests.conftest import png_bytes, split_images
-from tests.test_handler import make_context
+from tests.test_handler import answers, make_context
 from tests.test_presets import photo_jpeg
 from training import export as export_mod
 
@@ -100,7 +100,7 @@ def test_cuda_options_are_ignored_on_cpu_with_a_warning(exported, tiny_data, ref
     assert not h.half and not h.gpu_decode
     assert "half: true ignored" in caplog.text and "gpu_decode: true ignored" in caplog.text
     path = split_images(tiny_data)[0]
-    out = h.handle([{"body": bytearray(path.read_bytes())}], make_context(exported, 1))
+    out = answers(h.handle([{"body": bytearray(path.read_bytes())}], make_context(exported, 1)))
     expected = reference.probabilities(path.read_bytes())
     assert out[0]["top_k"][0]["label"] == max(expected, key=expected.get)
 
@@ -143,7 +143,7 @@ def test_gpu_decode_batch_falls_back_per_request(exported, tiny_data, reference)
     data = [{"body": bytearray(jpeg)}, {"body": bytearray(b"\xff\xd8\xff\xe0 not a jpeg")},
             {"data": bytearray(png)}, {"body": "not base64!"}]
     ctx = make_context(exported, 4)
-    out = h.handle(data, ctx)
+    out = answers(h.handle(data, ctx))
     assert [ctx.get_response_status(i)[0] for i in range(4)] == [200, 400, 200, 400]
     assert "not a decodable image" in out[1]["message"]
     for answer, image in ((out[0], jpeg), (out[2], png)):
@@ -159,7 +159,7 @@ def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
     data = photo_jpeg(4032, 3024, orientation=6, seed=3)
     h = handler_with(exported)
     assert h.min_short == round(export_mod.DEFAULT_JPEG_DRAFT * 256)
-    out = h.handle([{"body": bytearray(data)}], make_context(exported, 1))
+    out = answers(h.handle([{"body": bytearray(data)}], make_context(exported, 1)))
     expected = reference.probabilities(data)
     assert out[0]["top_k"][0]["label"] == max(expected, key=expected.get)
     for e in out[0]["top_k"]:
