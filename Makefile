@@ -28,7 +28,8 @@ FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 1
 # machine 2 workers x 1 torch thread served best (workers x threads <= cores; see
 # training/export.py and the README's benchmark); raise --workers on bigger machines.
 EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 2 --workers 2 --threads 1
-# QUANTIZE=int8: int8 models for x86 CPUs (training/quantize.py), 3-4x faster forward,
+# QUANTIZE=int8: int8 models for x86 CPUs (training/quantize.py), 3-4x faster forward
+# (`make archive QUANTIZE=int8`; plain `make archive` goes back to fp32),
 # calibrated on $(DATA)/train; the export stops, writing nothing, if test accuracy drops
 # by more than 1 point. Off by default: fp32 answers exactly what evaluation measured.
 QUANTIZE ?=
@@ -47,7 +48,7 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-int8 bench-deps bench-train clean
+.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-int8 bench-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -100,7 +101,15 @@ check-data: | venv
 	$(PY) -m training.stats --data $(DATA)
 
 export: $(MODELS:%=$(EXPORT)/%/model.pt)
-$(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py
+# The settings of the last export, rewritten only when they change, so that
+# `make archive QUANTIZE=int8` (and back without it) re-exports instead of
+# keeping the previous files.
+EXPORT_SETTINGS = $(EXPORT)/.settings
+$(EXPORT_SETTINGS): FORCE
+	@mkdir -p $(EXPORT)
+	@echo '$(EXPORT_ARGS) quantize=$(QUANTIZE)' | cmp -s - $@ || echo '$(EXPORT_ARGS) quantize=$(QUANTIZE)' > $@
+FORCE:
+$(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py $(EXPORT_SETTINGS)
 	$(PY) -m training.export --checkpoint $(RUNS)/$*/best.pt --out $(EXPORT)/$* $(EXPORT_ARGS) \
 	  $(if $(filter dog_breeds,$*),--handler dog_breeds) \
 	  $(if $(QUANTIZE),--quantize $(QUANTIZE) --calibration-data $(DATA))
