@@ -240,16 +240,13 @@ class ImageClassifier(BaseHandler):
         """The JSON answer for one good image. ``aux`` is the model's second output, if any."""
         return {"top_k": top_k}
 
-    def handle(self, data, context):
+    def preprocess(self, data):
+        """Decode and transform each request; returns (batch, {row: reason}, rows, facts)."""
+        start = time.perf_counter()
         # A row straight from TorchServe carries its upload as bytes; under a KServe envelope
         # rows are the envelope's decoded instances, whose answers the envelope serialises.
         self._binary_rows = [isinstance(row, dict) and any(isinstance(v, (bytes, bytearray))
                                                            for v in row.values()) for row in data]
-        return super().handle(data, context)
-
-    def preprocess(self, data):
-        """Decode and transform each request; returns (batch, {row: reason}, rows, facts)."""
-        start = time.perf_counter()
         tensors, errors, facts = [], {}, []
         for i, row in enumerate(data):
             try:
@@ -327,7 +324,7 @@ class ImageClassifier(BaseHandler):
         self._report_status(n, errors)
         if getattr(self.context, "input_names", None):  # kservev2 envelope: BYTES are strings
             answers = [json.dumps(a) for a in answers]
-        elif len(getattr(self, "_binary_rows", ())) == n:
+        else:
             # JSON text made here: TorchServe would json.dumps a dict with indent=2, which
             # runs Python's pure-Python encoder (5.5% of a MobileNetV2 worker's time, py-spy).
             for i, binary in enumerate(self._binary_rows):
