@@ -40,10 +40,10 @@ from ts.torch_handler.image_classifier import ImageClassifier
 
 class BuiltinAdjusted(ImageClassifier):
     topk = {k}
-
+{initialize}'''
+SET_ENGINE = '''
     def initialize(self, context):
-        if {engine!r}:
-            torch.backends.quantized.engine = {engine!r}
+        torch.backends.quantized.engine = {engine!r}
         super().initialize(context)
 '''
 
@@ -133,7 +133,8 @@ def build_archives(name: str, export: Path, store: Path) -> dict:
         if changes:
             handler = str(Path(stage) / "builtin_adjusted.py")
             Path(handler).write_text(BUILTIN_SUBCLASS.format(
-                k=min(classes, 5), engine=engine or "", what="; ".join(changes)))
+                k=min(classes, 5), what="; ".join(changes),
+                initialize=SET_ENGINE.format(engine=engine) if engine else ""))
             note = "image_classifier (built-in) with " + "; ".join(changes)
         subprocess.run([archiver(), "--model-name", builtin, "--version", "1.0",
                         "--serialized-file", str(export / export_mod.MODEL_FILE),
