@@ -6,8 +6,8 @@
 FX graph mode static quantisation: convolutions and linear layers with per-channel int8
 weights and int8 activations, their ranges observed on ``--calibration-images`` training
 images through the eval preprocessing (the one serving uses). Measured on the 2-core
-machine (1 torch thread, batch 8, same run): ResNet50 9.3 -> 40.5 img/s and
-MobileNetV2 58 -> 173 img/s against the fp32 model as the handler serves it.
+machine (forward alone, 1 torch thread, batch 8, one run): ResNet50 10.6 -> 42.8 img/s
+and MobileNetV2 52 -> 147 img/s against the fp32 model as the handler serves it.
 
 Quantisation changes the outputs, so the export measures what it costs before writing
 anything: the fp32 and int8 models both predict the test split, and the export fails
