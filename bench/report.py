@@ -74,6 +74,36 @@ def ratio_table(throughput: dict) -> list[dict]:
     return rows
 
 
+def cpu_snapshot(stat: str = "/proc/stat") -> dict | None:
+    """The machine's CPU time so far, in clock ticks, by kind (the ``cpu`` line of
+    /proc/stat); None where there is no such file."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return {k: int(v) for k, v in zip(names, fields[1:])}
+
+
+def steal_share(before: dict | None, after: dict | None) -> float | None:
+    """Share of the CPU time between two snapshots that the hypervisor gave to other
+    machines (steal): on a shared VM, the part of the cores a benchmark did not get.
+    0 on a machine of its own; None when unknown."""
+    if not before or not after or "steal" not in before or "steal" not in after:
+        return None
+    total = sum(after.values()) - sum(before.values())
+    if total <= 0:
+        return None
+    return round((after["steal"] - before["steal"]) / total, 3)
+
+
+def percent(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.0f}%"
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -110,7 +140,11 @@ def markdown(results: dict) -> str:
     lines += [f"Serving benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
               f"Python {m['python']}; load average at start {m['load_average_1_5_15_at_start'][0]}, "
               f"at end {m.get('load_average_1_5_15_at_end', ['?'])[0]}; "
+              f"CPU steal during the run {percent(m.get('cpu_steal'))}; "
               f"run took {results.get('duration_s', 0) / 60:.1f} min.", "",
+              "CPU steal is the share of the cores' time the hypervisor gave to other machines "
+              "(0% on a machine of its own); the cell table shows it per cell: compare ratios "
+              "between cells of similar steal.", "",
               f"Command: `{results['command']}`", ""]
     if results.get("smoke"):
         lines += ["**Smoke run**: tiny request counts; the numbers are not measurements.", ""]
@@ -147,18 +181,19 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['size']} | {r['concurrency']} | "
                          + " | ".join(_fmt(r[col]) for col in RATIOS)
                          + f" | {_fmt(r['served_images_per_s'], 1)} |")
-        lines += ["", "| contestant | size | concurrency | img/s | p50 ms | p90 ms | p99 ms | measured | errors |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| contestant | size | concurrency | img/s | p50 ms | p90 ms | p99 ms | measured | errors | steal |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, sizes in model["cells"].items():
             for size, cells in sizes.items():
                 for c in cells:
                     lat = c["latency_ms"]
                     lines.append(f"| {key} | {size} | {c['concurrency']} | {c['images_per_s']:.1f} | "
                                  f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | "
-                                 f"{c['measured_requests']} | {c['errors']} |")
+                                 f"{c['measured_requests']} | {c['errors']} | {percent(c.get('cpu_steal'))} |")
         ip = model.get("in_process")
         if ip:
-            lines += ["", "In-process limit (images/s by batch size; single-image latency):", "",
+            lines += ["", f"In-process limit (images/s by batch size; single-image latency; CPU steal "
+                          f"{percent(ip.get('cpu_steal'))}):", "",
                       "| size | " + " | ".join(f"batch {b}" for b in ip["batch_sizes"]) + " | best | 1-image p50 ms |",
                       "|---|" + "---:|" * (len(ip["batch_sizes"]) + 2)]
             for size, s in ip["sizes"].items():

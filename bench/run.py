@@ -122,12 +122,14 @@ def run_cells(a, label: str, target: Target, images: dict[str, list[bytes]],
             warmup = max(2, c // 2)
             print(f"  {label} {size} c={c}: {warmup} warm-up + {n} measured requests ...",
                   end="", flush=True)
+            cpu0 = report.cpu_snapshot()
             cell = report.summarize(run_load(target, imgs, c, n, warmup_requests=warmup,
                                              max_seconds=a.max_cell_seconds))
+            cell["cpu_steal"] = report.steal_share(cpu0, report.cpu_snapshot())
             lat = cell["latency_ms"]
             print(f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
                   f"p99 {lat['p99']:.0f} ms, {cell['measured_requests']} measured, "
-                  f"errors {cell['errors']}"
+                  f"errors {cell['errors']}, CPU steal {report.percent(cell['cpu_steal'])}"
                   + (" (window closed by --max-cell-seconds)" if cell["window_closed_by"] == "time" else ""),
                   flush=True)
             out[size].append(cell)
@@ -159,7 +161,9 @@ def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], w
     for size, files in image_files.items():
         cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
     print(f"  in-process limit: {threads} torch threads, batch sizes {a.inprocess_batch_sizes}", flush=True)
+    cpu0 = report.cpu_snapshot()
     subprocess.run(cmd, check=True, cwd=ROOT, env=child_env(threads))
+    steal = report.steal_share(cpu0, report.cpu_snapshot())
     raw = json.loads(out.read_text())
     sizes = {}
     for size, runs in raw["sizes"].items():
@@ -176,7 +180,8 @@ def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], w
             "batches_timed": [r["batches"] for r in runs]}
     return {"threads": raw["threads"], "interop_threads": raw["interop_threads"],
             "request_threads": raw.get("request_threads", raw["threads"]),
-            "outputs": raw["outputs"], "batch_sizes": a.inprocess_batch_sizes, "sizes": sizes}
+            "outputs": raw["outputs"], "batch_sizes": a.inprocess_batch_sizes, "sizes": sizes,
+            "cpu_steal": steal}
 
 
 def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workdir: Path,
@@ -327,7 +332,7 @@ def print_tables(results: dict) -> None:
 
 
 def run(a) -> dict:
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), report.cpu_snapshot()
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -403,6 +408,7 @@ def run(a) -> dict:
                                                              repeats=3 if a.smoke else 9)
                                     for size in a.sizes}
     results["machine"]["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["machine"]["cpu_steal"] = report.steal_share(cpu_start, report.cpu_snapshot())
     results["duration_s"] = round(time.perf_counter() - t_start, 1)
     results["targets"] = targets(results, max(a.concurrency))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -38,6 +38,23 @@ def test_latency_summary_in_ms():
     assert lat == {"p50": 30.0, "p90": 46.0, "p99": 49.6}
 
 
+def test_cpu_steal_share_between_two_snapshots(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    before = report.cpu_snapshot(str(stat))
+    assert before == {"user": 100, "nice": 0, "system": 50, "idle": 800, "iowait": 10,
+                      "irq": 0, "softirq": 0, "steal": 40}
+    stat.write_text("cpu  160 0 70 900 10 0 0 90 0 0\n")
+    after = report.cpu_snapshot(str(stat))
+    # 60 + 20 + 100 + 50 = 230 ticks passed, 50 of them stolen.
+    assert report.steal_share(before, after) == round(50 / 230, 3)
+    assert report.steal_share(after, after) is None  # no time passed
+    assert report.steal_share(None, after) is None
+    assert report.cpu_snapshot(str(tmp_path / "missing")) is None
+    assert report.percent(0.217) == "22%" and report.percent(None) == "–"
+
+
 def test_ratio_table_divides_served_by_each_contestant():
     tp = {report.SERVED: {"small": {1: 40.0, 8: 90.0}},
           report.INPROCESS: {"small": 100.0},  # one number per size: its best batch size
@@ -103,6 +120,7 @@ def test_smoke_run_writes_complete_results(smoke):
             assert c["measured_requests"] > 0, (key, c)
             lat = c["latency_ms"]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"], (key, c)
+            assert 0 <= c["cpu_steal"] < 1, (key, c)  # Linux has /proc/stat
     # TorchServe ran with the settings asked for.
     assert model["server_settings"]["served"] == {"batch_size": 8, "max_batch_delay_ms": 2,
                                                   "workers": psutil.cpu_count()}
@@ -114,6 +132,8 @@ def test_smoke_run_writes_complete_results(smoke):
     size = ip["sizes"]["500x375"]
     assert size["best_images_per_s"] == max(size["images_per_s_by_batch"]) > 0
     assert size["single_image_latency_ms"]["p50"] > 0
+    assert 0 <= ip["cpu_steal"] < 1
+    assert 0 <= results["machine"]["cpu_steal"] < 1
 
     rows = model["ratios"]
     assert [(r["size"], r["concurrency"]) for r in rows] == [("500x375", 1), ("500x375", 8)]
@@ -131,6 +151,7 @@ def test_smoke_run_writes_complete_results(smoke):
     md = (smoke / "results.md").read_text()
     assert "Smoke run" in md and results["machine"]["cpu"] in md
     assert "Preprocessing alone" in md
+    assert f"CPU steal during the run {report.percent(results['machine']['cpu_steal'])}" in md
     assert "| 500x375 | 8 |" in md and "served/in-process" in md
     assert "python -m bench.run --smoke" in md
 
