@@ -46,7 +46,7 @@ def post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict
         raise
 
 
-def _headers(target: Target, body: bytes) -> dict:
+def request_headers(target: Target, body: bytes) -> dict:
     return {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)),
             **target.headers}
 
@@ -55,7 +55,7 @@ def one(target: Target, body: bytes) -> tuple[int, bytes]:
     """A single request on its own connection (answer checks, warm-up)."""
     conn, path = target.connect()
     try:
-        return post(conn, path, body, _headers(target, body))
+        return post(conn, path, body, request_headers(target, body))
     finally:
         conn.close()
 
@@ -83,7 +83,7 @@ def run_load(target: Target, images: list[bytes], concurrency: int, requests: in
             i += concurrency
             t0 = time.perf_counter()
             try:
-                status, _ = post(conn, path, body, _headers(target, body))
+                status, _ = post(conn, path, body, request_headers(target, body))
             except (http.client.HTTPException, OSError) as e:
                 status = 0
                 with lock:

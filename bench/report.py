@@ -211,6 +211,18 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {size} | {d['served_p50_ms']:.1f} | {d['in_process_ms']:.1f} "
                              f"({d.get('in_process_threads', '?')}) | {d['difference_ms']:+.1f} | "
                              f"{_fmt(d.get('in_process_all_threads_ms'), 1)} |")
+        lone = model.get("lone")
+        if lone:
+            lines += ["", "Lone requests after the cells, one at a time on a kept-alive connection: "
+                      "client latency and the worker's own HandlerTime for the same request (p50 "
+                      "ms). Their difference is what the server adds, and does not move with the "
+                      "machine's speed as timings taken minutes apart do:", "",
+                      "| contestant | size | client | in the handler | outside the handler | requests |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for key, sizes in lone.items():
+                for size, d in sizes.items():
+                    lines.append(f"| {key} | {size} | {_fmt(d['client_ms'], 1)} | {_fmt(d['handler_ms'], 1)} | "
+                                 f"{_fmt(d['outside_ms'], 1)} | {d['requests']} |")
         lines.append("")
     pre = results.get("preprocessing")
     if pre:

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 from bench import exports as ex
 from bench import preprocess, report
 from bench.images import SIZES, make_images
-from bench.load import Target, one, run_load
+from bench.load import Target, one, post, request_headers, run_load
 from serving.server import MALLOC_ENV as SERVER_MALLOC_ENV
 from serving.server import MALLOC_THRESHOLD, ROOT, LocalServer, free_port
 
@@ -136,6 +137,57 @@ def run_cells(a, label: str, target: Target, images: dict[str, list[bytes]],
     return out
 
 
+def handler_time(client, model: str) -> float | None:
+    """The HandlerTime gauge (ms) of ``model``'s last batch, from the metrics API."""
+    for key, value in client.metrics().items():
+        if key.startswith("HandlerTime{") and f'ModelName="{model}"' in key:
+            return value
+    return None
+
+
+def lone_requests(client, target: Target, model: str, images: dict[str, list[bytes]],
+                  count: int, wait_s: float = 1.0) -> dict:
+    """One request at a time on a keep-alive connection, reading after each the worker's own
+    HandlerTime for it: {size: {client, handler, outside: p50 ms, requests}}.
+
+    Client latency minus the handler's time for the same request is what the server adds
+    (batch delay, frontend, the hop to the worker and back). Unlike a comparison with an
+    in-process timing taken minutes apart, it does not move with the machine's speed.
+    The gauge is read until it changes (the frontend takes it from the worker's log a
+    moment after the answer); a request whose reading never changes is left out.
+    """
+    conn, path = target.connect()
+    out = {}
+    try:
+        for size, imgs in images.items():
+            rows = []
+            for i in range(count):
+                body = imgs[i % len(imgs)]
+                before = handler_time(client, model)
+                t0 = time.perf_counter()
+                status, answer = post(conn, path, body, request_headers(target, body))
+                ms = 1000 * (time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError(f"lone request to {model}: HTTP {status}: {answer[:200]!r}")
+                deadline = time.monotonic() + wait_s
+                while True:
+                    h = handler_time(client, model)
+                    if (h is not None and h != before) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.005)
+                if h is not None and h != before:
+                    rows.append((ms, h))
+            med = lambda xs: round(statistics.median(xs), 2) if xs else None  # noqa: E731
+            out[size] = {"client_ms": med([c for c, _ in rows]), "handler_ms": med([h for _, h in rows]),
+                         "outside_ms": med([c - h for c, h in rows]), "requests": len(rows)}
+            print(f"    lone requests {size}: client p50 {out[size]['client_ms']} ms, in the handler "
+                  f"{out[size]['handler_ms']} ms, outside it {out[size]['outside_ms']} ms "
+                  f"({len(rows)} of {count} read)", flush=True)
+    finally:
+        conn.close()
+    return out
+
+
 def server_settings(client, model: str) -> dict:
     """What the server reports for a registered model: the settings actually in force."""
     d = client.describe(model)[0]
@@ -215,6 +267,8 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
                 res["server_settings"][report.SERVED] = server_settings(client, name)
                 warm(a, target, images, "custom", a.batch_size * a.workers)
                 res["cells"][report.SERVED] = run_cells(a, "served", target, images, ip_rates)
+                res.setdefault("lone", {})[report.SERVED] = lone_requests(
+                    client, target, name, images, a.lone_requests)
             if builtin:
                 client.unregister(name)  # its idle workers would hold memory during the next runs
                 bname = Path(archives["builtin"]).stem
@@ -224,6 +278,8 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
                 target = inference_target(ts, bname)
                 warm(a, target, images, "builtin", a.batch_size * a.workers)
                 res["cells"][report.BUILTIN] = run_cells(a, "built-in", target, images, ip_rates)
+                res.setdefault("lone", {})[report.BUILTIN] = lone_requests(
+                    client, target, bname, images, a.lone_requests)
     if report.DEFAULT in a.contestants and not skip.get(report.DEFAULT):
         cores = os.cpu_count()
         # TorchServe's defaults: one worker per core, batch size 1, torch's own thread count.
@@ -320,6 +376,11 @@ def targets(results: dict, top_c: int) -> list[dict]:
         for size, d in (m.get("latency_check") or {}).items():
             out.append({"what": f"{name} {size}: p50 at c=1 within 10 ms of in-process",
                         "value": f"{d['difference_ms']:+.1f} ms", "met": d["difference_ms"] <= 10})
+        for size, d in (m.get("lone", {}).get(report.SERVED) or {}).items():
+            if d["outside_ms"] is not None:
+                out.append({"what": f"{name} {size}: a lone request's time outside the handler "
+                                    f"(client p50 - HandlerTime p50 of the same requests) <= 10 ms",
+                            "value": f"{d['outside_ms']:.1f} ms", "met": d["outside_ms"] <= 10})
     for size, p in (results.get("preprocessing") or {}).items():
         if size == "4000x3000":
             out.append({"what": f"{size} preprocessing: handler / plain PIL <= 0.25",
@@ -444,6 +505,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-cell-seconds", type=float, default=20.0,
                    help="time budget of a cell: it stops issuing requests this long after its "
                         "start, measured count reached or not (in-flight requests then finish)")
+    p.add_argument("--lone-requests", type=int, default=20,
+                   help="requests sent one at a time per size after the cells, each compared with "
+                        "the worker's HandlerTime for it (served and built-in)")
     p.add_argument("--inprocess-batch-sizes", nargs="+", type=int, default=[1, 4, 8, 16],
                    help="batch sizes the in-process limit tries (the best one counts)")
     p.add_argument("--inprocess-seconds", type=float, default=3.0, help="time per in-process batch size")
@@ -464,6 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.smoke:
         a.models, a.sizes, a.concurrency = ["flying_objects"], ["500x375"], [1, 8]
         a.requests = a.requests or 12
+        a.lone_requests = min(a.lone_requests, 5)
         a.cell_seconds, a.max_cell_seconds = 2.0, 20.0
         a.inprocess_batch_sizes, a.inprocess_seconds, a.inprocess_min_batches = [1, 4], 0.3, 2
         a.images_per_size = 2

@@ -140,6 +140,15 @@ def test_smoke_run_writes_complete_results(smoke):
     for r in rows:
         assert r["served/in-process"] > 0 and r["served/flask"] > 0
         assert (r["served/built-in"] is not None) == HAVE_CAPTUM
+    # Lone requests: each paired with the worker's HandlerTime for it.
+    assert set(model["lone"]) == {"served"} | ({"builtin"} if HAVE_CAPTUM else set())
+    for key, sizes in model["lone"].items():
+        lone = sizes["500x375"]
+        assert 0 < lone["requests"] <= 5, key
+        assert 0 < lone["handler_ms"] < lone["client_ms"], key
+        # medians of the differences, not the difference of medians: only close
+        assert 0 < lone["outside_ms"] < lone["client_ms"], key
+    assert any("outside the handler" in t["what"] for t in results["targets"])
     check = model["latency_check"]["500x375"]
     assert check["difference_ms"] == pytest.approx(check["served_p50_ms"] - check["in_process_ms"], abs=0.02)
 
@@ -151,6 +160,7 @@ def test_smoke_run_writes_complete_results(smoke):
     md = (smoke / "results.md").read_text()
     assert "Smoke run" in md and results["machine"]["cpu"] in md
     assert "Preprocessing alone" in md
+    assert "| served | 500x375 | " in md and "outside the handler" in md
     assert f"CPU steal during the run {report.percent(results['machine']['cpu_steal'])}" in md
     assert "| 500x375 | 8 |" in md and "served/in-process" in md
     assert "python -m bench.run --smoke" in md
