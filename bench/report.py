@@ -155,7 +155,9 @@ def markdown(results: dict) -> str:
     lines += [f"- environment of every contestant: {results['environment']}", ""]
     st = results["settings"]
     lines += [f"Method: closed-loop clients on the same machine, one keep-alive connection each, "
-              f"the JPEG as the raw body. Per cell: warm-up {st['warmup_requests']}; measured "
+              f"the JPEG as the raw body. The project's handler and the built-in one run on one "
+              f"server, their cells alternating (size by size, concurrency by concurrency), so each "
+              f"pair is measured minutes apart at most. Per cell: warm-up {st['warmup_requests']}; measured "
               f"requests {st['requests']}; time budget {st['max_cell_seconds']:g} s per cell (a slow "
               f"contestant is measured on fewer requests: see `measured`). Images: "
               + ", ".join(f"{k} ({v['count']} JPEGs, ~{sum(v['bytes']) / len(v['bytes']) / 1e3:.0f} kB)"

@@ -7,7 +7,8 @@ per-request Flask-style server, on generated photo-like JPEGs of two sizes.
 
 Writes <out>/results.json and <out>/results.md (default build/bench/) and prints the
 tables. Every cell (contestant x model x size x concurrency c) runs c closed-loop
-clients: a warm-up of max(2, c/2) answers, then a fixed number of measured answers
+clients (the project's and the built-in handler share one server and take turns, cell
+by cell): a warm-up of max(2, c/2) answers, then a fixed number of measured answers
 (--requests; by default max(2c, 16, --cell-seconds x the in-process images/s of that
 model and size), so a cell of a contestant as fast as the in-process limit lasts about
 --cell-seconds), within a time budget per cell (--max-cell-seconds): a slow contestant
@@ -112,28 +113,40 @@ def requests_for(a, ip_rate: float | None, c: int) -> int:
     return max(2 * c, 16, round(a.cell_seconds * (ip_rate or 10)))
 
 
-def run_cells(a, label: str, target: Target, images: dict[str, list[bytes]],
+def run_cell(a, label: str, target: Target, size: str, imgs: list[bytes], c: int,
+             ip_rate: float | None) -> dict:
+    """One size x concurrency for one contestant: its summary, with the CPU steal during it."""
+    n = requests_for(a, ip_rate, c)
+    warmup = max(2, c // 2)
+    print(f"  {label} {size} c={c}: {warmup} warm-up + {n} measured requests ...", end="", flush=True)
+    cpu0 = report.cpu_snapshot()
+    cell = report.summarize(run_load(target, imgs, c, n, warmup_requests=warmup,
+                                     max_seconds=a.max_cell_seconds))
+    cell["cpu_steal"] = report.steal_share(cpu0, report.cpu_snapshot())
+    lat = cell["latency_ms"]
+    print(f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
+          f"p99 {lat['p99']:.0f} ms, {cell['measured_requests']} measured, "
+          f"errors {cell['errors']}, CPU steal {report.percent(cell['cpu_steal'])}"
+          + (" (window closed by --max-cell-seconds)" if cell["window_closed_by"] == "time" else ""),
+          flush=True)
+    return cell
+
+
+def run_cells(a, contestants: dict[str, tuple[str, Target]], images: dict[str, list[bytes]],
               ip_rates: dict[str, float]) -> dict:
-    """Every size x concurrency for one contestant; {size: [cell summary, ...]}."""
-    out = {}
+    """Every size x concurrency, each cell run by every contestant one after the other
+    ({key: (label, target)}; the order flips from cell to cell), so that contestants
+    compared with each other are measured minutes apart at most, not a whole run apart:
+    this machine's speed drifts. Returns {key: {size: [cell summary, ...]}}."""
+    out = {key: {} for key in contestants}
+    order = list(contestants)
     for size, imgs in images.items():
-        out[size] = []
         for c in a.concurrency:
-            n = requests_for(a, ip_rates.get(size), c)
-            warmup = max(2, c // 2)
-            print(f"  {label} {size} c={c}: {warmup} warm-up + {n} measured requests ...",
-                  end="", flush=True)
-            cpu0 = report.cpu_snapshot()
-            cell = report.summarize(run_load(target, imgs, c, n, warmup_requests=warmup,
-                                             max_seconds=a.max_cell_seconds))
-            cell["cpu_steal"] = report.steal_share(cpu0, report.cpu_snapshot())
-            lat = cell["latency_ms"]
-            print(f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
-                  f"p99 {lat['p99']:.0f} ms, {cell['measured_requests']} measured, "
-                  f"errors {cell['errors']}, CPU steal {report.percent(cell['cpu_steal'])}"
-                  + (" (window closed by --max-cell-seconds)" if cell["window_closed_by"] == "time" else ""),
-                  flush=True)
-            out[size].append(cell)
+            for key in order:
+                label, target = contestants[key]
+                out[key].setdefault(size, []).append(
+                    run_cell(a, label, target, size, imgs, c, ip_rates.get(size)))
+            order.reverse()
     return out
 
 
@@ -263,23 +276,24 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
                                       "then to the first 200 answer; model loaded by load_models"}
             print(f"  TorchServe start -> {name} READY {t_ready:.1f} s, first answer "
                   f"{res['startup']['start_to_first_answer_s']:.1f} s", flush=True)
+            # Both handlers on this server, each with the same workers x threads and batching:
+            # their cells alternate (run_cells). Idle workers cost memory only.
+            targets = {}
             if report.SERVED in a.contestants:
                 res["server_settings"][report.SERVED] = server_settings(client, name)
                 warm(a, target, images, "custom", a.batch_size * a.workers)
-                res["cells"][report.SERVED] = run_cells(a, "served", target, images, ip_rates)
-                res.setdefault("lone", {})[report.SERVED] = lone_requests(
-                    client, target, name, images, a.lone_requests)
+                targets[report.SERVED] = ("served", target, name)
             if builtin:
-                client.unregister(name)  # its idle workers would hold memory during the next runs
                 bname = Path(archives["builtin"]).stem
                 client.register(archives["builtin"], batch_size=a.batch_size,
                                 max_batch_delay=a.max_batch_delay, initial_workers=a.workers)
                 res["server_settings"][report.BUILTIN] = server_settings(client, bname)
-                target = inference_target(ts, bname)
-                warm(a, target, images, "builtin", a.batch_size * a.workers)
-                res["cells"][report.BUILTIN] = run_cells(a, "built-in", target, images, ip_rates)
-                res.setdefault("lone", {})[report.BUILTIN] = lone_requests(
-                    client, target, bname, images, a.lone_requests)
+                btarget = inference_target(ts, bname)
+                warm(a, btarget, images, "builtin", a.batch_size * a.workers)
+                targets[report.BUILTIN] = ("built-in", btarget, bname)
+            res["cells"].update(run_cells(a, {k: v[:2] for k, v in targets.items()}, images, ip_rates))
+            res["lone"] = {k: lone_requests(client, t, model, images, a.lone_requests)
+                           for k, (_, t, model) in targets.items()}
     if report.DEFAULT in a.contestants and not skip.get(report.DEFAULT):
         cores = os.cpu_count()
         # TorchServe's defaults: one worker per core, batch size 1, torch's own thread count.
@@ -294,7 +308,7 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
             res["server_settings"][report.DEFAULT] = server_settings(client, bname)
             target = inference_target(ts, bname)
             warm(a, target, images, "builtin", cores)
-            res["cells"][report.DEFAULT] = run_cells(a, "out-of-box", target, images, ip_rates)
+            res["cells"].update(run_cells(a, {report.DEFAULT: ("out-of-box", target)}, images, ip_rates))
     return res
 
 
@@ -320,7 +334,7 @@ def flask_contestant(a, name: str, export: Path, images, ip_rates, workdir: Path
                 time.sleep(0.2)
         target = Target(f"http://127.0.0.1:{port}/predictions/{name}")
         warm(a, target, images, "custom", 4)
-        return run_cells(a, "flask", target, images, ip_rates), info
+        return run_cells(a, {report.FLASK: ("flask", target)}, images, ip_rates)[report.FLASK], info
     finally:
         proc.terminate()
         try:

@@ -55,6 +55,26 @@ def test_cpu_steal_share_between_two_snapshots(tmp_path):
     assert report.percent(0.217) == "22%" and report.percent(None) == "–"
 
 
+def test_contestants_take_turns_cell_by_cell(monkeypatch):
+    """Compared contestants run each cell one after the other, the order flipping, so each
+    pair is measured close together in time."""
+    calls = []
+
+    def fake_cell(a, label, target, size, imgs, c, ip_rate):
+        calls.append((label, size, c))
+        return {"concurrency": c, "label": label}
+
+    monkeypatch.setattr(bench_run, "run_cell", fake_cell)
+    a = bench_run.parse_args(["--concurrency", "1", "8"])
+    images = {"500x375": [b"x"], "4000x3000": [b"y"]}
+    out = bench_run.run_cells(a, {"served": ("s", None), "builtin": ("b", None)}, images, {})
+    assert calls == [("s", "500x375", 1), ("b", "500x375", 1), ("b", "500x375", 8), ("s", "500x375", 8),
+                     ("s", "4000x3000", 1), ("b", "4000x3000", 1), ("b", "4000x3000", 8),
+                     ("s", "4000x3000", 8)]
+    assert [c["label"] for c in out["served"]["4000x3000"]] == ["s", "s"]
+    assert [c["concurrency"] for c in out["builtin"]["500x375"]] == [1, 8]
+
+
 def test_ratio_table_divides_served_by_each_contestant():
     tp = {report.SERVED: {"small": {1: 40.0, 8: 90.0}},
           report.INPROCESS: {"small": 100.0},  # one number per size: its best batch size
