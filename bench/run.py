@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -158,6 +157,19 @@ def handler_time(client, model: str) -> float | None:
     return None
 
 
+def new_handler_time(client, model: str, before: float | None, wait_s: float) -> float | None:
+    """The HandlerTime gauge once it differs from ``before`` (the frontend takes it from the
+    worker's log a moment after the answer); None if it has not within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        h = handler_time(client, model)
+        if h is not None and h != before:
+            return h
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
+
+
 def lone_requests(client, target: Target, model: str, images: dict[str, list[bytes]],
                   count: int, wait_s: float = 1.0) -> dict:
     """One request at a time on a keep-alive connection, reading after each the worker's own
@@ -166,9 +178,11 @@ def lone_requests(client, target: Target, model: str, images: dict[str, list[byt
     Client latency minus the handler's time for the same request is what the server adds
     (batch delay, frontend, the hop to the worker and back). Unlike a comparison with an
     in-process timing taken minutes apart, it does not move with the machine's speed.
-    The gauge is read until it changes (the frontend takes it from the worker's log a
-    moment after the answer); a request whose reading never changes is left out.
+    A request whose HandlerTime reading never changes is left out.
     """
+    def p50(values: list[float]) -> float | None:
+        return round(report.percentile(values, 50), 2) if values else None
+
     conn, path = target.connect()
     out = {}
     try:
@@ -182,17 +196,11 @@ def lone_requests(client, target: Target, model: str, images: dict[str, list[byt
                 ms = 1000 * (time.perf_counter() - t0)
                 if status != 200:
                     raise RuntimeError(f"lone request to {model}: HTTP {status}: {answer[:200]!r}")
-                deadline = time.monotonic() + wait_s
-                while True:
-                    h = handler_time(client, model)
-                    if (h is not None and h != before) or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.005)
-                if h is not None and h != before:
+                h = new_handler_time(client, model, before, wait_s)
+                if h is not None:
                     rows.append((ms, h))
-            med = lambda xs: round(statistics.median(xs), 2) if xs else None  # noqa: E731
-            out[size] = {"client_ms": med([c for c, _ in rows]), "handler_ms": med([h for _, h in rows]),
-                         "outside_ms": med([c - h for c, h in rows]), "requests": len(rows)}
+            out[size] = {"client_ms": p50([c for c, _ in rows]), "handler_ms": p50([h for _, h in rows]),
+                         "outside_ms": p50([c - h for c, h in rows]), "requests": len(rows)}
             print(f"    lone requests {size}: client p50 {out[size]['client_ms']} ms, in the handler "
                   f"{out[size]['handler_ms']} ms, outside it {out[size]['outside_ms']} ms "
                   f"({len(rows)} of {count} read)", flush=True)
