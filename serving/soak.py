@@ -3,8 +3,8 @@
     python -m serving.soak --model flying_objects --seconds 60 --concurrency 32
     python -m serving.soak --model flying_objects --seconds 20 --kill-worker-after 5
 
-Loopback only, bounded in time and in count. Reports requests per status, requests
-lost (5xx or no answer), latency percentiles, and the resident memory of the model's
+Loopback only, bounded in time and in count. Reports requests per status, the
+server's message for each failed request, requests lost (5xx or no answer), latency percentiles, and the resident memory of the model's
 worker after the warm-up and at the end (goal: errors 0, growth under 10%).
 With --kill-worker-after, the worker is killed (SIGKILL) mid-run to show what
 in-flight requests get and that TorchServe replaces the worker.
@@ -42,6 +42,14 @@ def workers_rss_mb(pids: list[int]) -> float:
     return total / 2**20
 
 
+def error_message(response: requests.Response) -> str:
+    """TorchServe's JSON error message, or the start of a body that is not one."""
+    try:
+        return str(response.json()["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -59,6 +67,7 @@ def soak(client: Client, model: str, images: list[bytes], seconds: float, concur
     counter = itertools.count()
     lock = threading.Lock()
     results: list[tuple[float, int | str, float]] = []  # (start offset, status, latency s)
+    errors: Counter[str] = Counter()  # the server's message for each request not answered 200
     pids_start = worker_pids(client, model)
 
     def loop():
@@ -67,12 +76,18 @@ def soak(client: Client, model: str, images: list[bytes], seconds: float, concur
             if i >= max_requests:
                 return
             t0 = time.monotonic()
+            message = None
             try:
-                status: int | str = client.predict_response(model, images[i % len(images)]).status_code
+                response = client.predict_response(model, images[i % len(images)])
+                status: int | str = response.status_code
+                if status != 200:
+                    message = error_message(response)
             except requests.RequestException as e:
-                status = type(e).__name__
+                status = message = type(e).__name__
             with lock:
                 results.append((t0 - start, status, time.monotonic() - t0))
+                if message is not None:
+                    errors[message] += 1
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(concurrency)]
     for t in threads:
@@ -95,7 +110,8 @@ def soak(client: Client, model: str, images: list[bytes], seconds: float, concur
     rss_end = workers_rss_mb(pids_end)
     return {
         "model": model, "seconds": round(elapsed, 1), "concurrency": concurrency,
-        "requests": len(results), "statuses": dict(statuses), "lost": lost, "hung_clients": hung,
+        "requests": len(results), "statuses": dict(statuses), "errors": dict(errors),
+        "lost": lost, "hung_clients": hung,
         "throughput_rps": round(len(results) / elapsed, 1),
         "latency_ms": {q: round(1000 * percentile(ok_lat, p), 1)
                        for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},

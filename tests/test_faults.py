@@ -17,6 +17,7 @@ def test_short_soak_has_no_errors_and_stable_worker_memory(server, tiny_data):
     print(json.dumps(report))
     assert report["requests"] > 20
     assert report["statuses"] == {"200": report["requests"]}
+    assert report["errors"] == {}
     assert report["lost"] == 0 and report["hung_clients"] == 0
     assert report["worker_pids"]["start"] == report["worker_pids"]["end"]
     rss = report["worker_rss_mb"]
@@ -32,9 +33,13 @@ def test_killed_worker_is_replaced_and_only_its_batch_is_lost(server, tiny_data)
     killed, end = report["worker_pids"]["killed"], report["worker_pids"]["end"]
     assert killed and end and killed not in end  # TorchServe started a new worker
     assert report["hung_clients"] == 0  # nobody waited past the response timeout
-    assert set(report["statuses"]) <= {"200", "507"}, report["statuses"]
-    assert report["lost"] == report["statuses"].get("507", 0) <= batch_size
-    assert report["statuses"]["200"] > report["lost"]
+    # The batch in flight is answered "Worker died.": 507 when TorchServe has already seen
+    # the exit code 137 (SIGKILL), 500 when the worker's socket closed first (a race).
+    assert set(report["statuses"]) <= {"200", "500", "507"}, report["statuses"]
+    lost = report["lost"]
+    assert report["errors"] == ({"Worker died.": lost} if lost else {}), report["errors"]
+    assert lost <= batch_size
+    assert report["statuses"]["200"] > lost
     # After recovery every request succeeds.
     for body in images(tiny_data)[:8]:
         assert server.predict(MODEL_NAME, body)["top_k"]
