@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from bench.report import percentile
 from serving.client import DEFAULT_KEY_FILE, Client
 
 
@@ -48,13 +49,6 @@ def error_message(response: requests.Response) -> str:
         return str(response.json()["message"])
     except (ValueError, KeyError, TypeError):
         return response.text[:200]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def soak(client: Client, model: str, images: list[bytes], seconds: float, concurrency: int,
@@ -114,7 +108,7 @@ def soak(client: Client, model: str, images: list[bytes], seconds: float, concur
         "lost": lost, "hung_clients": hung,
         "throughput_rps": round(len(results) / elapsed, 1),
         "latency_ms": {q: round(1000 * percentile(ok_lat, p), 1)
-                       for q, p in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
+                       for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "worker_rss_mb": {"after_warmup": round(rss_warm, 1), "end": round(rss_end, 1),
                           "growth_pct": round(100 * (rss_end / rss_warm - 1), 1) if rss_warm else None},
         "worker_pids": {"start": pids_start, "killed": killed, "end": pids_end},
