@@ -29,7 +29,7 @@ Speed settings, also in the ``handler:`` section (training/export.py writes them
 - ``jpeg_draft``: a large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, keeping
   its short side >= jpeg_draft x resize_size (0: always full decode). A 12 MP phone
   photo then decodes about 4x faster; the tensor stays within the tolerance that
-  tests/test_presets.py states (small JPEGs and other formats: identical).
+  tests/test_presets.py states (small JPEGs and other formats: within one grey level).
 - ``optimize``: torch.jit.optimize_for_inference after loading (it cannot be saved
   so with torch 2.13), checked against the loaded model; skipped with a warning if
   it fails or changes the outputs. Measured on the CPU, 1 thread, batch 8: forward

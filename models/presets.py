@@ -7,6 +7,7 @@ so the TorchServe handler rebuilds exactly the transform that evaluation used.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
@@ -21,6 +22,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Serving only: PIL box-reduces an image first when it is at least twice this
 # factor times the resize target, then resamples (Image.resize's reducing_gap).
 SERVE_REDUCING_GAP = 2.0
+
+
+@functools.lru_cache(maxsize=8)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) that take 0..255 pixels to Normalize(mean, std)'s output."""
+    m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    return 1 / (255 * s), -m / s
 
 
 @dataclass(frozen=True)
@@ -62,18 +70,36 @@ class EvalPreset:
     def serve(self, decoded: "Decoded") -> torch.Tensor:
         """The eval transform of a ``Decoded`` image, possibly reduced at decode time.
 
-        Equal to ``transform()`` for a full-size image whose short side is under
-        4 x resize_size. Larger ones are first box-reduced by an integer factor
-        (PIL's reducing_gap 2: a 12 MP PNG's resize 45 -> 15 ms, two grey levels at
-        most). For a reduced JPEG, the resize reads exactly the region that holds the
-        full picture (``box``) and aims at the size the full image would get, so the
+        One resampling computes only the centre crop: the region of the image that
+        Resize + CenterCrop would keep goes straight to crop_size x crop_size at the
+        same scale (a 500x375 photo: 1.9 -> 1.1 ms). Within one grey level of
+        ``transform()`` for a full-size image whose short side is under 4 x resize_size
+        (PIL takes the region's corners as 32-bit floats). Larger ones are first
+        box-reduced by an integer factor (PIL's reducing_gap 2: a 12 MP PNG's resize
+        45 -> 15 ms, two grey levels at most). For a reduced JPEG, the region is read
+        inside ``box``, the part of the image that holds the full picture, so the
         crop sees the same geometry.
         """
-        size = self.resized_size(decoded.size)
-        img = decoded.image.resize(size, Image.Resampling.BILINEAR, box=decoded.box,
-                                   reducing_gap=SERVE_REDUCING_GAP)
-        x = F.to_tensor(F.center_crop(img, [self.crop_size]))
-        return F.normalize(x, self.mean, self.std)
+        w, h = self.resized_size(decoded.size)
+        c = self.crop_size
+        if c > w or c > h:  # CenterCrop pads: the two steps as evaluation runs them
+            img = decoded.image.resize((w, h), Image.Resampling.BILINEAR, box=decoded.box,
+                                       reducing_gap=SERVE_REDUCING_GAP)
+            img = F.center_crop(img, [c])
+        else:
+            x0, y0, x1, y1 = decoded.box or (0, 0, *decoded.image.size)
+            sx, sy = (x1 - x0) / w, (y1 - y0) / h  # image pixels per resized pixel
+            left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))  # as CenterCrop
+            region = (x0 + left * sx, y0 + top * sy, x0 + (left + c) * sx, y0 + (top + c) * sy)
+            img = decoded.image.resize((c, c), Image.Resampling.BILINEAR, box=region,
+                                       reducing_gap=SERVE_REDUCING_GAP)
+        return self.to_normalized(img)
+
+    def to_normalized(self, img: Image.Image) -> torch.Tensor:
+        """ToTensor + Normalize as one affine pass over the 8-bit pixels,
+        x / (255 std) - mean / std: within 1e-6 of the two steps, in half the time."""
+        scale, shift = _affine(self.mean, self.std)
+        return F.pil_to_tensor(img).contiguous().float().mul_(scale).add_(shift)
 
     def tensor_transform(self, image: torch.Tensor) -> torch.Tensor:
         """The eval transform on a uint8 CHW tensor, on whatever device it is (GPU decoding).
