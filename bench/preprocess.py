@@ -2,28 +2,34 @@
 
 Plain: ``open_image`` (full decode, EXIF, RGB) + the eval transform, as evaluation does.
 Handler: ``decode_image`` with the handler's reduced JPEG decoding (``jpeg_draft``) +
-``EvalPreset.serve``. Both on one thread, median of several runs, in this process; the
-ratio of the two medians is the issue's target (phone photos: <= 0.25). The tensors'
+``EvalPreset.serve``. Both on one thread, in this process, taking turns run by run
+(paired, so that the machine's slow minutes hit both); the ratio of the two medians is the issue's target (phone photos: <= 0.25). The tensors'
 difference is reported beside it (tests/test_presets.py holds the tolerance).
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 
+from bench import report
 from models.presets import MAX_PIXELS, EvalPreset, decode_image, open_image
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def paired_medians_ms(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, the functions taking turns round by round (the order
+    flipping each round), so that a slow minute of a shared machine hits all of them."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    order = list(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(1000 * (time.perf_counter() - t0))
+        order.reverse()
+    return {name: report.percentile(t, 50) for name, t in times.items()}
 
 
 def measure(data: bytes, handler_cfg: dict, repeats: int = 7) -> dict:
@@ -36,10 +42,12 @@ def measure(data: bytes, handler_cfg: dict, repeats: int = 7) -> dict:
     try:
         plain = lambda: transform(open_image(data))  # noqa: E731
         served = lambda: preset.serve(decode_image(data, MAX_PIXELS, min_short))  # noqa: E731
-        plain_ms, handler_ms = _median_ms(plain, repeats), _median_ms(served, repeats)
+        cpu_start = report.cpu_snapshot()
+        ms = paired_medians_ms({"plain": plain, "handler": served}, repeats)
+        steal = report.steal_share(cpu_start, report.cpu_snapshot())
         diff = (plain() - served()).abs()
     finally:
         torch.set_num_threads(threads)
-    return {"plain_ms": round(plain_ms, 2), "handler_ms": round(handler_ms, 2),
-            "ratio": round(handler_ms / plain_ms, 3), "max_abs_diff": round(diff.max().item(), 4),
-            "mean_abs_diff": round(diff.mean().item(), 5), "repeats": repeats}
+    return {"plain_ms": round(ms["plain"], 2), "handler_ms": round(ms["handler"], 2),
+            "ratio": round(ms["handler"] / ms["plain"], 3), "max_abs_diff": round(diff.max().item(), 4),
+            "mean_abs_diff": round(diff.mean().item(), 5), "repeats": repeats, "steal": steal}

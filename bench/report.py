@@ -228,13 +228,15 @@ def markdown(results: dict) -> str:
         lines.append("")
     pre = results.get("preprocessing")
     if pre:
-        lines += ["Preprocessing alone, one thread, median: the plain PIL path (full decode + eval "
-                  "transform) vs the handler's (reduced JPEG decoding + the same transform):", "",
-                  "| size | plain ms | handler ms | ratio | max / mean abs diff (normalised tensor) |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["Preprocessing alone, one thread, median, the two paths taking turns: the plain "
+                  "PIL path (full decode + eval transform) vs the handler's (reduced JPEG decoding, "
+                  "one resampling for resize + crop):", "",
+                  "| size | plain ms | handler ms | ratio | max / mean abs diff (normalised tensor) | steal |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for size, p in pre.items():
             lines.append(f"| {size} | {p['plain_ms']:.1f} | {p['handler_ms']:.1f} | {p['ratio']:.3f} | "
-                         f"{p['max_abs_diff']:.3f} / {p['mean_abs_diff']:.4f} |")
+                         f"{p['max_abs_diff']:.3f} / {p['mean_abs_diff']:.4f} | "
+                         f"{percent(p.get('steal'))} |")
         lines.append("")
     if results.get("targets"):
         lines += ["Targets:", ""]
