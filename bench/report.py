@@ -201,7 +201,7 @@ def markdown(results: dict) -> str:
             for size, s in ip["sizes"].items():
                 lines.append(f"| {size} | " + " | ".join(f"{v:.1f}" for v in s["images_per_s_by_batch"])
                              + f" | {s['best_images_per_s']:.1f} (batch {s['best_batch_size']}) | "
-                             f"{s['single_image_latency_ms']['p50']:.1f} |")
+                             f"{_fmt((s['single_image_latency_ms'] or {}).get('p50'), 1)} |")
         lc = model.get("latency_check")
         if lc:
             lines += ["", "p50 at concurrency 1, served vs in-process single image on the threads one "

@@ -501,6 +501,12 @@ def run(a) -> dict:
     return results
 
 
+# --smoke: the CI version, harness only, not speed.
+SMOKE = {"models": ["flying_objects"], "sizes": ["500x375"], "concurrency": [1, 8], "requests": 12,
+         "cell_seconds": 2.0, "max_cell_seconds": 20.0, "inprocess_batch_sizes": [1, 4],
+         "inprocess_seconds": 0.3, "inprocess_min_batches": 2, "images_per_size": 2}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description="Serving benchmark: TorchServe vs in-process, built-in "
                                 "handler and a Flask-style server.")
@@ -543,17 +549,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trained exports (<dir>/<model>/model.pt); random weights where absent")
     p.add_argument("--out", type=Path, default=ROOT / "build" / "bench", help="results and work files")
     p.add_argument("--smoke", action="store_true",
-                   help="CI version: flying_objects, 500x375, concurrency 1 8, tiny counts")
+                   help="CI version: flying_objects, 500x375, concurrency 1 8, tiny counts "
+                        "(options given explicitly win)")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.workers = a.workers or max(1, (os.cpu_count() or 1) // a.threads)
-    if a.smoke:
-        a.models, a.sizes, a.concurrency = ["flying_objects"], ["500x375"], [1, 8]
-        a.requests = a.requests or 12
+    if a.smoke:  # its values replace the defaults, not options given on the command line
+        for name, value in SMOKE.items():
+            if getattr(a, name) == p.get_default(name):
+                setattr(a, name, value)
         a.lone_requests = min(a.lone_requests, 5)
-        a.cell_seconds, a.max_cell_seconds = 2.0, 20.0
-        a.inprocess_batch_sizes, a.inprocess_seconds, a.inprocess_min_batches = [1, 4], 0.3, 2
-        a.images_per_size = 2
     a.out = a.out.resolve()
     a.exports = a.exports.resolve()
     return a

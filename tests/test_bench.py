@@ -206,13 +206,14 @@ def test_smoke_run_leaves_no_server_behind(smoke):
 
 def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeypatch):
     """Where captum is missing (CI installs requirements.txt only), the built-in handler's
-    contestants are reported as skipped, with the reason, and the rest still runs."""
+    contestants are reported as skipped, with the reason, and the rest still runs. The
+    in-process limit tries batch 2 only: no single-image latency, which the report shows as –."""
     real = importlib.util.find_spec
     monkeypatch.setattr(bench_run.importlib.util, "find_spec",
                         lambda name, *a: None if name == "captum" else real(name, *a))
     # The smoke run's export folder serves as "trained" exports: no new export needed.
     bench_main(["--smoke", "--contestants", "builtin", "builtin_default", "--out", str(tmp_path),
-                "--exports", str(smoke / "work" / "exports")])
+                "--exports", str(smoke / "work" / "exports"), "--inprocess-batch-sizes", "2"])
     results = json.loads((tmp_path / "results.json").read_text())
     for k in ("builtin", "builtin_default"):
         assert results["contestants"][k]["skipped"].startswith("captum is not installed")
@@ -221,4 +222,6 @@ def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeyp
     model = results["models"]["flying_objects"]
     assert model["cells"] == {} and model["ratios"] == []
     assert model["in_process"]["sizes"]["500x375"]["best_images_per_s"] > 0
-    assert "skipped: captum is not installed" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "skipped: captum is not installed" in md
+    assert "| size | batch 2 | best | 1-image p50 ms |" in md and "(batch 2) | – |" in md
