@@ -3,8 +3,9 @@
 Plain: ``open_image`` (full decode, EXIF, RGB) + the eval transform, as evaluation does.
 Handler: ``decode_image`` with the handler's reduced JPEG decoding (``jpeg_draft``) +
 ``EvalPreset.serve``. Both on one thread, in this process, taking turns run by run
-(paired, so that the machine's slow minutes hit both); the ratio of the two medians is the issue's target (phone photos: <= 0.25). The tensors'
-difference is reported beside it (tests/test_presets.py holds the tolerance).
+(paired, so that the machine's slow minutes hit both); the ratio of the two medians is
+the issue's target (phone photos: <= 0.25). The tensors' difference is reported beside
+it (tests/test_presets.py holds the tolerance).
 """
 from __future__ import annotations
 
