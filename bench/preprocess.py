@@ -23,13 +23,10 @@ def paired_medians_ms(fns: dict, repeats: int) -> dict:
     for fn in fns.values():
         fn()  # warm-up
     times = {name: [] for name in fns}
-    order = list(fns)
-    for _ in range(repeats):
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(1000 * (time.perf_counter() - t0))
-        order.reverse()
+    for _, name in report.take_turns(fns, range(repeats)):
+        t0 = time.perf_counter()
+        fns[name]()
+        times[name].append(1000 * (time.perf_counter() - t0))
     return {name: report.percentile(t, 50) for name, t in times.items()}
 
 

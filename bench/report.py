@@ -100,6 +100,17 @@ def steal_share(before: dict | None, after: dict | None) -> float | None:
     return round((after["steal"] - before["steal"]) / total, 3)
 
 
+def take_turns(keys, rounds):
+    """(round, key) pairs: every key once per round, the order flipping from round to round
+    (a b, b a, a b, ...), so that things compared are measured close together in time and
+    none is always first: this shared machine's speed drifts by the minute."""
+    order = list(keys)
+    for r in rounds:
+        for key in order:
+            yield r, key
+        order.reverse()
+
+
 def percent(share: float | None) -> str:
     return "–" if share is None else f"{100 * share:.0f}%"
 

@@ -138,14 +138,11 @@ def run_cells(a, contestants: dict[str, tuple[str, Target]], images: dict[str, l
     compared with each other are measured minutes apart at most, not a whole run apart:
     this machine's speed drifts. Returns {key: {size: [cell summary, ...]}}."""
     out = {key: {} for key in contestants}
-    order = list(contestants)
-    for size, imgs in images.items():
-        for c in a.concurrency:
-            for key in order:
-                label, target = contestants[key]
-                out[key].setdefault(size, []).append(
-                    run_cell(a, label, target, size, imgs, c, ip_rates.get(size)))
-            order.reverse()
+    cells = [(size, c) for size in images for c in a.concurrency]
+    for (size, c), key in report.take_turns(contestants, cells):
+        label, target = contestants[key]
+        out[key].setdefault(size, []).append(
+            run_cell(a, label, target, size, images[size], c, ip_rates.get(size)))
     return out
 
 

@@ -4,8 +4,9 @@
     python -m serving.soak --model flying_objects --seconds 20 --kill-worker-after 5
 
 Loopback only, bounded in time and in count. Reports requests per status, the
-server's message for each failed request, requests lost (5xx or no answer), latency percentiles, and the resident memory of the model's
-worker after the warm-up and at the end (goal: errors 0, growth under 10%).
+server's message for each failed request, requests lost (5xx or no answer), latency
+percentiles, and the resident memory of the model's worker after the warm-up and at
+the end (goal: errors 0, growth under 10%).
 With --kill-worker-after, the worker is killed (SIGKILL) mid-run to show what
 in-flight requests get and that TorchServe replaces the worker.
 """
