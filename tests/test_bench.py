@@ -11,12 +11,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import multiprocessing
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
 
 from bench import preprocess, report
 from bench import run as bench_run
+from bench.load import Target, run_load
 from bench.run import main as bench_main
 from tests.test_presets import FLOAT_ROUNDING, ONE_GREY_LEVEL
 
@@ -100,6 +106,74 @@ def test_ratio_table_divides_served_by_each_contestant():
     assert rows[1]["served/in-process"] == 0.9
     assert rows[1]["served/built-in"] == 3.0
     assert rows[1]["served/flask"] == 2.0
+
+
+class _PeerServer(ThreadingHTTPServer):
+    """A loopback server that answers every POST with 200 after ``delay_s`` and records
+    which process owns each client connection (from the kernel's socket table, not from
+    anything the client says)."""
+
+    def __init__(self, delay_s: float = 0.002):
+        self.delay_s, self.pids, self._seen = delay_s, set(), set()
+        super().__init__(("127.0.0.1", 0), _PeerHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def peer_pid(self, port: int) -> int | None:
+        for c in psutil.net_connections("tcp"):
+            if c.laddr and c.laddr.port == port and c.raddr and c.raddr.port == self.server_address[1]:
+                return c.pid
+        return None
+
+
+class _PeerHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the load generator expects
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        port = self.client_address[1]
+        if port not in self.server._seen:  # one lookup per connection
+            self.server._seen.add(port)
+            self.server.pids.add(self.server.peer_pid(port))
+        time.sleep(self.server.delay_s)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_load_spreads_its_clients_over_processes(processes):
+    """The clients run in the asked number of processes (the server sees connections from
+    that many, and from this process only with one), the window still counts exactly the
+    requests asked for, and no client process is left behind."""
+    server = _PeerServer()
+    try:
+        r = run_load(Target(f"http://127.0.0.1:{server.server_address[1]}/p"), [b"x" * 100, b"y" * 50],
+                     concurrency=6, requests=60, warmup_requests=6, max_seconds=60, processes=processes)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r["client_processes"] == processes
+    assert len(server.pids) == processes and None not in server.pids
+    assert (server.pids == {os.getpid()}) == (processes == 1)
+    assert r["window_closed_by"] == "count" and r["completed_in_window"] == 60
+    assert r["errors"] == 0 and r["total_requests"] >= 66
+    assert len(r["latencies_s"]) >= 60 and min(r["latencies_s"]) >= server.delay_s
+    assert multiprocessing.active_children() == []
+
+
+def test_load_never_uses_more_processes_than_clients():
+    server = _PeerServer(delay_s=0)
+    try:
+        r = run_load(Target(f"http://127.0.0.1:{server.server_address[1]}/p"), [b"x"], concurrency=2,
+                     requests=10, warmup_requests=2, max_seconds=60, processes=8)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r["client_processes"] == 2 and len(server.pids) == 2
 
 
 def _bench_processes(root) -> list[str]:
