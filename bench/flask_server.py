@@ -4,7 +4,8 @@ PIL decode + the eval transform + a forward call on that one image, no batching.
     python -m bench.flask_server --export build/bench/exports/flying_objects --port 5005
 
 Flask's development server with its defaults (threaded: one thread per connection), torch
-with its default thread count unless --threads is given. POST the JPEG as the raw body to
+with its default thread count unless --threads is given, on the CPU unless --device cuda
+(then GPU 0, as every contestant gets on a GPU machine). POST the JPEG as the raw body to
 /predictions/<anything>; the answer is {"top_k": [...]} like the project's handler's.
 GET /info tells the settings it runs with.
 """
@@ -22,19 +23,21 @@ from flask import Flask, jsonify, request
 from models.presets import BadImage, EvalPreset, open_image
 
 
-def load(export: Path):
-    """The TorchScript file as loaded by torch.jit.load, and the eval transform: no
-    optimisation, no reduced-scale decoding (the original app had neither). An int8
-    model gets its quantized engine, as the other contestants do."""
+def load(export: Path, device: str = "cpu"):
+    """The TorchScript file as loaded by torch.jit.load on ``device``, the device, and the
+    eval transform: no optimisation, no reduced-scale decoding (the original app had
+    neither). An int8 model gets its quantized engine, as the other contestants do, and
+    stays on the CPU: its kernels are CPU kernels."""
     cfg = yaml.safe_load((export / "model-config.yaml").read_text()).get("handler", {})
     if cfg.get("quantized_engine"):
         torch.backends.quantized.engine = cfg["quantized_engine"]
-    model = torch.jit.load(str(export / "model.pt"), map_location="cpu").eval()
-    return model, EvalPreset.from_dict(cfg).transform()
+        device = "cpu"
+    model = torch.jit.load(str(export / "model.pt"), map_location=device).eval()
+    return model, torch.device(device), EvalPreset.from_dict(cfg).transform()
 
 
-def create_app(export: Path) -> Flask:
-    model, transform = load(export)
+def create_app(export: Path, device: str = "cpu") -> Flask:
+    model, device, transform = load(export, device)
     labels = json.loads((export / "index_to_name.json").read_text())
     top_k = min(5, len(labels))
     app = Flask(__name__)
@@ -42,7 +45,7 @@ def create_app(export: Path) -> Flask:
     @app.post("/predictions/<name>")
     def predict(name):
         try:
-            x = transform(open_image(request.get_data())).unsqueeze(0)
+            x = transform(open_image(request.get_data())).unsqueeze(0).to(device)
         except BadImage as e:
             return jsonify({"code": 400, "message": str(e)}), 400
         with torch.inference_mode():
@@ -54,7 +57,7 @@ def create_app(export: Path) -> Flask:
 
     @app.get("/info")
     def info():
-        return jsonify({"torch_threads": torch.get_num_threads(), "threaded": True,
+        return jsonify({"torch_threads": torch.get_num_threads(), "threaded": True, "device": str(device),
                         "server": "flask development server (werkzeug)"})
 
     return app
@@ -65,11 +68,12 @@ def main(argv=None):
     p.add_argument("--export", type=Path, required=True, help="folder with model.pt, index_to_name.json")
     p.add_argument("--port", type=int, required=True, help="loopback port")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    create_app(a.export).run("127.0.0.1", a.port, threaded=True)
+    create_app(a.export, a.device).run("127.0.0.1", a.port, threaded=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ archive (decoding options, optimize, top_k) and loads model.pt as its workers do
 each batch goes through its preprocess, inference and postprocess, one image after
 the other on the main thread as in a worker. Only the thread count differs: the
 handler sets its per-worker ``threads``, and this process then gets --threads (the
-server's workers x threads), the same cores in one process.
+server's workers x threads), the same cores in one process. With --gpu N the handler
+gets GPU N as a worker does (TorchServe's gpu_id), so it runs where the served model runs.
 
 Run as a subprocess by bench.run so that it gets the same environment as the servers
 (glibc reads MALLOC_* at process start) and shares no threads with the load generator.
@@ -29,10 +30,12 @@ from ts.context import Context, RequestProcessor
 from handlers.image_classifier import ImageClassifier
 
 
-def load_handler(export: Path, threads: int) -> ImageClassifier:
+def load_handler(export: Path, threads: int, gpu: int | None = None) -> ImageClassifier:
+    """The handler as a worker initialises it; ``gpu``: the GPU id TorchServe would give
+    the worker (the handler stays on the CPU where torch has no CUDA)."""
     config = yaml.safe_load((export / "model-config.yaml").read_text())
     ctx = Context(export.name, str(export), {"model": {"serializedFile": "model.pt"}},
-                  batch_size=int(config.get("batchSize", 1)), gpu=None, mms_version="0.12.0",
+                  batch_size=int(config.get("batchSize", 1)), gpu=gpu, mms_version="0.12.0",
                   metrics=None, model_yaml_config=config)
     handler = ImageClassifier()
     handler.initialize(ctx)
@@ -75,10 +78,10 @@ def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_ba
             "images_per_s": batch * len(times) / total, "batch_times_s": times}
 
 
-def outputs(model, crop: int = 224) -> int:
+def outputs(model, crop: int = 224, device: torch.device | str = "cpu") -> int:
     """How many tensors the model returns (2 with an ImageNet head)."""
     with torch.inference_mode():
-        out = model(torch.zeros(1, 3, crop, crop))
+        out = model(torch.zeros(1, 3, crop, crop, device=device))
     return len(out) if isinstance(out, (tuple, list)) else 1
 
 
@@ -95,11 +98,13 @@ def main(argv=None):
     p.add_argument("--request-threads", type=int,
                    help="also time single images with this many threads: what one request gets "
                         "from a worker (the served p50 at concurrency 1 is compared with it)")
+    p.add_argument("--gpu", type=int, help="run the handler on this GPU, as a worker given it does")
     p.add_argument("--out", type=Path, required=True, help="JSON result")
     a = p.parse_args(argv)
-    handler = load_handler(a.export, a.threads)
+    handler = load_handler(a.export, a.threads, a.gpu)
     result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-              "outputs": outputs(handler.model, handler.preset.crop_size),
+              "device": str(handler.device),
+              "outputs": outputs(handler.model, handler.preset.crop_size, handler.device),
               "handler_config": handler.handler_config, "sizes": {}}
     for spec in a.images:
         size, files = spec.split("=", 1)

@@ -129,7 +129,9 @@ def machine() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": affinity,
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": affinity, "gpus": gpus,
             "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(),
             # Other processes' load makes the numbers noisy: a quiet machine reads ~0 here.
@@ -148,7 +150,8 @@ def _fmt(v, digits=2) -> str:
 def markdown(results: dict) -> str:
     """The results as markdown: machine, command, settings, ratio and per-model tables."""
     m, lines = results["machine"], []
-    lines += [f"Serving benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+    gpus = f", GPU: {', '.join(m['gpus'])}" if m.get("gpus") else ", no GPU"
+    lines += [f"Serving benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores{gpus}, torch {m['torch']}, "
               f"Python {m['python']}; load average at start {m['load_average_1_5_15_at_start'][0]}, "
               f"at end {m.get('load_average_1_5_15_at_end', ['?'])[0]}; "
               f"CPU steal during the run {percent(m.get('cpu_steal'))}; "
@@ -165,7 +168,9 @@ def markdown(results: dict) -> str:
         lines.append(f"- **{NAMES[key]}** (`{key}`): {what}")
     lines += [f"- environment of every contestant: {results['environment']}", ""]
     st = results["settings"]
-    lines += [f"Method: closed-loop clients on the same machine, one keep-alive connection each, "
+    procs = st.get("client_processes", 1)
+    lines += [f"Method: closed-loop clients on the same machine ({procs} client process"
+              f"{'es' if procs > 1 else ''}), one keep-alive connection each, "
               f"the JPEG as the raw body. The project's handler and the built-in one run on one "
               f"server, their cells alternating (size by size, concurrency by concurrency), so each "
               f"pair is measured minutes apart at most. Per cell: warm-up {st['warmup_requests']}; measured "

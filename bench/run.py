@@ -14,6 +14,12 @@ model and size), so a cell of a contestant as fast as the in-process limit lasts
 --cell-seconds), within a time budget per cell (--max-cell-seconds): a slow contestant
 is measured over what it answered until then. The requests in flight at the end are
 waited for, and their latencies counted.
+
+On a machine with CUDA (--device auto, the default, picks it) every contestant runs on
+the GPU: TorchServe's workers (number_of_gpu), the in-process limit and the Flask-style
+server; the defaults then suit a GPU (GPU_DEFAULTS: larger in-process batches, more
+concurrent clients, spread over several client processes). --device cpu measures the
+CPU on any machine.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 from bench import exports as ex
 from bench import preprocess, report
@@ -100,7 +107,8 @@ def warm(a, target: Target, images: dict[str, list[bytes]], kind: str, burst: in
             status, body = one(target, imgs[i % len(imgs)])
             check_answer(kind, status, body)
         c = max(1, min(burst, max(a.concurrency)))
-        run_load(target, imgs, c, c, warmup_requests=0, max_seconds=a.max_cell_seconds)
+        run_load(target, imgs, c, c, warmup_requests=0, max_seconds=a.max_cell_seconds,
+                 processes=a.client_processes)
 
 
 # -- cells ------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ def run_cell(a, label: str, target: Target, size: str, imgs: list[bytes], c: int
     print(f"  {label} {size} c={c}: {warmup} warm-up + {n} measured requests ...", end="", flush=True)
     cpu0 = report.cpu_snapshot()
     cell = report.summarize(run_load(target, imgs, c, n, warmup_requests=warmup,
-                                     max_seconds=a.max_cell_seconds))
+                                     max_seconds=a.max_cell_seconds, processes=a.client_processes))
     cell["cpu_steal"] = report.steal_share(cpu0, report.cpu_snapshot())
     lat = cell["latency_ms"]
     print(f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
@@ -221,16 +229,26 @@ def inference_target(ts: LocalServer, model: str) -> Target:
 
 
 # -- contestants ------------------------------------------------------------------------
+def inprocess_command(a, export: Path, image_files: dict[str, list[Path]], out: Path) -> list[str]:
+    """bench.inprocess with the served settings: the server's threads in one process, on
+    the device the workers get."""
+    cmd = [sys.executable, "-m", "bench.inprocess", "--export", str(export),
+           "--threads", str(a.workers * a.threads), "--seconds", str(a.inprocess_seconds),
+           "--min-batches", str(a.inprocess_min_batches), "--out", str(out),
+           "--batch-sizes", *map(str, a.inprocess_batch_sizes), "--request-threads", str(a.threads)]
+    if a.device == "cuda":
+        cmd += ["--gpu", "0"]
+    for size, files in image_files.items():
+        cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
+    return cmd
+
+
 def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], workdir: Path) -> dict:
     threads = a.workers * a.threads
     out = workdir / f"inprocess_{name}.json"
-    cmd = [sys.executable, "-m", "bench.inprocess", "--export", str(export), "--threads", str(threads),
-           "--seconds", str(a.inprocess_seconds), "--min-batches", str(a.inprocess_min_batches),
-           "--out", str(out), "--batch-sizes", *map(str, a.inprocess_batch_sizes),
-           "--request-threads", str(a.threads)]
-    for size, files in image_files.items():
-        cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
-    print(f"  in-process limit: {threads} torch threads, batch sizes {a.inprocess_batch_sizes}", flush=True)
+    cmd = inprocess_command(a, export, image_files, out)
+    print(f"  in-process limit: {threads} torch threads, batch sizes {a.inprocess_batch_sizes}, "
+          f"on {a.device}", flush=True)
     cpu0 = report.cpu_snapshot()
     subprocess.run(cmd, check=True, cwd=ROOT, env=child_env(threads))
     steal = report.steal_share(cpu0, report.cpu_snapshot())
@@ -248,7 +266,7 @@ def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], w
             # What one request gets in a worker: --threads (with workers > 1, not all the cores).
             "single_image_request_threads_ms": report.latency_ms(per_request) if per_request else None,
             "batches_timed": [r["batches"] for r in runs]}
-    return {"threads": raw["threads"], "interop_threads": raw["interop_threads"],
+    return {"threads": raw["threads"], "interop_threads": raw["interop_threads"], "device": raw["device"],
             "request_threads": raw.get("request_threads", raw["threads"]),
             "outputs": raw["outputs"], "batch_sizes": a.inprocess_batch_sizes, "sizes": sizes,
             "cpu_steal": steal}
@@ -261,7 +279,8 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
     builtin = report.BUILTIN in a.contestants and not skip.get(report.BUILTIN)
     if report.SERVED in a.contestants or builtin:
         ts = BenchServer(workdir / "model_store", workdir / f"ts_{name}",
-                         {"load_models": archives["custom"]}, omp_threads=a.threads)
+                         {"load_models": archives["custom"], "number_of_gpu": str(a.gpus)},
+                         omp_threads=a.threads)
         print(f"  starting TorchServe (OMP_NUM_THREADS={a.threads}, {archives['custom']} loaded at start)",
               flush=True)
         t0 = time.perf_counter()
@@ -300,28 +319,34 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
             res["lone"] = {k: lone_requests(client, t, model, images, a.lone_requests)
                            for k, (_, t, model) in targets.items()}
     if report.DEFAULT in a.contestants and not skip.get(report.DEFAULT):
-        cores = os.cpu_count()
-        # TorchServe's defaults: one worker per core, batch size 1, torch's own thread count.
+        # TorchServe's defaults: one worker per core (per GPU where it has GPUs), batch
+        # size 1, torch's own thread count.
+        workers = default_workers(a)
         ts = BenchServer(workdir / "model_store", workdir / f"ts_default_{name}",
-                         {"load_models": "", "default_workers_per_model": str(cores)}, omp_threads=None,
-                         log_config=None)
-        print(f"  starting TorchServe with its defaults ({cores} workers, batch 1, no OMP_NUM_THREADS)",
+                         {"load_models": "", "default_workers_per_model": str(workers),
+                          "number_of_gpu": str(a.gpus)}, omp_threads=None, log_config=None)
+        print(f"  starting TorchServe with its defaults ({workers} workers, batch 1, no OMP_NUM_THREADS)",
               flush=True)
         with ts as client:
             bname = Path(archives["builtin"]).stem
-            client.register(archives["builtin"], initial_workers=cores)
+            client.register(archives["builtin"], initial_workers=workers)
             res["server_settings"][report.DEFAULT] = server_settings(client, bname)
             target = inference_target(ts, bname)
-            warm(a, target, images, "builtin", cores)
+            warm(a, target, images, "builtin", workers)
             res["cells"].update(run_cells(a, {report.DEFAULT: ("out-of-box", target)}, images, ip_rates))
     return res
+
+
+def default_workers(a) -> int:
+    """TorchServe's own default number of workers: one per GPU, else one per core."""
+    return a.gpus or os.cpu_count() or 1
 
 
 def flask_contestant(a, name: str, export: Path, images, ip_rates, workdir: Path) -> tuple[dict, dict]:
     port = free_port()
     log = open(workdir / f"flask_{name}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "bench.flask_server", "--export", str(export),
-                             "--port", str(port)], cwd=ROOT, env=child_env(None),
+                             "--port", str(port), "--device", a.device], cwd=ROOT, env=child_env(None),
                             stdout=log, stderr=subprocess.STDOUT)
     print(f"  starting the Flask-style server on 127.0.0.1:{port}", flush=True)
     try:
@@ -355,22 +380,23 @@ SPEED_KEYS = ("threads", "jpeg_draft", "optimize", "half", "gpu_decode", "quanti
 
 
 def contestant_settings(a, skip: dict, flask_info: dict | None, handler: dict) -> dict:
-    cores = os.cpu_count()
+    on = f"{a.gpus} GPU(s)" if a.device == "cuda" else "CPU"
     same = (f"{a.workers} worker(s) x {a.threads} torch thread(s) (OMP_NUM_THREADS={a.threads}), "
-            f"batch size {a.batch_size}, max batch delay {a.max_batch_delay} ms")
+            f"batch size {a.batch_size}, max batch delay {a.max_batch_delay} ms, on {on}")
     speed = ", ".join(f"{k}={handler[k]}" for k in SPEED_KEYS if k in handler)
     c = {report.SERVED: {"settings": f"handlers/image_classifier.py ({speed}); {same}"},
          report.INPROCESS: {"settings": f"the same handler and model-config.yaml in one process, "
-                                         f"{a.workers * a.threads} torch thread(s), no server; "
-                                         f"best of batch sizes {a.inprocess_batch_sizes}"},
+                                         f"{a.workers * a.threads} torch thread(s), no server, "
+                                         f"on {a.device}; best of batch sizes {a.inprocess_batch_sizes}"},
          report.BUILTIN: {"settings": f"TorchServe's image_classifier handler; {same}"},
          report.DEFAULT: {"settings": f"TorchServe's image_classifier handler with TorchServe's defaults: "
-                                      f"{cores} workers (one per core), batch size 1, no OMP_NUM_THREADS"},
+                                      f"{default_workers(a)} workers (one per "
+                                      f"{'GPU' if a.gpus else 'core'}), batch size 1, no OMP_NUM_THREADS"},
          report.FLASK: {"settings": "Flask development server, threaded, one image per request "
                                     "(PIL decode + eval transform + forward, model as torch.jit.load "
                                     "gives it), torch threads "
                                     f"{flask_info['torch_threads'] if flask_info else 'default'}"
-                                    ", no OMP_NUM_THREADS"}}
+                                    f", no OMP_NUM_THREADS, on {a.device}"}}
     for k in c:
         if k != report.INPROCESS and k not in a.contestants:
             c[k]["skipped"] = "not selected (--contestants)"
@@ -418,7 +444,7 @@ def run(a) -> dict:
     work = out / "work"
     (work / "model_store").mkdir(parents=True, exist_ok=True)
     settings = {"workers": a.workers, "threads": a.threads, "batch_size": a.batch_size,
-                "max_batch_delay": a.max_batch_delay}
+                "max_batch_delay": a.max_batch_delay, "device": a.device}
     skip = {}
     if report.BUILTIN in a.contestants or report.DEFAULT in a.contestants:
         reason = builtin_unavailable()
@@ -432,6 +458,7 @@ def run(a) -> dict:
     results = {"command": "python -m bench.run " + shlex.join(a.argv), "smoke": a.smoke,
                "machine": report.machine(), "environment": malloc_env(),
                "settings": {**settings, "concurrency": a.concurrency, "sizes": a.sizes,
+                            "client_processes": a.client_processes,
                             "requests": a.requests or "auto: max(2 x concurrency, 16, "
                                         "cell_seconds x in-process images/s)",
                             "warmup_requests": "max(2, concurrency // 2) per cell",
@@ -502,6 +529,22 @@ def run(a) -> dict:
 SMOKE = {"models": ["flying_objects"], "sizes": ["500x375"], "concurrency": [1, 8], "requests": 12,
          "cell_seconds": 2.0, "max_cell_seconds": 20.0, "inprocess_batch_sizes": [1, 4],
          "inprocess_seconds": 0.3, "inprocess_min_batches": 2, "images_per_size": 2}
+# --device cuda: a GPU answers thousands of images/s. Its batches are larger, it needs more
+# requests in flight to fill them, and more than one Python process to send them. Starting
+# points, not measured here: no GPU machine was lent to this project's benchmark.
+GPU_DEFAULTS = {"concurrency": [1, 32, 256], "inprocess_batch_sizes": [1, 8, 32, 128]}
+
+
+def cuda_devices() -> int:
+    """The GPUs torch can use here (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def replace_defaults(p: argparse.ArgumentParser, a: argparse.Namespace, values: dict) -> None:
+    """Set each option of ``values`` that the command line left at its default."""
+    for name, value in values.items():
+        if getattr(a, name) == p.get_default(name):
+            setattr(a, name, value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -545,17 +588,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exports", type=Path, default=ROOT / "export",
                    help="trained exports (<dir>/<model>/model.pt); random weights where absent")
     p.add_argument("--out", type=Path, default=ROOT / "build" / "bench", help="results and work files")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where every contestant runs: auto is cuda where torch sees a GPU (TorchServe "
+                        "with number_of_gpu = all of them), else cpu (number_of_gpu=0)")
+    p.add_argument("--client-processes", type=int, default=None,
+                   help="processes the load generator spreads its clients over (default: 1 on cpu, "
+                        "cores / 4 on cuda)")
     p.add_argument("--smoke", action="store_true",
                    help="CI version: flying_objects, 500x375, concurrency 1 8, tiny counts "
                         "(options given explicitly win)")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.workers = a.workers or max(1, (os.cpu_count() or 1) // a.threads)
-    if a.smoke:  # its values replace the defaults, not options given on the command line
-        for name, value in SMOKE.items():
-            if getattr(a, name) == p.get_default(name):
-                setattr(a, name, value)
+    gpus = cuda_devices()
+    if a.device == "auto":
+        a.device = "cuda" if gpus else "cpu"
+    elif a.device == "cuda" and not gpus:
+        p.error("--device cuda: torch sees no CUDA device on this machine")
+    a.gpus = gpus if a.device == "cuda" else 0
+    # Smoke values, then a GPU's: each replaces defaults only, not options given on the
+    # command line (nor, for the GPU's, the smoke run's tiny counts).
+    if a.smoke:
+        replace_defaults(p, a, SMOKE)
         a.lone_requests = min(a.lone_requests, 5)
+    if a.device == "cuda":
+        replace_defaults(p, a, GPU_DEFAULTS)
+    if a.client_processes is None:
+        a.client_processes = max(1, (os.cpu_count() or 1) // 4) if a.device == "cuda" else 1
     a.out = a.out.resolve()
     a.exports = a.exports.resolve()
     return a

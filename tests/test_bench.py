@@ -19,8 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
+import torch
 
-from bench import preprocess, report
+from bench import inprocess, preprocess, report
 from bench import run as bench_run
 from bench.load import Target, run_load
 from bench.run import main as bench_main
@@ -176,6 +177,38 @@ def test_load_never_uses_more_processes_than_clients():
     assert r["client_processes"] == 2 and len(server.pids) == 2
 
 
+def test_device_cpu_keeps_the_cpu_defaults_and_runs_torchserve_without_gpus(monkeypatch):
+    monkeypatch.setattr(bench_run, "cuda_devices", lambda: 2)  # even on a GPU machine
+    a = bench_run.parse_args(["--device", "cpu"])
+    assert (a.device, a.gpus, a.client_processes) == ("cpu", 0, 1)
+    assert a.concurrency == [1, 8, 32] and a.inprocess_batch_sizes == [1, 4, 8, 16]
+    assert "--gpu" not in bench_run.inprocess_command(a, bench_run.ROOT, {}, bench_run.ROOT / "x.json")
+
+
+def test_device_auto_takes_the_gpu_with_gpu_defaults_where_torch_sees_one(monkeypatch):
+    monkeypatch.setattr(bench_run, "cuda_devices", lambda: 2)
+    a = bench_run.parse_args([])
+    assert (a.device, a.gpus) == ("cuda", 2)
+    assert a.concurrency == bench_run.GPU_DEFAULTS["concurrency"]
+    assert a.inprocess_batch_sizes == bench_run.GPU_DEFAULTS["inprocess_batch_sizes"]
+    assert a.client_processes == max(1, os.cpu_count() // 4)
+    cmd = bench_run.inprocess_command(a, bench_run.ROOT, {}, bench_run.ROOT / "x.json")
+    assert cmd[cmd.index("--gpu") + 1] == "0"
+    assert bench_run.default_workers(a) == 2  # TorchServe's default: one worker per GPU
+    # options given on the command line win; so do the smoke run's tiny counts
+    a = bench_run.parse_args(["--concurrency", "4", "--client-processes", "1"])
+    assert a.concurrency == [4] and a.client_processes == 1
+    assert bench_run.parse_args(["--smoke"]).concurrency == bench_run.SMOKE["concurrency"]
+
+
+def test_device_cuda_without_a_gpu_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(bench_run, "cuda_devices", lambda: 0)
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+    assert bench_run.parse_args([]).device == "cpu"
+
+
 def _bench_processes(root) -> list[str]:
     """Command lines of processes started for the benchmark under ``root``."""
     found = []
@@ -214,6 +247,12 @@ def test_smoke_run_writes_complete_results(smoke):
 
     assert list(results["models"]) == ["flying_objects"]
     model = results["models"]["flying_objects"]
+    # --device auto: CI has no GPU, so everything ran on the CPU, TorchServe told so too
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert results["settings"]["device"] == want and results["settings"]["client_processes"] >= 1
+    assert model["in_process"]["device"].split(":")[0] == want
+    config = (smoke / "work" / "ts_flying_objects" / "config.properties").read_text()
+    assert f"number_of_gpu={torch.cuda.device_count() if want == 'cuda' else 0}" in config.splitlines()
     assert model["origin"].startswith("random mobilenet_v2")
     assert set(model["cells"]) == {"served", "flask"} | builtin_ran
     for key, sizes in model["cells"].items():
@@ -272,6 +311,19 @@ def test_smoke_run_writes_complete_results(smoke):
     assert f"CPU steal during the run {report.percent(results['machine']['cpu_steal'])}" in md
     assert "| 500x375 | 8 |" in md and "served/in-process" in md
     assert "python -m bench.run --smoke" in md
+
+
+def test_inprocess_limit_runs_on_the_gpu_it_is_given_or_the_cpu(smoke, tmp_path):
+    """--gpu N gives the handler GPU N as TorchServe gives a worker its gpu_id; where torch
+    has no CUDA the handler stays on the CPU, as a worker does."""
+    image = next((smoke / "images").glob("*.jpg"))
+    out = tmp_path / "ip.json"
+    inprocess.main(["--export", str(smoke / "work" / "exports" / "flying_objects"), "--threads", "1",
+                    "--images", f"500x375={image}", "--batch-sizes", "2", "--seconds", "0",
+                    "--min-batches", "1", "--gpu", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert result["sizes"]["500x375"][0]["images"] == 2
 
 
 def test_smoke_run_leaves_no_server_behind(smoke):
