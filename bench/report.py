@@ -169,8 +169,10 @@ def markdown(results: dict) -> str:
     lines += [f"- environment of every contestant: {results['environment']}", ""]
     st = results["settings"]
     procs = st.get("client_processes", 1)
-    lines += [f"Method: closed-loop clients on the same machine ({procs} client process"
-              f"{'es' if procs > 1 else ''}), one keep-alive connection each, "
+    spread = (f"spread over up to {procs} processes, never more than clients" if procs > 1
+              else "in one process")
+    lines += [f"Method: closed-loop clients on the same machine ({spread}), "
+              f"one keep-alive connection each, "
               f"the JPEG as the raw body. The project's handler and the built-in one run on one "
               f"server, their cells alternating (size by size, concurrency by concurrency), so each "
               f"pair is measured minutes apart at most. Per cell: warm-up {st['warmup_requests']}; measured "
