@@ -226,9 +226,12 @@ def _load(img: Image.Image, max_pixels: int, min_short: int) -> Decoded:
     orientation = img.getexif().get(0x0112, 1)
     if box is not None:
         box = upright_box(box, img.size, orientation)
-    img = ImageOps.exif_transpose(img)
     full = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    return Decoded(img.convert("RGB"), full, box)
+    # No copy of an image already upright and RGB: exif_transpose and convert("RGB") would
+    # each copy it unchanged (a phone photo decoded in full: 36 MB each). The `with` of
+    # decode_image closes only the file; Pillow keeps the loaded image usable.
+    upright = ImageOps.exif_transpose(img) if orientation != 1 else img
+    return Decoded(upright if upright.mode == "RGB" else upright.convert("RGB"), full, box)
 
 
 def decode_image(source: str | bytes | BinaryIO, max_pixels: int = MAX_PIXELS,
