@@ -159,7 +159,8 @@ def markdown(results: dict) -> str:
               "CPU steal is the share of the cores' time the hypervisor gave to other machines "
               "(0% on a machine of its own); the cell table shows it per cell: compare ratios "
               "between cells of similar steal.", "",
-              f"Command: `{results['command']}`", ""]
+              f"Command: `{results['command']}`", "",
+              "![images/s by concurrent clients, per model and photo size](throughput.png)", ""]
     if results.get("smoke"):
         lines += ["**Smoke run**: tiny request counts; the numbers are not measurements.", ""]
     lines += ["Contestants and settings:", ""]

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bench import exports as ex
-from bench import preprocess, report
+from bench import chart, preprocess, report
 from bench.images import SIZES, make_images
 from bench.load import Target, one, post, request_headers, run_load
 from serving.server import MALLOC_ENV as SERVER_MALLOC_ENV
@@ -47,6 +47,7 @@ from serving.server import MALLOC_THRESHOLD, ROOT, LocalServer, free_port
 # in-process included, runs with them, so none of them is favoured by the allocator.
 MALLOC_ENV = {k: MALLOC_THRESHOLD for k in SERVER_MALLOC_ENV}
 ALL = [report.SERVED, report.BUILTIN, report.DEFAULT, report.FLASK]  # plus in-process, always
+CHART = "throughput.png"
 
 
 def builtin_unavailable() -> str | None:
@@ -520,8 +521,9 @@ def run(a) -> dict:
     results["targets"] = targets(results, max(a.concurrency))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(report.markdown(results))
+    chart.plot(results, out / CHART)
     print_tables(results)
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / CHART}")
     return results
 
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from bench import inprocess, preprocess, report
+from bench import chart, inprocess, preprocess, report
 from bench import run as bench_run
 from bench.load import Target, run_load
 from bench.run import main as bench_main
@@ -324,6 +324,28 @@ def test_inprocess_limit_runs_on_the_gpu_it_is_given_or_the_cpu(smoke, tmp_path)
     result = json.loads(out.read_text())
     assert result["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert result["sizes"]["500x375"][0]["images"] == 2
+
+
+def test_chart_draws_every_contestant_and_the_in_process_limit(smoke, tmp_path):
+    """throughput.png is written beside results.md, which shows it; each panel's lines are
+    the cells' images/s by concurrency, the dashed line the in-process best."""
+    from PIL import Image
+    with Image.open(smoke / bench_run.CHART) as png:
+        assert png.width >= 500 and png.height >= 300
+    assert "](throughput.png)" in (smoke / "results.md").read_text()
+    results = json.loads((smoke / "results.json").read_text())
+    fig = chart.plot(results, tmp_path / "t.png")
+    model = results["models"]["flying_objects"]
+    ax = fig.axes[0]
+    lines = {line.get_gid(): line for line in ax.get_lines()}
+    assert set(lines) == set(model["cells"]) | {"in_process"}
+    for key, sizes in model["cells"].items():
+        cells = sizes["500x375"]
+        assert list(lines[key].get_xdata()) == [c["concurrency"] for c in cells]
+        assert list(lines[key].get_ydata()) == [c["images_per_s"] for c in cells]
+    best = model["in_process"]["sizes"]["500x375"]["best_images_per_s"]
+    assert list(lines["in_process"].get_ydata()) == [best, best]
+    assert "flying_objects, 500×375" in ax.get_title()
 
 
 def test_smoke_run_leaves_no_server_behind(smoke):

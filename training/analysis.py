@@ -185,7 +185,7 @@ def write_markdown(rows: list[dict], totals: dict, path: Path) -> Path:
 
 # -------------------------------------------------------------------- figures
 
-def _save(fig: Figure, path: Path, dpi: int = 100) -> Path:
+def save_png(fig: Figure, path: Path, dpi: int = 100) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi)
     return path
@@ -195,7 +195,7 @@ def _message_png(text: str, path: Path) -> Path:
     """A small PNG that only says ``text`` (so the run folder's file list stays the same)."""
     fig = Figure(figsize=(6, 1.5))
     fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=12)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def best_epoch(history: list[dict]) -> dict:
@@ -235,7 +235,7 @@ def plot_curves(history: list[dict], path) -> Path:
             ax.set_xticks(epochs)
     ax_loss.legend(fontsize=8)
     ax_acc.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _tick_fontsize(n: int) -> float:
@@ -286,7 +286,7 @@ def plot_confusion(cm: torch.Tensor, classes, path) -> Path:
     total = int(cm.sum())
     acc = _ratio(int(cm.diagonal().sum()), total)
     ax.set_title(f"Confusion matrix: {n} classes, {total} images, accuracy {acc:.1%}")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_per_class(rows: list[dict], path) -> Path:
@@ -303,7 +303,7 @@ def plot_per_class(rows: list[dict], path) -> Path:
     ax.set(xlim=(0, 1.0), xlabel="score", title="Per-class scores (support in brackets)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _thumbnail(path: str) -> Image.Image:
@@ -349,7 +349,7 @@ def plot_misclassified(preds: Predictions, classes, path, per_class: int = 4,
     if len(shown) < len(by_class):
         title += f" (the {len(shown)} of {len(by_class)} classes with most errors)"
     fig.suptitle(textwrap.fill(title, 18 * cols + 10), fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------- run folder
