@@ -41,7 +41,7 @@ def plot(results: dict, path: Path) -> Figure:
                         label=report.NAMES[key], gid=key, **style)
         ip = model["in_process"]["sizes"][size]
         ax.axhline(ip["best_images_per_s"], color="black", linestyle="--", linewidth=1, gid=report.INPROCESS,
-                   label=f"{report.NAMES[report.INPROCESS]} (batch {ip['best_batch_size']})")
+                   label=f"{report.NAMES[report.INPROCESS]} (its best batch size)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         concurrency = results["settings"]["concurrency"]
@@ -54,14 +54,12 @@ def plot(results: dict, path: Path) -> Figure:
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("images/s")
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = {}, {}
-    for ax in fig.axes:  # one legend for all panels, every contestant once
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            key = report.INPROCESS if label.startswith(report.NAMES[report.INPROCESS]) else label
-            handles.setdefault(key, h)
-            labels.setdefault(key, label if key != report.INPROCESS else report.NAMES[report.INPROCESS])
-    fig.legend(list(handles.values()), list(labels.values()), loc="lower center", ncol=3, fontsize=8,
-               frameon=False)
+    lines = {}  # one legend for all panels, every contestant once
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            lines.setdefault(line.get_gid(), line)
+    fig.legend(list(lines.values()), [line.get_label() for line in lines.values()], loc="lower center",
+               ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08 if rows > 1 else 0.14, 1, 0.97))
     save_png(fig, path)
     return fig
