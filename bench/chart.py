@@ -48,8 +48,9 @@ def plot(results: dict, path: Path) -> Figure:
         ax.set_xticks(concurrency, [str(c) for c in concurrency])
         lo, hi = ax.get_ylim()  # plain numbers at 1, 2, 5 x 10^n, none at the minor ticks
         ticks = [k * 10.0 ** e for e in range(-2, 6) for k in (1, 2, 5) if lo <= k * 10.0 ** e <= hi]
-        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        if len(ticks) >= 2:  # else (a narrow range: one contestant, or none) matplotlib's own
+            ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{name}, {size.replace('x', '×')} JPEG", fontsize=10)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("images/s")
