@@ -17,6 +17,8 @@ NAMES = {SERVED: "TorchServe, project handler", INPROCESS: "in-process limit",
          BUILTIN: "TorchServe, built-in handler, same settings",
          DEFAULT: "TorchServe out of the box (built-in handler, defaults)",
          FLASK: "Flask-style, per request"}
+# The chart (bench/chart.py), written beside results.md, which shows it.
+CHART = "throughput.png"
 # Ratio column -> the contestant that served is divided by.
 RATIOS = {"served/in-process": INPROCESS, "served/built-in": BUILTIN,
           "served/out-of-box": DEFAULT, "served/flask": FLASK}
@@ -160,7 +162,7 @@ def markdown(results: dict) -> str:
               "(0% on a machine of its own); the cell table shows it per cell: compare ratios "
               "between cells of similar steal.", "",
               f"Command: `{results['command']}`", "",
-              "![images/s by concurrent clients, per model and photo size](throughput.png)", ""]
+              f"![images/s by concurrent clients, per model and photo size]({CHART})", ""]
     if results.get("smoke"):
         lines += ["**Smoke run**: tiny request counts; the numbers are not measurements.", ""]
     lines += ["Contestants and settings:", ""]

@@ -47,7 +47,6 @@ from serving.server import MALLOC_THRESHOLD, ROOT, LocalServer, free_port
 # in-process included, runs with them, so none of them is favoured by the allocator.
 MALLOC_ENV = {k: MALLOC_THRESHOLD for k in SERVER_MALLOC_ENV}
 ALL = [report.SERVED, report.BUILTIN, report.DEFAULT, report.FLASK]  # plus in-process, always
-CHART = "throughput.png"
 
 
 def builtin_unavailable() -> str | None:
@@ -521,9 +520,9 @@ def run(a) -> dict:
     results["targets"] = targets(results, max(a.concurrency))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(report.markdown(results))
-    chart.plot(results, out / CHART)
+    chart.plot(results, out / report.CHART)
     print_tables(results)
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / CHART}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / report.CHART}")
     return results
 
 

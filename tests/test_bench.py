@@ -330,7 +330,7 @@ def test_chart_draws_every_contestant_and_the_in_process_limit(smoke, tmp_path):
     """throughput.png is written beside results.md, which shows it; each panel's lines are
     the cells' images/s by concurrency, the dashed line the in-process best."""
     from PIL import Image
-    with Image.open(smoke / bench_run.CHART) as png:
+    with Image.open(smoke / report.CHART) as png:
         assert png.width >= 500 and png.height >= 300
     assert "](throughput.png)" in (smoke / "results.md").read_text()
     results = json.loads((smoke / "results.json").read_text())
