@@ -116,7 +116,7 @@ $(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py $(EXPORT_SETTING
 	  $(if $(QUANTIZE),--quantize $(QUANTIZE) --calibration-data $(DATA))
 
 archive: $(MARS)
-$(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py handlers/dog_breeds.py models/presets.py
+$(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py handlers/dog_breeds.py models/presets.py models/optimize.py
 	$(PY) -m serving.archive --exports $(EXPORT) --model-store $(STORE) --only $*
 
 # config.properties loads every archive of the model store at start (load_models=all),

@@ -30,10 +30,9 @@ Speed settings, also in the ``handler:`` section (training/export.py writes them
   its short side >= jpeg_draft x resize_size (0: always full decode). A 12 MP phone
   photo then decodes about 4x faster; the tensor stays within the tolerance that
   tests/test_presets.py states (small JPEGs and other formats: within one grey level).
-- ``optimize``: torch.jit.optimize_for_inference after loading (it cannot be saved
-  so with torch 2.13), checked against the loaded model; skipped with a warning if
-  it fails or changes the outputs. Measured on the CPU, 1 thread, batch 8: forward
-  1.57x faster for MobileNetV2, 1.19x for ResNet50.
+- ``optimize``: ``onednn`` (oneDNN Graph fusion, compiled per batch size; CPU workers),
+  ``jit`` (torch.jit.optimize_for_inference) or ``none``; models/optimize.py says what
+  each does and measured, and checks the result against the model as loaded.
 - ``quantized_engine``: the model is int8 (training/export.py --quantize int8) for this
   torch.backends.quantized engine, set before loading. Such a model runs on the CPU
   (also in a worker TorchServe gave a GPU) and skips ``optimize``.
@@ -61,6 +60,7 @@ from ts.metrics.metric_cache_errors import (MetricsCacheKeyError, MetricsCacheTy
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from models.optimize import optimize, optimize_mode
 from models.presets import (MAX_PIXELS, BadImage, Decoded, EvalPreset, decode_image,
                             orient_tensor)
 
@@ -124,25 +124,6 @@ def set_threads(n: int) -> None:
                     e, torch.get_num_interop_threads())
 
 
-def optimized(model, example: torch.Tensor, atol: float = 1e-4):
-    """torch.jit.optimize_for_inference(model) if it runs and matches ``model`` within atol."""
-    try:
-        fast = torch.jit.optimize_for_inference(model)
-        with torch.inference_mode():
-            want, got = model(example), fast(example)
-        pairs = zip(got, want) if isinstance(want, (tuple, list)) else [(got, want)]
-        diff = max((g - w).abs().max().item() for g, w in pairs)
-    except Exception as e:  # noqa: BLE001 - any failure means: serve the model as loaded
-        logger.warning("optimize_for_inference failed, serving the model as loaded: %s", e)
-        return model
-    if diff > atol:
-        logger.warning("optimize_for_inference changed outputs by %.2e (> %g); not used",
-                       diff, atol)
-        return model
-    logger.info("optimize_for_inference applied (max output difference %.1e)", diff)
-    return fast
-
-
 def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
@@ -171,6 +152,7 @@ class ImageClassifier(BaseHandler):
         self.preset = EvalPreset.from_dict(cfg)
         if cfg.get("threads"):
             set_threads(int(cfg["threads"]))
+        self.max_batch = max(1, int(context.system_properties.get("batch_size") or 1))
         super().initialize(context)  # loads the model through _load_torchscript_model
         self.top_k = min(int(cfg.get("top_k", 5)), len(self.mapping))
         self.min_short = round(float(cfg.get("jpeg_draft", 0)) * self.preset.resize_size)
@@ -198,13 +180,12 @@ class ImageClassifier(BaseHandler):
         engine = self.handler_config.get("quantized_engine")
         if engine:
             return self._load_quantized(model_pt_path, engine)
-        model = super()._load_torchscript_model(model_pt_path)
-        # Under fp16 autocast the optimised graph's fused ops have no autocast rules.
-        half = self.handler_config.get("half") and self.device.type == "cuda"
-        if not self.handler_config.get("optimize") or half:
-            return model
-        crop = self.preset.crop_size
-        return optimized(model.eval(), torch.randn(2, 3, crop, crop, device=self.device))
+        model = super()._load_torchscript_model(model_pt_path).eval()
+        mode = optimize_mode(self.handler_config.get("optimize"))
+        if self.handler_config.get("half") and self.device.type == "cuda":
+            mode = "none"  # under fp16 autocast the optimised graph's fused ops have no autocast rules
+        return optimize(model, mode, lambda: torch.jit.load(model_pt_path), self.preset.crop_size,
+                        self.device, self.max_batch)
 
     def _load_quantized(self, model_pt_path, engine: str):
         """An int8 model: its engine's CPU kernels, whatever device the worker was given."""

@@ -4,7 +4,8 @@
 
 Each subfolder of --exports that holds a model.pt (written by training.export)
 becomes <folder name>.mar. An archive holds the TorchScript file, the handler,
-the modules the handler imports (the ``models`` package's preprocessing),
+the modules the handler imports (the ``models`` package's preprocessing and
+optimisation),
 index_to_name.json and model-config.yaml: nothing pickled, no Python objects.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # What every handler imports from this project, as paths relative to ROOT.
-HANDLER_MODULES = ("models/__init__.py", "models/presets.py")
+HANDLER_MODULES = ("models/__init__.py", "models/presets.py", "models/optimize.py")
 # Handlers built on ImageClassifier import it from the handlers package.
 BASE_HANDLER_MODULES = ("handlers/__init__.py", "handlers/image_classifier.py")
 

@@ -41,7 +41,8 @@ def test_registration_of_a_path_outside_the_store_is_refused(server):
 
 
 ALLOWED_IN_ARCHIVE = {"image_classifier.py", "model.pt", "model-config.yaml", "index_to_name.json",
-                      "models/__init__.py", "models/presets.py", "MAR-INF/MANIFEST.json"}
+                      "models/__init__.py", "models/presets.py", "models/optimize.py",
+                      "MAR-INF/MANIFEST.json"}
 
 
 def test_archive_holds_torchscript_labels_config_and_handler_code_only(model_store, tmp_path):

@@ -1,10 +1,11 @@
-"""The handler's speed settings: threads, reduced JPEG decoding, optimize_for_inference,
-and the CUDA-only options (half, gpu_decode), whose tensor path runs on the CPU here."""
+"""The handler's speed settings: threads, reduced JPEG decoding, oneDNN Graph and
+optimize_for_inference, and the CUDA-only options (half, gpu_decode), whose tensor path runs on the CPU here."""
 from __future__ import annotations
 
 import copy
 import io
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ import yaml
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
-from handlers.image_classifier import ImageClassifier, optimized, set_threads
+from handlers.image_classifier import ImageClassifier, set_threads
+from models import optimize as optimize_mod
+from models.optimize import OneDNNModel, chunk_sizes, optimize_mode, optimized
 from models.presets import EvalPreset, open_image, orient_tensor
 from tests.conftest import png_bytes, split_images
 from tests.test_handler import answers, make_context
@@ -48,11 +51,11 @@ def test_export_writes_speed_settings(exported):
     cfg = yaml.safe_load((exported / "model-config.yaml").read_text())
     assert cfg["handler"]["threads"] == export_mod.DEFAULT_THREADS
     assert cfg["handler"]["jpeg_draft"] == export_mod.DEFAULT_JPEG_DRAFT
-    assert cfg["handler"]["optimize"] is True
+    assert cfg["handler"]["optimize"] == "onednn"
     assert cfg["handler"]["half"] is False and cfg["handler"]["gpu_decode"] is False
     a = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--threads", "1", "--half",
                                "--gpu-decode", "--no-optimize", "--jpeg-draft", "0"])
-    assert export_mod.speed_settings(a) == {"threads": 1, "jpeg_draft": 0.0, "optimize": False,
+    assert export_mod.speed_settings(a) == {"threads": 1, "jpeg_draft": 0.0, "optimize": "none",
                                             "half": True, "gpu_decode": True}
 
 
@@ -85,13 +88,85 @@ def test_optimize_for_inference_is_checked_and_falls_back(exported, caplog):
 
 
 def test_handler_loads_the_optimized_model(exported, caplog):
-    with caplog.at_level(logging.INFO, logger="handlers.image_classifier"):
+    with caplog.at_level(logging.INFO, logger="models.optimize"):
         h = handler_with(exported, optimize=True)
     assert "optimize_for_inference applied" in caplog.text
     plain = handler_with(exported, optimize=False)
     x = torch.randn(3, 3, 224, 224)
     with torch.inference_mode():
         assert torch.allclose(h.model(x), plain.model(x), atol=1e-4)
+
+
+def test_optimize_modes_of_export_and_handler_agree():
+    assert export_mod.OPTIMIZE_MODES is optimize_mod.OPTIMIZE_MODES
+    for mode in export_mod.OPTIMIZE_MODES:
+        a = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--optimize", mode])
+        assert export_mod.speed_settings(a)["optimize"] == mode == optimize_mode(mode)
+    # archives written before the modes said true / false
+    assert optimize_mode(True) == "jit" and optimize_mode(False) == "none"
+    with pytest.raises(ValueError, match="not one of"):
+        optimize_mode("fast")
+
+
+def test_chunk_sizes_are_powers_of_two_and_the_batch_size():
+    assert chunk_sizes(1) == [1]
+    assert chunk_sizes(8) == [1, 2, 4, 8]
+    assert chunk_sizes(6) == [1, 2, 4, 6]
+
+
+def fused_graph(model) -> str:
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 224, 224))
+    return str(torch.jit.last_executed_optimized_graph())
+
+
+def test_onednn_model_serves_every_batch_size_from_fused_copies(exported, caplog):
+    with caplog.at_level(logging.INFO, logger="models.optimize"):
+        h = handler_with(exported, optimize="onednn")  # batch size 8 (make_context)
+    assert "oneDNN Graph applied" in caplog.text
+    assert isinstance(h.model, OneDNNModel) and sorted(h.model.copies) == [1, 2, 4, 8]
+    assert "oneDNNFusionGroup" in fused_graph(h.model.copies[1])
+    plain = torch.jit.load(str(exported / "model.pt")).eval()
+    calls = []
+    for b, m in h.model.copies.items():  # record which copy serves which chunk
+        h.model.copies[b] = lambda x, m=m: calls.append(len(x)) or m(x)
+    for n in (1, 3, 7, 8, 11):
+        x = torch.randn(n, 3, 224, 224)
+        calls.clear()
+        with torch.inference_mode():
+            got, want = h.model(x), plain(x)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert calls == {1: [1], 3: [2, 1], 7: [4, 2, 1], 8: [8], 11: [8, 2, 1]}[n]
+
+
+def test_onednn_model_recompiles_when_the_thread_count_changes(exported):
+    torch.set_num_threads(1)
+    model = OneDNNModel(lambda: torch.jit.load(str(exported / "model.pt")), [2, 1], 224)
+    before = dict(model.copies)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        y1 = model(x)
+        assert model.copies == before and model.threads == 1
+        torch.set_num_threads(2)
+        y2 = model(x)
+    assert model.threads == 2 and all(model.copies[b] is not before[b] for b in (1, 2))
+    assert torch.allclose(y1, y2, atol=1e-5)
+
+
+def test_onednn_falls_back_to_optimize_for_inference_when_nothing_fuses(exported, tmp_path, caplog):
+    class NoConv(torch.nn.Module):  # data movement only: nothing for oneDNN Graph to fuse
+        def forward(self, x):
+            return x.flatten(1)[:, :3] * 1.0
+
+    export = tmp_path / "export"
+    shutil.copytree(exported, export)
+    torch.jit.freeze(torch.jit.script(NoConv().eval())).save(str(export / "model.pt"))
+    with caplog.at_level(logging.INFO, logger="models.optimize"):
+        h = handler_with(export, optimize="onednn")
+    assert "oneDNN Graph failed, not used: oneDNN Graph fused nothing" in caplog.text
+    assert "optimize_for_inference applied" in caplog.text
+    assert not isinstance(h.model, OneDNNModel)
 
 
 def test_cuda_options_are_ignored_on_cpu_with_a_warning(exported, tiny_data, reference, caplog):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from models.optimize import OPTIMIZE_MODES
 from models.presets import EvalPreset
 from training import quantize
 from training.train import load_checkpoint
@@ -50,6 +51,9 @@ DEFAULT_MAX_BATCH_DELAY = 2
 # a 12 MP phone photo decodes at 1/8 scale, within max 0.07 / mean 0.011 of the eval
 # tensor (tests/test_presets.py states and tests the tolerance).
 DEFAULT_JPEG_DRAFT = 1.25
+# oneDNN Graph: forward 1.2-1.75x faster than optimize_for_inference at 1 thread, for a
+# slower worker start and a model copy per batch size (models/optimize.py).
+DEFAULT_OPTIMIZE = "onednn"
 LABELS_FILE = "index_to_name.json"
 CONFIG_FILE = "model-config.yaml"
 QUANTIZATION_FILE = "quantization.json"
@@ -158,8 +162,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jpeg-draft", type=float, default=DEFAULT_JPEG_DRAFT,
                    help="decode large JPEGs at 1/2-1/8 scale keeping the short side >= this "
                         "x resize_size (0: always full decode)")
-    p.add_argument("--no-optimize", dest="optimize", action="store_false",
-                   help="skip torch.jit.optimize_for_inference when the handler loads the model")
+    p.add_argument("--optimize", choices=OPTIMIZE_MODES, default=DEFAULT_OPTIMIZE,
+                   help="how the handler optimises the model it loads: oneDNN Graph fusion "
+                        "per batch size (CPU workers; jit on a GPU), "
+                        "torch.jit.optimize_for_inference, or none")
+    p.add_argument("--no-optimize", dest="optimize", action="store_const", const="none",
+                   help="the same as --optimize none")
     p.add_argument("--half", action="store_true",
                    help="CUDA workers: forward pass in fp16 (autocast); ignored on CPU")
     p.add_argument("--gpu-decode", action="store_true",
