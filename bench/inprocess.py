@@ -67,7 +67,9 @@ def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_ba
             raise RuntimeError(f"the handler refused a benchmark image: {answers}")
         return elapsed
 
-    for _ in range(warmup_batches):  # TorchScript optimises on its first calls per shape
+    # TorchScript optimises on its first calls per shape; a oneDNN Graph model
+    # (models/optimize.py) recompiles here for this process's thread count.
+    for _ in range(warmup_batches):
         one_batch()
     times = []
     start = time.perf_counter()
