@@ -40,6 +40,16 @@ def optimize_mode(value) -> str:
     return value
 
 
+def tensors(out) -> list[torch.Tensor]:
+    """A model's output as a list: the tensor, or those of its tuple (e.g. an ImageNet head's)."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def max_difference(got, want) -> float:
+    """The largest absolute difference between two models' outputs on the same input."""
+    return max((g - w).abs().max().item() for g, w in zip(tensors(got), tensors(want)))
+
+
 def optimized(model, example: torch.Tensor, build=torch.jit.optimize_for_inference,
               name: str = "optimize_for_inference", rtol: float = 1e-4):
     """``build(model)`` if it runs and matches ``model`` on ``example`` within ``rtol`` of
@@ -48,9 +58,8 @@ def optimized(model, example: torch.Tensor, build=torch.jit.optimize_for_inferen
         fast = build(model)
         with torch.inference_mode():
             want, got = model(example), fast(example)
-        pairs = list(zip(got, want)) if isinstance(want, (tuple, list)) else [(got, want)]
-        diff = max((g - w).abs().max().item() for g, w in pairs)
-        scale = max(1.0, max(w.abs().max().item() for _, w in pairs))
+        diff = max_difference(got, want)
+        scale = max(1.0, max(w.abs().max().item() for w in tensors(want)))
     except Exception as e:  # noqa: BLE001 - any failure means: serve the model as loaded
         logger.warning("%s failed, not used: %s", name, e)
         return model

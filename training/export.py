@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.optimize import OPTIMIZE_MODES
+from models.optimize import OPTIMIZE_MODES, max_difference
 from models.presets import EvalPreset
 from training import quantize
 from training.train import load_checkpoint
@@ -96,8 +96,7 @@ def check_roundtrip(eager: torch.nn.Module, path: Path, crop: int, atol: float =
     x = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         got, want = torch.jit.load(str(path))(x), eager(x)
-        pairs = zip(got, want) if isinstance(want, tuple) else [(got, want)]
-        diff = max((g - w).abs().max().item() for g, w in pairs)
+        diff = max_difference(got, want)
     if diff > atol:
         raise RuntimeError(f"TorchScript output differs from eager by {diff:.2e} (> {atol})")
     return diff
