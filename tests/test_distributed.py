@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -20,14 +23,64 @@ ARGS = ["--model", "scratch_cnn", "--dropout", "0", "--batch-size", "10", "--epo
         "--optimizer", "sgd", "--lr", "0.005", "--workers", "0", "--no-analysis", "--weights", "none"]
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (Linux /proc). torchrun starts each worker in a
+    session of its own, so a process group or session does not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def torchrun(processes: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """training.train under torchrun. A run that outlives ``timeout`` (it takes ~15 s)
+    fails the test with every process's Python stack (faulthandler on SIGABRT), and
+    leaves no process behind."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", str(processes), "-m", "training.train", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pids = [p.pid]
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pids = _descendants(p.pid)
+        for pid in reversed(pids):  # each Python process prints where it stands, in turn
+            _signal([pid], signal.SIGABRT)
+            time.sleep(0.5)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            _signal(pids, signal.SIGKILL)
+            out, err = p.communicate()
+        raise AssertionError(f"torchrun ran over {timeout} s; its processes' stacks:\n"
+                             f"{err[-12000:]}\nstdout:\n{out[-2000:]}") from None
+    finally:
+        _signal(pids, signal.SIGKILL)  # nothing outlives the test
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
 def test_two_gloo_processes_learn_what_one_process_learns(tiny_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train_mod.run(train_mod.parse_args([*ARGS, "--data", str(tiny_data), "--out", str(one)]))
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", "-m", "training.train", *ARGS,
-                        "--data", str(tiny_data), "--out", str(two)],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = torchrun(2, [*ARGS, "--data", str(tiny_data), "--out", str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes" in r.stdout
     assert r.stdout.count("Test Accuracy") == 1  # only rank 0 reports

@@ -408,29 +408,35 @@ def run(a: argparse.Namespace) -> dict | None:
     """Train, keep the best checkpoint by validation loss, test it; returns the test metrics
     (in the main process; None in the others)."""
     d = distributed.setup()
+    result = _run(a, d)
+    # Every process leaves together, and only after success: destroying the group while
+    # another process still uses it can hang, and a failed process exits without it
+    # (torchrun then stops the others).
+    distributed.finish(d)
+    return result
+
+
+def _run(a: argparse.Namespace, d: distributed.Dist) -> dict | None:
+    _seed(a.seed)
+    resume_from = prepare_out(a)
+    r = Run(a, d)
+    if resume_from:
+        r.restore(resume_from)
+    if d.main:
+        save_settings(a, a.out / "settings.yaml")
+        print(r.summary() + (f"; resuming after epoch {r.start_epoch}" if resume_from else ""),
+              flush=True)
     try:
-        _seed(a.seed)
-        resume_from = prepare_out(a)
-        r = Run(a, d)
-        if resume_from:
-            r.restore(resume_from)
+        for epoch in range(r.start_epoch, a.epochs):
+            if not r.epoch(epoch):
+                break
+    except KeyboardInterrupt:
         if d.main:
-            save_settings(a, a.out / "settings.yaml")
-            print(r.summary() + (f"; resuming after epoch {r.start_epoch}" if resume_from else ""),
-                  flush=True)
-        try:
-            for epoch in range(r.start_epoch, a.epochs):
-                if not r.epoch(epoch):
-                    break
-        except KeyboardInterrupt:
-            if d.main:
-                print(f"\nInterrupted: {len(r.history)} epochs are saved in {a.out / 'last.pt'}; "
-                      "run the same command with --resume to continue.", file=sys.stderr)
-            raise
-        distributed.barrier(d)
-        return test_and_analyse(r) if d.main else None
-    finally:
-        distributed.teardown(d)
+            print(f"\nInterrupted: {len(r.history)} epochs are saved in {a.out / 'last.pt'}; "
+                  "run the same command with --resume to continue.", file=sys.stderr)
+        raise
+    distributed.barrier(d)
+    return test_and_analyse(r) if d.main else None
 
 
 def main(argv=None):
