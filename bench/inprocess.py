@@ -15,11 +15,17 @@ gets GPU N as a worker does (TorchServe's gpu_id), so it runs where the served m
 
 Run as a subprocess by bench.run so that it gets the same environment as the servers
 (glibc reads MALLOC_* at process start) and shares no threads with the load generator.
+
+With --timer it times single images on request instead (``SingleImageTimer``): bench.run
+interleaves them with lone requests to the server, so that the served latency at
+concurrency 1 is compared with in-process timings of the same minutes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +57,16 @@ def classify(handler: ImageClassifier, images: list[bytes]) -> list:
     return handler.postprocess(handler.inference(handler.preprocess(rows)))
 
 
+def timed(handler: ImageClassifier, images: list[bytes]) -> float:
+    """Seconds one batch takes through the handler; an image it refuses is an error."""
+    t0 = time.perf_counter()
+    answers = classify(handler, images)
+    elapsed = time.perf_counter() - t0
+    if any("top_k" not in a for a in answers):
+        raise RuntimeError(f"the handler refused a benchmark image: {answers}")
+    return elapsed
+
+
 def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_batches: int,
                 warmup_batches: int = 2) -> dict:
     """Images/s over whole batches, and the time of each batch."""
@@ -60,12 +76,7 @@ def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_ba
         nonlocal n
         chunk = [images[(n + j) % len(images)] for j in range(batch)]
         n += batch
-        t0 = time.perf_counter()
-        answers = classify(handler, chunk)
-        elapsed = time.perf_counter() - t0
-        if any("top_k" not in a for a in answers):
-            raise RuntimeError(f"the handler refused a benchmark image: {answers}")
-        return elapsed
+        return timed(handler, chunk)
 
     # TorchScript optimises on its first calls per shape; a oneDNN Graph model
     # (models/optimize.py) recompiles here for this process's thread count.
@@ -78,6 +89,60 @@ def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_ba
     total = sum(times)
     return {"batch_size": batch, "batches": len(times), "images": batch * len(times),
             "images_per_s": batch * len(times) / total, "batch_times_s": times}
+
+
+def serve_timings(handler, images: dict[str, list[bytes]], commands, replies) -> None:
+    """--timer: after a warm-up, read "SIZE INDEX" lines and answer each with the
+    milliseconds one image takes through the handler, until the input ends."""
+    for imgs in images.values():
+        for data in imgs:
+            for _ in range(2):
+                timed(handler, [data])
+    print("ready", file=replies, flush=True)
+    for line in commands:
+        size, i = line.split()
+        ms = 1000 * timed(handler, [images[size][int(i) % len(images[size])]])
+        print(f"{ms:.3f}", file=replies, flush=True)
+
+
+class SingleImageTimer:
+    """A bench.inprocess --timer process: ``ms(size, i)`` times image ``i`` of ``size``
+    through the handler, one image on ``threads`` threads, as one request in a worker."""
+
+    def __init__(self, export: Path, threads: int, image_files: dict[str, list[Path]],
+                 env: dict, cwd: Path, gpu: int | None = None):
+        cmd = [sys.executable, "-m", "bench.inprocess", "--timer", "--export", str(export),
+               "--threads", str(threads)]
+        cmd += ["--gpu", str(gpu)] if gpu is not None else []
+        for size, files in image_files.items():
+            cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, cwd=cwd)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError(f"bench.inprocess --timer did not start (exit {self.proc.returncode})")
+
+    def ms(self, size: str, i: int) -> float:
+        print(size, i, file=self.proc.stdin, flush=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench.inprocess --timer ended (exit {self.proc.wait()})")
+        return float(line)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "SingleImageTimer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def outputs(model, crop: int = 224, device: torch.device | str = "cpu") -> int:
@@ -101,19 +166,29 @@ def main(argv=None):
                    help="also time single images with this many threads: what one request gets "
                         "from a worker (the served p50 at concurrency 1 is compared with it)")
     p.add_argument("--gpu", type=int, help="run the handler on this GPU, as a worker given it does")
-    p.add_argument("--out", type=Path, required=True, help="JSON result")
+    p.add_argument("--out", type=Path, help="JSON result (required without --timer)")
+    p.add_argument("--timer", action="store_true",
+                   help="time single images on request: read 'SIZE INDEX' lines on stdin, answer "
+                        "each with milliseconds on stdout (after a line 'ready')")
     a = p.parse_args(argv)
+    if not a.timer and a.out is None:
+        p.error("--out is required without --timer")
     handler = load_handler(a.export, a.threads, a.gpu)
+    images = {}
+    for spec in a.images:
+        size, files = spec.split("=", 1)
+        images[size] = [Path(f).read_bytes() for f in files.split(",")]
+    if a.timer:
+        serve_timings(handler, images, sys.stdin, sys.stdout)
+        return
     result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
               "device": str(handler.device),
               "outputs": outputs(handler.model, handler.preset.crop_size, handler.device),
               "handler_config": handler.handler_config, "sizes": {}}
-    for spec in a.images:
-        size, files = spec.split("=", 1)
-        images = [Path(f).read_bytes() for f in files.split(",")]
+    for size, imgs in images.items():
         runs = []
         for b in a.batch_sizes:
-            r = run_batches(handler, images, b, a.seconds, a.min_batches)
+            r = run_batches(handler, imgs, b, a.seconds, a.min_batches)
             print(f"    in-process {size} batch {b}: {r['images_per_s']:.1f} images/s", flush=True)
             runs.append(r)
         result["sizes"][size] = runs
@@ -121,10 +196,8 @@ def main(argv=None):
         torch.set_num_threads(a.request_threads)
         result["request_threads"] = a.request_threads
         result["single_per_request_threads"] = {}
-        for spec in a.images:
-            size, files = spec.split("=", 1)
-            images = [Path(f).read_bytes() for f in files.split(",")]
-            r = run_batches(handler, images, 1, a.seconds, a.min_batches)
+        for size, imgs in images.items():
+            r = run_batches(handler, imgs, 1, a.seconds, a.min_batches)
             print(f"    in-process {size} single image, {a.request_threads} thread(s): "
                   f"{1000 / r['images_per_s']:.1f} ms", flush=True)
             result["single_per_request_threads"][size] = r["batch_times_s"]

@@ -300,6 +300,15 @@ def test_smoke_run_writes_complete_results(smoke):
     assert any("outside the handler" in t["what"] for t in results["targets"])
     check = model["latency_check"]["500x375"]
     assert check["difference_ms"] == pytest.approx(check["served_p50_ms"] - check["in_process_ms"], abs=0.02)
+    # The served lone requests were paired with in-process timings; the c=1 target reads them.
+    served = model["lone"]["served"]["500x375"]
+    assert served["in_process_ms"] > 0
+    assert served["client_minus_in_process_ms"] == pytest.approx(
+        served["client_ms"] - served["in_process_ms"], abs=0.02)
+    assert all("in_process_ms" not in d for d in model["lone"].get("builtin", {}).values())
+    c1 = [t for t in results["targets"] if "p50 at c=1" in t["what"]]
+    assert len(c1) == 1 and "timed between them" in c1[0]["what"]
+    assert c1[0]["value"] == f"{served['client_minus_in_process_ms']:+.1f} ms"
 
     pre = results["preprocessing"]["500x375"]
     assert pre["plain_ms"] > 0 and pre["handler_ms"] > 0
@@ -315,6 +324,25 @@ def test_smoke_run_writes_complete_results(smoke):
     assert f"CPU steal during the run {report.percent(results['machine']['cpu_steal'])}" in md
     assert "| 500x375 | 8 |" in md and "served/in-process" in md
     assert "python -m bench.run --smoke" in md
+
+
+def test_single_image_timer_times_the_handler_and_fails_loudly(smoke, tmp_path):
+    """The in-process side of the paired concurrency-1 timings: a process that runs the
+    handler on request, and that fails rather than time an image the handler refused."""
+    export = smoke / "work" / "exports" / "flying_objects"
+    image = next((smoke / "images").glob("*500x375*.jpg"))
+    env = bench_run.child_env(1)
+    with inprocess.SingleImageTimer(export, 1, {"500x375": [image]}, env, bench_run.ROOT) as timer:
+        ms = [timer.ms("500x375", i) for i in range(3)]
+        assert all(0 < m < 60_000 for m in ms)
+        assert len(set(ms)) > 1  # measured each time, not a stored value
+        with pytest.raises(RuntimeError, match="ended"):
+            timer.ms("4000x3000", 0)  # a size it was not given
+    assert timer.proc.returncode not in (None, 0)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(RuntimeError, match="did not start"):
+        inprocess.SingleImageTimer(export, 1, {"500x375": [bad]}, env, bench_run.ROOT)
 
 
 def test_inprocess_limit_runs_on_the_gpu_it_is_given_or_the_cpu(smoke, tmp_path):
