@@ -118,20 +118,27 @@ class SingleImageTimer:
             cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=cwd)
-        if self.proc.stdout.readline().strip() != "ready":
-            self.close()
-            raise RuntimeError(f"bench.inprocess --timer did not start (exit {self.proc.returncode})")
+        for line in self.proc.stdout:  # what imports print before it starts, then "ready"
+            if line.strip() == "ready":
+                return
+        self.close()
+        raise RuntimeError(f"bench.inprocess --timer did not start (exit {self.proc.returncode})")
 
     def ms(self, size: str, i: int) -> float:
-        print(size, i, file=self.proc.stdin, flush=True)
-        line = self.proc.stdout.readline()
+        try:
+            print(size, i, file=self.proc.stdin, flush=True)
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
         if not line:
             raise RuntimeError(f"bench.inprocess --timer ended (exit {self.proc.wait()})")
         return float(line)
 
     def close(self) -> None:
-        if self.proc.stdin:
+        try:
             self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -173,13 +180,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not a.timer and a.out is None:
         p.error("--out is required without --timer")
+    replies = sys.stdout
+    if a.timer:  # stdout carries the answers only: what else prints goes to stderr
+        sys.stdout = sys.stderr
     handler = load_handler(a.export, a.threads, a.gpu)
     images = {}
     for spec in a.images:
         size, files = spec.split("=", 1)
         images[size] = [Path(f).read_bytes() for f in files.split(",")]
     if a.timer:
-        serve_timings(handler, images, sys.stdin, sys.stdout)
+        serve_timings(handler, images, sys.stdin, replies)
         return
     result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
               "device": str(handler.device),
