@@ -242,22 +242,32 @@ def inference_target(ts: LocalServer, model: str) -> Target:
 
 
 # -- contestants ------------------------------------------------------------------------
+def inprocess_threads(a) -> int:
+    """The in-process limit's torch threads: all the server's workers' threads, in one process."""
+    return a.workers * a.threads
+
+
+def inprocess_gpu(a) -> int | None:
+    """The GPU the in-process handler gets, as a worker would (None: the CPU)."""
+    return 0 if a.device == "cuda" else None
+
+
 def inprocess_command(a, export: Path, image_files: dict[str, list[Path]], out: Path) -> list[str]:
     """bench.inprocess with the served settings: the server's threads in one process, on
     the device the workers get."""
     cmd = [sys.executable, "-m", "bench.inprocess", "--export", str(export),
-           "--threads", str(a.workers * a.threads), "--seconds", str(a.inprocess_seconds),
+           "--threads", str(inprocess_threads(a)), "--seconds", str(a.inprocess_seconds),
            "--min-batches", str(a.inprocess_min_batches), "--out", str(out),
            "--batch-sizes", *map(str, a.inprocess_batch_sizes), "--request-threads", str(a.threads)]
-    if a.device == "cuda":
-        cmd += ["--gpu", "0"]
+    if inprocess_gpu(a) is not None:
+        cmd += ["--gpu", str(inprocess_gpu(a))]
     for size, files in image_files.items():
         cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
     return cmd
 
 
 def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], workdir: Path) -> dict:
-    threads = a.workers * a.threads
+    threads = inprocess_threads(a)
     out = workdir / f"inprocess_{name}.json"
     cmd = inprocess_command(a, export, image_files, out)
     print(f"  in-process limit: {threads} torch threads, batch sizes {a.inprocess_batch_sizes}, "
@@ -407,7 +417,7 @@ def contestant_settings(a, skip: dict, flask_info: dict | None, handler: dict) -
     speed = ", ".join(f"{k}={handler[k]}" for k in SPEED_KEYS if k in handler)
     c = {report.SERVED: {"settings": f"handlers/image_classifier.py ({speed}); {same}"},
          report.INPROCESS: {"settings": f"the same handler and model-config.yaml in one process, "
-                                         f"{a.workers * a.threads} torch thread(s), no server, "
+                                         f"{inprocess_threads(a)} torch thread(s), no server, "
                                          f"on {a.device}; best of batch sizes {a.inprocess_batch_sizes}"},
          report.BUILTIN: {"settings": f"TorchServe's image_classifier handler; {same}"},
          report.DEFAULT: {"settings": f"TorchServe's image_classifier handler with TorchServe's defaults: "
@@ -516,7 +526,7 @@ def run(a) -> dict:
         # this process (the load generator) does not otherwise need
         from bench.inprocess import SingleImageTimer
         timer = lambda: SingleImageTimer(  # noqa: E731
-            export, a.threads, image_files, child_env(a.threads), ROOT, 0 if a.device == "cuda" else None)
+            export, a.threads, image_files, child_env(a.threads), ROOT, inprocess_gpu(a))
         model.update(torchserve_contestants(a, name, archives, images, ip_rates, work, mskip, timer))
         if report.FLASK in a.contestants:
             model["cells"][report.FLASK], flask_info = flask_contestant(a, name, export, images,
