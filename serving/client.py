@@ -24,6 +24,7 @@ from pathlib import Path
 import requests
 
 from serving.archive import ArchiveMismatch, verify_archive
+from serving.logs import LoadWatch, ModelLoadError
 
 DEFAULT_KEY_FILE = os.environ.get("TS_KEY_FILE", "run/key_file.json")
 KEY_FILE_WAIT_S = 5.0  # how long to wait for TorchServe to finish rewriting its key file
@@ -194,12 +195,15 @@ class Client:
         """Make ``version`` the one /predictions/<model> serves."""
         return self._json("management", "PUT", f"/models/{model}/{version}/set-default")
 
-    def wait_until_up(self, timeout: float = 120.0) -> None:
+    def wait_until_up(self, timeout: float = 120.0, watch: LoadWatch | None = None) -> None:
         """Wait until the server answers /ping and every registered model has all its
-        workers READY (models in config.properties' load_models load after /ping answers)."""
+        workers READY (models in config.properties' load_models load after /ping answers).
+        With ``watch``, raise ModelLoadError as soon as a model's workers keep dying."""
         deadline = time.monotonic() + timeout
         last: Exception | str | None = None
         while time.monotonic() < deadline:
+            if watch:
+                watch.check()
             try:
                 if self.ping().get("status") == "Healthy":
                     waiting = [m["modelName"] for m in self.models() if not self.ready(m["modelName"])]
@@ -256,6 +260,8 @@ def main(argv=None):
     sub.add_parser("models", help="list registered models with their workers")
     wt = sub.add_parser("wait", help="wait until the server answers /ping")
     wt.add_argument("--for", dest="wait_s", type=float, default=120.0, help="seconds to wait")
+    wt.add_argument("--logs", type=Path, help="TorchServe's log folder: stop early, with the "
+                    "cause, when a model's workers keep dying while loading it")
     a = p.parse_args(argv)
     c = Client(a.inference_url, a.management_url, a.key_file, a.timeout)
     try:
@@ -284,9 +290,9 @@ def main(argv=None):
         elif a.cmd == "models":
             _print([c.describe(m["modelName"])[0] for m in c.models()])
         elif a.cmd == "wait":
-            c.wait_until_up(a.wait_s)
+            c.wait_until_up(a.wait_s, LoadWatch(a.logs) if a.logs else None)
             print("TorchServe is up")
-    except (TorchServeError, ArchiveMismatch, FileNotFoundError, TimeoutError,
+    except (TorchServeError, ArchiveMismatch, FileNotFoundError, TimeoutError, ModelLoadError,
             requests.ConnectionError) as e:
         sys.exit(f"error: {e}")
 

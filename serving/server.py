@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from serving.client import Client
+from serving.logs import LoadWatch, ModelLoadError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.properties"
@@ -160,6 +161,7 @@ class LocalServer:
         cfg = self.workdir / "config.properties"
         cfg.write_text(render_config(self.base_config, self.overrides))
         logging = ["--log-config", str(self.log_config)] if self.log_config else []
+        watch = LoadWatch(self.workdir / self.env.get("LOG_LOCATION", "logs"))
         self._torchserve("--start", "--ncs", "--ts-config", str(cfg), *logging,
                          "--model-store", str(self.model_store))
         tokens = read_properties(cfg).get("disable_token_authorization", "false") != "true"
@@ -170,8 +172,11 @@ class LocalServer:
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
-                self.client.wait_until_up(timeout=2)
+                self.client.wait_until_up(timeout=2, watch=watch)
                 return self.client
+            except ModelLoadError:
+                self.stop()
+                raise
             except TimeoutError as e:
                 pid = self.pid()
                 died = pid is None or not psutil.pid_exists(pid)
