@@ -48,14 +48,14 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-int8 bench-deps bench-train clean
+.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-int8 bench-flops bench-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
 	@echo "make test      run the test suite (installs first)"
 	@echo "steps:         venv data train export archive serve register predict stop"
 	@echo "make check-data  data problems and class counts (training.clean, training.stats; DATA=...)"
-	@echo "make bench-train training throughput table;  make bench   serving benchmark (bench-int8: on int8 exports)"
+	@echo "make bench-train training throughput table;  make bench   serving benchmark (bench-int8: on int8 exports; bench-flops: forward pass vs matmul)"
 	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
 	@echo "make rollout|rollback|retire MODEL=name VERSION=x   model versions through the management API"
 	@echo "make grpc      generate the gRPC client's stubs;  make kserve   KServe layout + manifests"
@@ -233,6 +233,10 @@ bench: bench-deps
 bench-int8: bench-deps
 	$(MAKE) export EXPORT=build/export-int8 QUANTIZE=int8
 	$(PY) -m bench.run --device cpu --exports build/export-int8 --out build/bench-int8 $(BENCH_ARGS)
+# The forward pass's FLOP rate against a matrix multiply's, one thread (bench/flops.py):
+# how much a faster compilation could still win. build/bench/flops.json.
+bench-flops: | venv
+	$(PY) -m bench.flops $(FLOPS_ARGS)
 bench-deps: venv check-java
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 

@@ -405,3 +405,27 @@ def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeyp
     md = (tmp_path / "results.md").read_text()
     assert "skipped: captum is not installed" in md
     assert "| size | batch 2 | best | 1-image p50 ms |" in md and "(batch 2) | – |" in md
+
+
+def test_flops_measures_each_compilation_against_a_matrix_multiply(tmp_path, capsys):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench import flops
+    from models.registry import get_model
+    results = flops.main(["--models", "flying_objects", "--exports", str(tmp_path / "none"),
+                          "--batch-sizes", "1", "2", "--rounds", "1", "--out", str(tmp_path)])
+    fly = results["models"]["flying_objects"]
+    assert fly["origin"].startswith("random mobilenet_v2")
+    assert [(r["optimize"], r["batch"]) for r in fly["rows"]] == [
+        (mode, b) for mode in flops.MODES for b in (1, 2)]
+    # The FLOPs counted on the TorchScript file are the eager network's.
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        get_model("mobilenet_v2", 4, weights=None).eval()(torch.zeros(1, 3, 224, 224))
+    assert {r["gflop_per_image"] for r in fly["rows"]} == {round(counter.get_total_flops() / 1e9, 2)}
+    assert fly["matmul_gflops"] > 0
+    for r in fly["rows"]:
+        rate = r["gflop_per_image"] / r["ms_per_image"] * 1e3
+        assert math.isclose(r["gflops"], rate, rel_tol=0.05), r
+        assert math.isclose(r["of_matmul"], r["gflops"] / fly["matmul_gflops"], rel_tol=0.01), r
+    assert json.loads((tmp_path / "flops.json").read_text()) == results
+    assert "of matmul" in capsys.readouterr().out
