@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from bench import report
-from training.analysis import save_png
+from training.figures import Figure, save_png
 
 STYLE = {report.SERVED: dict(color="tab:blue", marker="o", linewidth=2.5),
          report.BUILTIN: dict(color="tab:orange", marker="s"),

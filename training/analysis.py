@@ -7,8 +7,7 @@ the end of training; the CLI re-creates the files afterwards from a run folder:
 
     python -m training.analysis --run runs/dog_breeds --data data/demo --split test
 
-Figures use matplotlib's object API (``Figure`` + Agg canvas), not pyplot: no
-global figure state, nothing to close, no display needed.
+Figures use matplotlib's object API (training/figures.py), not pyplot.
 """
 from __future__ import annotations
 
@@ -22,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
-from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 from torch.utils.data import SequentialSampler
@@ -32,6 +29,7 @@ from torch.utils.data import SequentialSampler
 from models.presets import BadImage, EvalPreset, open_image
 from training.data import image_folder, loader
 from training.distributed import Dist
+from training.figures import Figure, save_png
 # The trainer imports this module only inside a function, so this is not circular.
 from training.train import evaluate, load_checkpoint
 
@@ -184,12 +182,6 @@ def write_markdown(rows: list[dict], totals: dict, path: Path) -> Path:
 
 
 # -------------------------------------------------------------------- figures
-
-def save_png(fig: Figure, path: Path, dpi: int = 100) -> Path:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi)
-    return path
-
 
 def _message_png(text: str, path: Path) -> Path:
     """A small PNG that only says ``text`` (so the run folder's file list stays the same)."""

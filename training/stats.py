@@ -71,16 +71,15 @@ def draw_chart(counts: dict[str, dict[str, int]], path: Path, title: str) -> Non
     Horizontal so that 133 class names stay readable: the figure grows in height
     with the classes instead of squeezing rotated labels.
     """
-    import matplotlib
-    matplotlib.use("Agg")  # no display: this runs on servers and in tests
-    import matplotlib.pyplot as plt
+    from training.figures import Figure, save_png  # matplotlib only when a chart is drawn
 
     splits = list(counts)
     classes = sorted({c for per in counts.values() for c in per}, reverse=True)  # A at the top
     bar_h = 0.8 / len(splits)
     row = max(0.18, 0.08 * len(splits))  # inches per class: room for an 8 pt label
     height = max(3.0, row * len(classes) + 1.5)
-    fig, ax = plt.subplots(figsize=(9, height))
+    fig = Figure(figsize=(9, height), layout="tight")
+    ax = fig.subplots()
     for i, s in enumerate(splits):
         shift = ((len(splits) - 1) / 2 - i) * bar_h  # the first split on top of each group
         ys = [k + shift for k in range(len(classes))]
@@ -93,10 +92,7 @@ def draw_chart(counts: dict[str, dict[str, int]], path: Path, title: str) -> Non
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # off the bars
     if len(classes) > 30:  # a tall chart: the count axis at the top as well
         ax.tick_params(axis="x", top=True, labeltop=True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def default_chart(root: Path) -> Path:
