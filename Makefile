@@ -128,7 +128,8 @@ serve: check-java | venv
 	  $(PY) -m serving.server --out $(RUN)/config.properties && \
 	  ($(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --start --ncs --ts-config config.properties \
 	    --log-config $(CURDIR)/serving/log4j2.xml --model-store $(CURDIR)/$(STORE) > torchserve.out 2>&1) && \
-	  { $(CLIENT) wait --for 120 --logs $(RUN)/logs || { tail -n 20 $(RUN)/torchserve.out >&2; \
+	  { $(CLIENT) wait --for 120 --logs $(RUN)/logs 2> $(RUN)/wait.err || { tail -n 20 $(RUN)/torchserve.out >&2; \
+	    cat $(RUN)/wait.err >&2; \
 	    echo "TorchServe did not come up: see $(RUN)/torchserve.out and $(RUN)/logs/ (make stop stops it)" >&2; exit 1; }; }; fi
 
 # Registration parameters override the archive's model-config.yaml when given:
