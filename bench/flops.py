@@ -44,7 +44,8 @@ def measure(model_pt: Path, batch_sizes: list[int], rounds: int, crop: int = 224
     torch.set_num_threads(1)
     try:
         load = lambda: torch.jit.load(str(model_pt), map_location="cpu").eval()  # noqa: E731
-        models = {mode: optimize(load(), mode, load, crop, torch.device("cpu"), max(batch_sizes))
+        models = {mode: optimize(load(), mode, load, crop, torch.device("cpu"),
+                                 sorted({1, *batch_sizes}))
                   for mode in MODES}
         inputs = {b: torch.randn(b, 3, crop, crop) for b in batch_sizes}
         flops = {b: forward_flops(models["none"], x) for b, x in inputs.items()}

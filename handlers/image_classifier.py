@@ -33,6 +33,10 @@ Speed settings, also in the ``handler:`` section (training/export.py writes them
 - ``optimize``: ``onednn`` (oneDNN Graph fusion, compiled per batch size; CPU workers),
   ``jit`` (torch.jit.optimize_for_inference) or ``none``; models/optimize.py says what
   each does and measured, and checks the result against the model as loaded.
+- ``onednn_batches``: the batch sizes oneDNN Graph compiles a copy of the model for
+  (they must include 1); by default 1, 2, 4, ... up to batchSize. Each copy costs
+  memory (ResNet50: about 220 MB), so ``[1]`` suits a model that runs as fast per
+  image alone as in a batch.
 - ``quantized_engine``: the model is int8 (training/export.py --quantize int8) for this
   torch.backends.quantized engine, set before loading. Such a model runs on the CPU
   (also in a worker TorchServe gave a GPU) and skips ``optimize``.
@@ -60,7 +64,7 @@ from ts.metrics.metric_cache_errors import (MetricsCacheKeyError, MetricsCacheTy
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from models.optimize import optimize, optimize_mode
+from models.optimize import onednn_sizes, optimize, optimize_mode
 from models.presets import (MAX_PIXELS, BadImage, Decoded, EvalPreset, decode_image,
                             orient_tensor)
 
@@ -184,8 +188,9 @@ class ImageClassifier(BaseHandler):
         mode = optimize_mode(self.handler_config.get("optimize"))
         if self.handler_config.get("half") and self.device.type == "cuda":
             mode = "none"  # under fp16 autocast the optimised graph's fused ops have no autocast rules
+        sizes = onednn_sizes(self.handler_config.get("onednn_batches"), self.max_batch)
         return optimize(model, mode, lambda: torch.jit.load(model_pt_path), self.preset.crop_size,
-                        self.device, self.max_batch)
+                        self.device, sizes)
 
     def _load_quantized(self, model_pt_path, engine: str):
         """An int8 model: its engine's CPU kernels, whatever device the worker was given."""

@@ -5,8 +5,9 @@
   means ``jit``. Measured on the 2-core machine, forward pass per image at 1 thread
   against ``jit``: MobileNetV2 0.57-0.80x the time, ResNet50 0.67-0.84x (batch 1-8).
   It costs memory and start time: a copy of the model per size (ResNet50: about
-  190 MB each; 4 sizes for batch size 8), and the handler's start took 5.0 s instead
-  of 1.0-1.2 s for ResNet50 (1 thread, batch size 8).
+  220 MB each), and the handler's start took 5.0 s instead of 1.0-1.2 s for ResNet50
+  with 4 copies (1 thread, batch size 8). ``onednn_batches`` chooses the sizes
+  (``onednn_sizes``); ResNet50 exports compile batch 1 only (models/architectures.py).
 - ``jit`` (``true`` in older archives): torch.jit.optimize_for_inference (it cannot be
   saved so with torch 2.13). Against the model as loaded, 1 thread, batch 8: forward
   1.57x faster for MobileNetV2, 1.19x for ResNet50.
@@ -86,6 +87,21 @@ def chunk_sizes(batch_size: int) -> list[int]:
     return sorted({1 << k for k in range(batch_size.bit_length())} | {batch_size})
 
 
+def onednn_sizes(value, batch_size: int) -> list[int]:
+    """The batch sizes oneDNN Graph compiles a copy of the model for: model-config.yaml's
+    ``onednn_batches`` (sizes including 1, so that any batch can be cut into them), or
+    by default ``chunk_sizes(batch_size)``. Fewer sizes, less memory: ResNet50 ran as
+    fast per image at batch 1 as at 8 on the 2-core machine, at a quarter of the copies."""
+    if value is None:
+        return chunk_sizes(batch_size)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) \
+            or 1 not in values:
+        raise ValueError(f"model-config.yaml: onednn_batches {value!r} must be batch sizes "
+                         f"that include 1, e.g. [1] or [1, 8]")
+    return sorted(set(values))
+
+
 class OneDNNModel:
     """A CPU TorchScript model compiled by oneDNN Graph once per batch size of ``sizes``.
 
@@ -134,13 +150,12 @@ class OneDNNModel:
         return self
 
 
-def optimize(model, mode: str, load, crop: int, device: torch.device, max_batch: int):
+def optimize(model, mode: str, load, crop: int, device: torch.device, sizes: list[int]):
     """The model to serve under ``mode``; ``load()`` loads the file again (oneDNN Graph
-    needs a copy per batch size). oneDNN Graph that fails falls back to ``jit``."""
+    needs a copy per batch size of ``sizes``). oneDNN Graph that fails falls back to ``jit``."""
     if mode == "none":
         return model
     if mode == "onednn" and device.type == "cpu":
-        sizes = chunk_sizes(max_batch)
         example = torch.randn(min(3, sum(sizes)), 3, crop, crop)  # 3 = 2 + 1: chunked
         fast = optimized(model, example, lambda _: OneDNNModel(load, sizes, crop), "oneDNN Graph")
         if fast is not model:

@@ -20,17 +20,20 @@ class ModelSpec:
     train_preset: TrainPreset
     pretrained: bool  # whether torchvision ImageNet weights exist for it
     head: str  # the classifier module: trained first in staged fine-tuning
+    # Serving (optimize: onednn): the batch sizes to compile a model copy for, when the
+    # export does not say; None: 1, 2, 4, ... up to batchSize (models/optimize.py).
+    onednn_batches: tuple[int, ...] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, train_preset: TrainPreset = TrainPreset(), pretrained: bool = True,
-                   head: str = "classifier"):
+                   head: str = "classifier", onednn_batches: tuple[int, ...] | None = None):
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained, head)
+        _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained, head, onednn_batches)
         return fn
     return wrap
 

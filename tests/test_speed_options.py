@@ -17,7 +17,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from handlers.image_classifier import ImageClassifier, set_threads
 from models import optimize as optimize_mod
-from models.optimize import OneDNNModel, chunk_sizes, optimize_mode, optimized
+from models.optimize import OneDNNModel, chunk_sizes, onednn_sizes, optimize_mode, optimized
 from models.presets import EvalPreset, open_image, orient_tensor
 from tests.conftest import png_bytes, split_images
 from tests.test_handler import answers, make_context
@@ -120,6 +120,22 @@ def fused_graph(model) -> str:
     return str(torch.jit.last_executed_optimized_graph())
 
 
+def chunks_served(model: OneDNNModel, plain, n: int) -> list[int]:
+    """The chunk sizes ``model`` cuts a batch of ``n`` into; its answer is checked
+    against the model as loaded."""
+    calls, copies = [], dict(model.copies)
+    model.copies = {b: (lambda x, m=m: calls.append(len(x)) or m(x)) for b, m in copies.items()}
+    try:
+        x = torch.randn(n, 3, 224, 224)
+        with torch.inference_mode():
+            got, want = model(x), plain(x)
+    finally:
+        model.copies = copies
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    return calls
+
+
 def test_onednn_model_serves_every_batch_size_from_fused_copies(exported, caplog):
     with caplog.at_level(logging.INFO, logger="models.optimize"):
         h = handler_with(exported, optimize="onednn")  # batch size 8 (make_context)
@@ -127,17 +143,45 @@ def test_onednn_model_serves_every_batch_size_from_fused_copies(exported, caplog
     assert isinstance(h.model, OneDNNModel) and sorted(h.model.copies) == [1, 2, 4, 8]
     assert "oneDNNFusionGroup" in fused_graph(h.model.copies[1])
     plain = torch.jit.load(str(exported / "model.pt")).eval()
-    calls = []
-    for b, m in h.model.copies.items():  # record which copy serves which chunk
-        h.model.copies[b] = lambda x, m=m: calls.append(len(x)) or m(x)
-    for n in (1, 3, 7, 8, 11):
-        x = torch.randn(n, 3, 224, 224)
-        calls.clear()
-        with torch.inference_mode():
-            got, want = h.model(x), plain(x)
-        assert got.shape == want.shape
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-        assert calls == {1: [1], 3: [2, 1], 7: [4, 2, 1], 8: [8], 11: [8, 2, 1]}[n]
+    for n, chunks in {1: [1], 3: [2, 1], 7: [4, 2, 1], 8: [8], 11: [8, 2, 1]}.items():
+        assert chunks_served(h.model, plain, n) == chunks
+
+
+def test_onednn_batches_choose_the_copies(exported):
+    plain = torch.jit.load(str(exported / "model.pt")).eval()
+    h = handler_with(exported, optimize="onednn", onednn_batches=[1])
+    assert sorted(h.model.copies) == [1]
+    assert chunks_served(h.model, plain, 3) == [1, 1, 1]
+    h = handler_with(exported, optimize="onednn", onednn_batches=[3, 1])
+    assert sorted(h.model.copies) == [1, 3]
+    assert chunks_served(h.model, plain, 8) == [3, 3, 1, 1]
+    # What export writes is what the handler reads.
+    a = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--onednn-batches", "8", "1"])
+    assert export_mod.speed_settings(a)["onednn_batches"] == [1, 8]
+    assert "onednn_batches" not in export_mod.speed_settings(
+        export_mod.parse_args(["--checkpoint", "x", "--out", "y"]))
+    with pytest.raises(SystemExit):
+        export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--onednn-batches", "8"])
+
+
+def test_resnet50_exports_one_onednn_copy_unless_told_otherwise():
+    """The registry's default for ResNet50 (as fast per image at batch 1, a quarter of the
+    memory); other models keep every power of two; the export's flag wins."""
+    plain = export_mod.parse_args(["--checkpoint", "x", "--out", "y"])
+    assert export_mod.speed_settings(plain, "resnet50")["onednn_batches"] == [1]
+    assert "onednn_batches" not in export_mod.speed_settings(plain, "mobilenet_v2")
+    told = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--onednn-batches", "1", "2", "4", "8"])
+    assert export_mod.speed_settings(told, "resnet50")["onednn_batches"] == [1, 2, 4, 8]
+    ckpt = {"eval_preset": EvalPreset().to_dict(), "num_classes": 133, "model": "resnet50"}
+    assert export_mod.model_config(ckpt, plain)["handler"]["onednn_batches"] == [1]
+
+
+def test_onednn_batches_must_include_one():
+    assert onednn_sizes(None, 8) == chunk_sizes(8)
+    assert onednn_sizes(1, 8) == [1] and onednn_sizes([8, 1, 8], 8) == [1, 8]
+    for bad in ([8], [0, 1], [True], ["1"], 2.0):
+        with pytest.raises(ValueError, match="onednn_batches .* must be batch sizes that include 1"):
+            onednn_sizes(bad, 8)
 
 
 def test_onednn_model_recompiles_when_the_thread_count_changes(exported):

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.optimize import OPTIMIZE_MODES, max_difference
+from models.optimize import OPTIMIZE_MODES, max_difference, onednn_sizes
 from models.presets import EvalPreset
+from models.registry import get_spec
 from training import quantize
 from training.train import load_checkpoint
 
@@ -76,16 +77,20 @@ def model_config(ckpt: dict, a: argparse.Namespace) -> dict:
             **ckpt["eval_preset"],
             "top_k": min(a.top_k, ckpt["num_classes"]),
             "model": ckpt["model"],
-            **speed_settings(a),
+            **speed_settings(a, ckpt["model"]),
             **HANDLER_DEFAULTS.get(a.handler, {}),
         },
     }
 
 
-def speed_settings(a: argparse.Namespace) -> dict:
-    """The handler's speed settings (handlers/image_classifier.py documents each)."""
+def speed_settings(a: argparse.Namespace, arch: str | None = None) -> dict:
+    """The handler's speed settings (handlers/image_classifier.py documents each);
+    ``arch``'s registry entry gives the oneDNN Graph batch sizes unless ``a`` does."""
     speed = {"threads": a.threads, "jpeg_draft": a.jpeg_draft, "optimize": a.optimize,
              "half": a.half, "gpu_decode": a.gpu_decode}
+    batches = a.onednn_batches or (get_spec(arch).onednn_batches if arch else None)
+    if batches:
+        speed["onednn_batches"] = onednn_sizes(list(batches), a.batch_size)
     if a.quantize == "int8":
         speed["quantized_engine"] = a.quantize_engine
     return speed
@@ -167,6 +172,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "torch.jit.optimize_for_inference, or none")
     p.add_argument("--no-optimize", dest="optimize", action="store_const", const="none",
                    help="the same as --optimize none")
+    p.add_argument("--onednn-batches", type=int, nargs="+", metavar="N",
+                   help="--optimize onednn: the batch sizes to compile a model copy for, "
+                        "including 1 (default: 1, 2, 4, ... up to --batch-size); fewer "
+                        "copies, less memory")
     p.add_argument("--half", action="store_true",
                    help="CUDA workers: forward pass in fp16 (autocast); ignored on CPU")
     p.add_argument("--gpu-decode", action="store_true",
@@ -187,6 +196,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quantize == "int8" and a.calibration_data is None:
         p.error("--quantize int8 needs --calibration-data (the dataset the model was trained on)")
+    if a.onednn_batches and (1 not in a.onednn_batches or min(a.onednn_batches) < 1):
+        p.error("--onednn-batches: positive batch sizes including 1 (any batch is cut into them)")
     return a
 
 
