@@ -196,8 +196,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quantize == "int8" and a.calibration_data is None:
         p.error("--quantize int8 needs --calibration-data (the dataset the model was trained on)")
-    if a.onednn_batches and (1 not in a.onednn_batches or min(a.onednn_batches) < 1):
-        p.error("--onednn-batches: positive batch sizes including 1 (any batch is cut into them)")
+    if a.onednn_batches:
+        try:  # the handler's own rule for model-config.yaml's onednn_batches
+            onednn_sizes(a.onednn_batches, a.batch_size)
+        except ValueError:
+            p.error("--onednn-batches: positive batch sizes including 1 (any batch is cut into them)")
     return a
 
 
