@@ -8,13 +8,15 @@
 rollout registers the archive (checked against SHA256SUMS), waits until its workers
 are READY and only then makes it the default, so requests to /predictions/<model>
 never reach a version that cannot answer. rollback makes an older version the
-default again; retire unregisters a version that is not the default.
+default again; retire unregisters a version that is not the default, once it has
+answered the requests it still holds (``drain``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from serving.archive import ArchiveMismatch, verify_archive
@@ -53,9 +55,31 @@ def rollout(client: Client, model: str, mar: Path, workers: int | None = None) -
     return version
 
 
-def retire(client: Client, model: str, version: str) -> None:
+# What retire waits, beyond the version's batch delay, once its queue is empty: the time
+# the batch in its workers takes (ResNet50, batch 8, one thread: under 1 s here).
+DRAIN_S = 2.0
+
+
+def drain(client: Client, model: str, version: str, after_s: float = DRAIN_S,
+          timeout_s: float = 120.0) -> None:
+    """Wait until ``version`` has answered the requests it holds. TorchServe 0.12 drops,
+    unanswered, the requests a version holds when it is unregistered (its log says
+    "Unexpected job in sendError()", and the clients wait out their timeout). Those that
+    reached it before it stopped being the default are queued (pendingRequests) or in a
+    batch: the queue must empty, then the batch delay and ``after_s`` pass."""
+    deadline = time.monotonic() + timeout_s
+    while (d := client.describe(model, version)[0])["jobQueueStatus"]["pendingRequests"]:
+        if time.monotonic() > deadline:
+            raise TorchServeError(503, f"{model} {version} still has queued requests after "
+                                       f"{timeout_s:.0f} s; not retired")
+        time.sleep(0.1)
+    time.sleep(d["maxBatchDelay"] / 1000 + after_s)
+
+
+def retire(client: Client, model: str, version: str, drain_s: float = DRAIN_S) -> None:
     if default_version(client, model) == version:
         raise TorchServeError(409, f"{model} {version} is the default: roll back first")
+    drain(client, model, version, drain_s)
     client.unregister(model, version)
 
 
@@ -75,6 +99,9 @@ def main(argv=None):
     rt = sub.add_parser("retire", help="unregister a version that is not the default")
     rt.add_argument("--model", required=True, help="model name")
     rt.add_argument("--version", required=True, help="version to unregister")
+    rt.add_argument("--drain-s", type=float, default=DRAIN_S,
+                    help="seconds to wait, once the version's queue is empty and its batch "
+                         "delay has passed, for the batch in its workers")
     ls = sub.add_parser("list", help="the model's versions")
     ls.add_argument("--model", required=True, help="model name")
     a = p.parse_args(argv)
@@ -86,7 +113,7 @@ def main(argv=None):
             c.set_default(a.model, a.to)
             print(f"{a.model}: version {a.to} is the default")
         elif a.cmd == "retire":
-            retire(c, a.model, a.version)
+            retire(c, a.model, a.version, a.drain_s)
             print(f"{a.model}: version {a.version} unregistered")
         print(json.dumps(versions(c, a.model), indent=2))
     except (TorchServeError, ArchiveMismatch, FileNotFoundError) as e:

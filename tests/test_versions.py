@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
@@ -46,7 +48,15 @@ def test_rollout_rollback_retire_under_traffic(exported, model_store, tmp_path, 
             assert len(client.predict(MODEL_NAME, body)["top_k"]) == 2
             client.set_default(MODEL_NAME, "1.0")  # roll back
             assert len(client.predict(MODEL_NAME, body)["top_k"]) == 3
-            retire(client, MODEL_NAME, "2.0")
+            # Requests that 2.0 still holds when it is retired are answered, not dropped:
+            # these wait in its batch (max batch delay 300 ms) while retire runs.
+            with ThreadPoolExecutor(3) as ex:
+                held = [ex.submit(client.predict_response, f"{MODEL_NAME}/2.0", body) for _ in range(3)]
+                time.sleep(0.1)
+                retire(client, MODEL_NAME, "2.0")
+                answers = [f.result() for f in held]
+            assert [r.status_code for r in answers] == [200] * 3
+            assert [len(r.json()["top_k"]) for r in answers] == [2] * 3
             assert [v["version"] for v in versions(client, MODEL_NAME)] == ["1.0"]
         finally:
             stop.set()
