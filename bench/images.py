@@ -73,3 +73,20 @@ def make_images(out: Path, size: str, count: int = 4, seed: int = 0) -> list[Pat
             tmp.rename(path)
         paths.append(path)
     return paths
+
+
+def image_args(image_files: dict[str, list[Path]]) -> list[str]:
+    """bench.inprocess's ``--images SIZE=FILE,FILE`` options, one per size."""
+    args = []
+    for size, files in image_files.items():
+        args += ["--images", f"{size}=" + ",".join(map(str, files))]
+    return args
+
+
+def read_image_args(specs: list[str]) -> dict[str, list[bytes]]:
+    """The images that ``image_args`` named, read: {size: [JPEG bytes]}."""
+    images = {}
+    for spec in specs:
+        size, files = spec.split("=", 1)
+        images[size] = [Path(f).read_bytes() for f in files.split(",")]
+    return images

@@ -33,6 +33,7 @@ import torch
 import yaml
 from ts.context import Context, RequestProcessor
 
+from bench.images import image_args, read_image_args
 from handlers.image_classifier import ImageClassifier
 
 
@@ -114,8 +115,7 @@ class SingleImageTimer:
         cmd = [sys.executable, "-m", "bench.inprocess", "--timer", "--export", str(export),
                "--threads", str(threads)]
         cmd += ["--gpu", str(gpu)] if gpu is not None else []
-        for size, files in image_files.items():
-            cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
+        cmd += image_args(image_files)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=cwd)
         for line in self.proc.stdout:  # what imports print before it starts, then "ready"
@@ -184,10 +184,7 @@ def main(argv=None):
     if a.timer:  # stdout carries the answers only: what else prints goes to stderr
         sys.stdout = sys.stderr
     handler = load_handler(a.export, a.threads, a.gpu)
-    images = {}
-    for spec in a.images:
-        size, files = spec.split("=", 1)
-        images[size] = [Path(f).read_bytes() for f in files.split(",")]
+    images = read_image_args(a.images)
     if a.timer:
         serve_timings(handler, images, sys.stdin, replies)
         return

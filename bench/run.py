@@ -24,6 +24,7 @@ CPU on any machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -38,7 +39,7 @@ import torch
 
 from bench import exports as ex
 from bench import chart, preprocess, report
-from bench.images import SIZES, make_images
+from bench.images import SIZES, image_args, make_images
 from bench.load import Target, one, post, request_headers, run_load
 from serving.server import MALLOC_ENV as SERVER_MALLOC_ENV
 from serving.server import MALLOC_THRESHOLD, ROOT, LocalServer, free_port
@@ -261,9 +262,7 @@ def inprocess_command(a, export: Path, image_files: dict[str, list[Path]], out: 
            "--batch-sizes", *map(str, a.inprocess_batch_sizes), "--request-threads", str(a.threads)]
     if inprocess_gpu(a) is not None:
         cmd += ["--gpu", str(inprocess_gpu(a))]
-    for size, files in image_files.items():
-        cmd += ["--images", f"{size}=" + ",".join(map(str, files))]
-    return cmd
+    return cmd + image_args(image_files)
 
 
 def in_process(a, name: str, export: Path, image_files: dict[str, list[Path]], workdir: Path) -> dict:
@@ -342,13 +341,11 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
             res["cells"].update(run_cells(a, {k: v[:2] for k, v in targets.items()}, images, ip_rates))
             res["lone"] = {}
             for k, (_, t, model) in targets.items():
-                if k == report.SERVED and start_timer and a.lone_requests:
-                    # the served latency at concurrency 1 against in-process timings taken
-                    # between its requests: one worker's threads, the same images
-                    with start_timer() as timer:
-                        res["lone"][k] = lone_requests(client, t, model, images, a.lone_requests, timer)
-                else:
-                    res["lone"][k] = lone_requests(client, t, model, images, a.lone_requests)
+                # the served latency at concurrency 1 against in-process timings taken
+                # between its requests: one worker's threads, the same images
+                paired = k == report.SERVED and start_timer and a.lone_requests
+                with start_timer() if paired else contextlib.nullcontext() as timer:
+                    res["lone"][k] = lone_requests(client, t, model, images, a.lone_requests, timer)
     if report.DEFAULT in a.contestants and not skip.get(report.DEFAULT):
         # TorchServe's defaults: one worker per core (per GPU where it has GPUs), batch
         # size 1, torch's own thread count.
