@@ -7,6 +7,7 @@ and without dropout the two runs differ only by the order of float additions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -91,10 +92,14 @@ def test_two_gloo_processes_learn_what_one_process_learns(tiny_data, tmp_path):
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # both really trained
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     scale = max(a[k].abs().max().item() for k in a)
-    assert diff < 1e-5 * scale, f"weights differ by {diff:.2e}"
+    # Averaged gradients are summed in another order than one process's: float32 rounding,
+    # about 1e-7 of the weights per step, far below 1e-5 after these few steps; a lost or
+    # doubled gradient moves the weights by the learning rate's whole step.
+    assert diff < 1e-5 * scale, f"weights differ by {diff:.2e} (scale {scale:.3g})"
     ha = json.loads((one / "metrics.json").read_text())["history"]
     hb = json.loads((two / "metrics.json").read_text())["history"]
     for x, y in zip(ha, hb, strict=True):
-        assert abs(x["train"]["loss"] - y["train"]["loss"]) < 1e-4
-        assert abs(x["valid"]["loss"] - y["valid"]["loss"]) < 1e-4
+        # Losses of weights that agree within 1e-5 of their scale agree within 1e-4 of themselves.
+        assert math.isclose(x["train"]["loss"], y["train"]["loss"], rel_tol=1e-4)
+        assert math.isclose(x["valid"]["loss"], y["valid"]["loss"], rel_tol=1e-4)
         assert x["train"]["total"] == y["train"]["total"] == 30

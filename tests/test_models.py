@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchvision import models as tvm
 
+from models.optimize import compare
 from models.registry import get_model, get_spec, list_models
 from models.weights import WeightsUnavailable
 from training.export import to_torchscript
@@ -43,8 +44,8 @@ def test_torchscript_matches_eager(model, tmp_path):
     to_torchscript(m).save(str(path))
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        diff = (torch.jit.load(str(path))(x) - m(x)).abs().max().item()
-    assert diff < 1e-4
+        agreement = compare(torch.jit.load(str(path))(x), m(x))
+    assert agreement.ok, f"{name}: {agreement}"
 
 
 def trainable(m) -> dict[str, bool]:
@@ -158,10 +159,11 @@ def test_imagenet_head_reproduces_the_pretrained_classifier(tmp_path):
     with torch.inference_mode():
         logits, imagenet = m(x)
         assert logits.shape == (2, N)
-        assert torch.allclose(imagenet, pretrained(x), atol=1e-4)
+        # The branch runs the same operators on the same weights: equal but for rounding.
+        assert compare(imagenet, pretrained(x)).ok
         both = get_model("resnet50", N, weights_file=str(path), imagenet_head=True,
                          unfreeze_layer3=True).eval()
-        assert both.shared == 2 and torch.allclose(both(x)[1], pretrained(x), atol=1e-4)
+        assert both.shared == 2 and compare(both(x)[1], pretrained(x)).ok
     # Fine-tuning layer4 does not move the ImageNet branch.
     m.train()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
@@ -174,5 +176,38 @@ def test_imagenet_head_reproduces_the_pretrained_classifier(tmp_path):
     ts_path = tmp_path / "m.pt"
     to_torchscript(m).save(str(ts_path))
     with torch.inference_mode():
-        for got, want in zip(torch.jit.load(str(ts_path))(x), m(x)):
-            assert (got - want).abs().max() < 1e-4
+        agreement = compare(torch.jit.load(str(ts_path))(x), m(x))
+    assert agreement.ok, agreement
+
+
+def test_export_is_immune_to_the_stale_builtin_ids_that_break_scripting():
+    """torch.jit.script looks Python values up in a table of builtins keyed by id(); the ids
+    of operators that torch.library replaced stay in it, so an attribute allocated at such
+    a freed address is taken for a builtin ("builtin cannot be used as a value"), about one
+    export in ten. Here the collision is made on purpose: scripting fails, the export's
+    tracing does not."""
+    from torch.jit import _builtins
+    m = get_model("mobilenet_v2", N).eval()
+    padding = m.features[0][0]._reversed_padding_repeated_twice
+    table = _builtins._get_builtin_table()
+    table[id(padding)] = "quantized_decomposed::quantize_per_tensor"
+    try:
+        with pytest.raises(RuntimeError, match="builtin cannot be used as a value"):
+            torch.jit.script(m)
+        traced = to_torchscript(m)
+    finally:
+        del table[id(padding)]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert compare(traced(x), m(x)).ok
+
+
+def test_twenty_exports_in_a_row():
+    """Fresh networks, fresh addresses: scripting failed 2 of 20 in such a loop once
+    training.export (which imports the quantisation stack) was imported."""
+    import training.quantize  # noqa: F401 - registers the operators whose ids go stale
+    x = torch.randn(1, 3, 224, 224)
+    for i in range(20):
+        m = get_model("mobilenet_v2", N).eval()
+        with torch.inference_mode():
+            assert compare(to_torchscript(m)(x), m(x)).ok, i
