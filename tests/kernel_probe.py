@@ -1,0 +1,124 @@
+"""Export both demo architectures and optimise them as the handler does, in this process's
+kernels; print what was measured as one JSON line prefixed ``RESULT``.
+
+    ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 python -m tests.kernel_probe OUT_DIR
+
+The instruction set that PyTorch and oneDNN choose is fixed when the process starts,
+so tests/test_kernels.py runs this once per setting in a fresh process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import skimage
+import torch
+
+from handlers.image_classifier import ImageClassifier
+from models.optimize import compare
+from models.presets import EvalPreset, open_image
+from models.registry import get_model
+from tests.test_handler import make_context
+from training import export as export_mod
+from training import train as train_mod
+
+# The demo's two architectures, as `make demo` trains them.
+ARCHS = {"resnet50": (133, []), "mobilenet_v2": (4, ["--unfreeze-blocks", "19"])}
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "horse.png", "retina.jpg", "hubble_deep_field.jpg")
+
+
+def photo_batch(preset: EvalPreset) -> torch.Tensor:
+    """scikit-image's bundled photos through the eval transform."""
+    folder = Path(skimage.__file__).parent / "data"
+    return torch.stack([preset.transform()(open_image(folder / name)) for name in PHOTOS])
+
+
+def trained_like(arch: str, classes: int, options: list[str], photos: torch.Tensor):
+    """A seeded network whose BatchNorm statistics come from real photos: random weights,
+    but every layer's activations at the scale a trained network's have."""
+    torch.manual_seed(0)
+    a = train_mod.parse_args(["--model", arch, "--data", ".", "--out", ".", "--weights", "none",
+                              *options])
+    model = get_model(arch, classes, **train_mod.model_options(a))
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for flip in (False, True):
+            model(photos.flip(-1) if flip else photos)
+    return model.eval(), a
+
+
+def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.Module, dict]:
+    """The model exported by training.export (which checks its own round trip on noise),
+    and how the file agrees with the eager model on the photos."""
+    classes, options = ARCHS[arch]
+    model, a = trained_like(arch, classes, options, photos)
+    ckpt = train_mod.checkpoint(model, a, [f"class_{i}" for i in range(classes)], EvalPreset(),
+                                epoch=1, valid={})
+    path = out / f"{arch}.pt"
+    torch.save(ckpt, path)
+    ex = export_mod.parse_args(["--checkpoint", str(path), "--out", str(out / arch)])
+    export_mod.export(path, out / arch, ex)
+    with torch.inference_mode():
+        agreement = compare(torch.jit.load(str(out / arch / export_mod.MODEL_FILE))(photos),
+                            model(photos))
+    return out / arch, model, {"agreement": str(agreement), "ok": agreement.ok,
+                               "relative": agreement.relative}
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def served(export_dir: Path, eager: torch.nn.Module, photos: torch.Tensor, mode: str) -> dict:
+    """The handler's model under ``mode``, its log lines, and how it agrees with eager."""
+    records = Records()
+    logging.getLogger("models.optimize").addHandler(records)
+    logging.getLogger("models.optimize").setLevel(logging.INFO)
+    try:
+        ctx = make_context(export_dir, 1)
+        ctx.model_yaml_config["handler"]["optimize"] = mode
+        handler = ImageClassifier()
+        handler.initialize(ctx)
+    finally:
+        logging.getLogger("models.optimize").removeHandler(records)
+    with torch.inference_mode():
+        agreement = compare(handler.model(photos), eager(photos))
+    return {"model": type(handler.model).__name__, "log": records.lines,
+            "agreement": str(agreement), "ok": agreement.ok, "relative": agreement.relative}
+
+
+def announce_onednn_isa() -> None:
+    """Make oneDNN print its verbose header, which names the instruction set it dispatches
+    to ("onednn_verbose,...,cpu,isa:..."), on stdout, where this process's parent reads it."""
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON), torch.no_grad():
+        torch.nn.Conv2d(64, 64, 3)(torch.randn(8, 64, 56, 56))  # large enough for oneDNN
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    announce_onednn_isa()
+    photos = photo_batch(EvalPreset())
+    result = {"aten": torch.backends.cpu.get_cpu_capability(), "archs": {}}
+    for arch in ARCHS:
+        export_dir, eager, exported = export(arch, out, photos)
+        result["archs"][arch] = {
+            "export": exported,
+            **{mode: served(export_dir, eager, photos, mode) for mode in ("onednn", "jit")}}
+    sys.stdout.flush()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
