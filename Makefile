@@ -48,7 +48,7 @@ CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 MODELS := dog_breeds flying_objects
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo test bench bench-int8 bench-flops bench-deps bench-train clean
+.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test bench bench-int8 bench-flops bench-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -173,9 +173,33 @@ soak:
 	  --seconds $(SOAK_SECONDS) --concurrency $(SOAK_CONCURRENCY) --out $(RUN)/soak.json \
 	  $(if $(KILL_AFTER),--kill-worker-after $(KILL_AFTER))
 
-# The server starts first so that the demo registers the new archives through the
-# management API; after a restart, load_models=all brings them back by itself.
-demo: venv check-java serve archive register
+# make demo runs these steps in turn. The server starts before the archives are
+# registered, so that the demo registers them through the management API (after a
+# restart, load_models=all brings them back by itself). A step that fails stops the
+# demo with its name and what to do, and the TorchServe this demo started is stopped.
+DEMO_STEPS := venv check-java data train export serve archive register demo-answers
+PIDFILE := $(RUN)/tmp/.model_server.pid
+SERVER_UP = [ -f $(PIDFILE) ] && kill -0 "$$(cat $(PIDFILE))" 2>/dev/null
+demo:
+	@if $(SERVER_UP); then was_up=1; else was_up=; fi; \
+	for step in $(DEMO_STEPS); do \
+	  $(MAKE) --no-print-directory $$step && continue; \
+	  echo >&2; \
+	  echo "make demo stopped: step '$$step' failed (its error is above)." >&2; \
+	  case $$step in \
+	    venv) echo "Check that $(PYTHON) is Python 3.10+ and that pip reaches the package index." >&2 ;; \
+	    train|export) echo "What finished is kept in $(RUNS)/; make train RESUME=1 continues an interrupted run." >&2 ;; \
+	    serve|register) echo "TorchServe's own log: $(RUN)/torchserve.out and $(RUN)/logs/." >&2 ;; \
+	  esac; \
+	  if [ -z "$$was_up" ] && $(SERVER_UP); then $(MAKE) --no-print-directory stop >/dev/null 2>&1; \
+	    echo "The TorchServe this demo started has been stopped. Fix the cause and run make demo again." >&2; \
+	  elif $(SERVER_UP); then \
+	    echo "TorchServe is still running (it was running before make demo); stop it with: make stop" >&2; \
+	  else echo "Fix the cause and run make demo again: the steps that finished are kept." >&2; fi; \
+	  exit 1; \
+	done
+
+demo-answers:
 	@for m in $(MODELS); do \
 	  printf '%s ' "$$m:"; $(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['test']; print(f\"Test Accuracy: {t['acc']:.0%} ({t['correct']}/{t['total']})\")" $(RUNS)/$$m/metrics.json; \
 	done
