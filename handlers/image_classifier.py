@@ -42,7 +42,8 @@ Speed settings, also in the ``handler:`` section (training/export.py writes them
   (also in a worker TorchServe gave a GPU) and skips ``optimize``.
 - ``half`` (CUDA only): the forward pass under fp16 autocast. ``gpu_decode`` (CUDA
   only): JPEGs decoded by nvJPEG and resized/cropped/normalised on the GPU; other
-  formats, and JPEGs nvJPEG refuses, take the CPU path per request.
+  formats, JPEGs nvJPEG refuses and JPEGs whose colour profile must be converted to
+  sRGB (nvJPEG ignores profiles) take the CPU path per request.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from models.optimize import onednn_sizes, optimize, optimize_mode
 from models.presets import (MAX_PIXELS, BadImage, Decoded, EvalPreset, decode_image,
-                            orient_tensor)
+                            needs_colour_conversion, orient_tensor)
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,8 @@ class ImageClassifier(BaseHandler):
         try:
             header = Image.open(io.BytesIO(data))  # header only: size, mode, orientation
             w, h = header.size
-            if w * h > MAX_PIXELS or header.mode not in ("RGB", "L"):
+            if (w * h > MAX_PIXELS or header.mode not in ("RGB", "L")
+                    or needs_colour_conversion(header)):
                 return None
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             image = torchvision.io.decode_jpeg(raw, mode=torchvision.io.ImageReadMode.RGB,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
-from models.presets import EvalPreset, open_image
+from models.presets import EvalPreset
 from serving.archive import build_archive
 from serving.server import LocalServer
 from training import export as export_mod
@@ -97,8 +97,20 @@ def split_images(root: Path, split: str = "test") -> list[Path]:
     return sorted(root.glob(f"{split}/*/*.jpg"))
 
 
+def plain_decode(image: bytes) -> Image.Image:
+    """Pillow's own decode of a plain 8-bit RGB or grey JPEG/PNG, turned upright: for these
+    ``convert("RGB")`` is the picture, and a fault of the project's decoder cannot hide in
+    the answers compared with it. Other images (high bit depth, transparency, a colour
+    profile) need the project's decoder, so the reference refuses them."""
+    img = Image.open(io.BytesIO(image))
+    assert img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L"), (img.format, img.mode)
+    assert not img.has_transparency_data and "icc_profile" not in img.info, img.info.keys()
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
 class Reference:
-    """The answer evaluation computes in-process from the exported TorchScript file."""
+    """The answer evaluation computes in-process from the exported TorchScript file, with
+    Pillow's plain decode (``plain_decode``) and the archive's eval transform."""
 
     def __init__(self, export_dir: Path):
         self.model = torch.jit.load(str(export_dir / "model.pt")).eval()
@@ -107,7 +119,7 @@ class Reference:
         self.labels = json.loads((export_dir / "index_to_name.json").read_text())
 
     def probabilities(self, image: bytes) -> dict[str, float]:
-        x = self.transform(open_image(image)).unsqueeze(0)
+        x = self.transform(plain_decode(image)).unsqueeze(0)
         with torch.inference_mode():
             p = self.model(x).softmax(1)[0]
         return {self.labels[str(i)]: v for i, v in enumerate(p.tolist())}
@@ -116,6 +128,30 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(exported) -> Reference:
     return Reference(exported)
+
+
+# A served answer's probabilities are within this of the reference's: the handler's one-pass
+# crop is within one grey level of evaluation's transform (tests/test_presets.py).
+ANSWER_TOLERANCE = 1e-4
+
+
+def assert_answer_matches(answer: dict, expected: dict[str, float]) -> None:
+    assert answer["top_k"][0]["label"] == max(expected, key=expected.get)
+    for e in answer["top_k"]:
+        assert e["probability"] == pytest.approx(expected[e["label"]], abs=ANSWER_TOLERANCE)
+
+
+def distinguishable(images: list[bytes], reference: Reference, at_least: int = 4) -> list[bytes]:
+    """Images whose reference answers differ pairwise by more than twice ANSWER_TOLERANCE
+    in some class, so an answer handed to the wrong request cannot match its reference."""
+    kept, answers = [], []
+    for img in images:
+        p = reference.probabilities(img)
+        if all(max(abs(p[k] - q[k]) for k in p) > 2 * ANSWER_TOLERANCE for q in answers):
+            kept.append(img)
+            answers.append(p)
+    assert len(kept) >= at_least, f"only {len(kept)} of {len(images)} images answer differently"
+    return kept
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -7,6 +7,7 @@ import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -103,12 +104,16 @@ def variants(photo: Image.Image) -> dict[str, tuple[bytes, Image.Image]]:
         "rgba png": (png_bytes(photo.convert("RGBA")), photo),
         "webp lossless": (png_bytes(photo, "WEBP", lossless=True), photo),
     }
-    grey16 = photo.convert("L").convert("I;16")
-    out["16-bit grey png"] = (png_bytes(grey16), Image.open(io.BytesIO(png_bytes(grey16))).convert("RGB"))
+    # True 16-bit data: grey level g stored as 257 g, so 65535 is white.
+    grey = np.asarray(photo.convert("L"))
+    grey16 = Image.fromarray(grey.astype(np.uint16) * 257)
+    out["16-bit grey png"] = (png_bytes(grey16), Image.fromarray(grey).convert("RGB"))
+    # Palette index 0 transparent: shown on white there.
     pal = photo.convert("P", palette=Image.Palette.ADAPTIVE)
-    pal.info["transparency"] = 0
-    pal_png = png_bytes(pal, transparency=0)
-    out["palette png with transparency"] = (pal_png, Image.open(io.BytesIO(pal_png)).convert("RGB"))
+    shown = np.asarray(pal.convert("RGB")).copy()
+    assert (np.asarray(pal) == 0).any()
+    shown[np.asarray(pal) == 0] = 255
+    out["palette png with transparency"] = (png_bytes(pal, transparency=0), Image.fromarray(shown))
     cmyk = png_bytes(photo.convert("CMYK"), "JPEG", quality=95)
     out["cmyk jpeg"] = (cmyk, Image.open(io.BytesIO(cmyk)).convert("RGB"))
     frames = [small, small.rotate(180)]

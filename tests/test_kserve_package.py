@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -12,7 +13,7 @@ import yaml
 from serving.archive import SUMS_FILE, sha256
 from serving.kserve import layout
 from serving.server import ROOT, LocalServer, read_properties
-from tests.conftest import MODEL_NAME, split_images
+from tests.conftest import MODEL_NAME, assert_answer_matches, distinguishable, split_images
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +60,27 @@ def test_manifests_use_kserve_fields(package):
     assert {"name": "TS_SERVICE_ENVELOPE", "value": "{{.Labels.serviceEnvelope}}"} in c["env"]
 
 
-def test_torchserve_serves_from_the_generated_config(package, tmp_path, tiny_data):
+def test_torchserve_serves_from_the_generated_config(package, tmp_path, tiny_data, reference):
+    """Concurrent v2 requests, each answered for its own image (answers that differ per
+    image, so one handed to another request fails)."""
     # The pod's paths and ports, moved to this machine's loopback; the rest as generated.
     overrides = {"metrics_config": str(package / "config" / "metrics.yaml")}
     ts = LocalServer(package / "model-store", tmp_path, overrides,
                      base_config=package / "config" / "config.properties",
                      log_config=package / "config" / "log4j2.xml")
-    img = split_images(tiny_data)[0].read_bytes()
-    with ts as client:  # no registration: the snapshot loads the model
+    imgs = distinguishable([p.read_bytes() for p in split_images(tiny_data)], reference)
+
+    def infer(client, img: bytes) -> tuple[int, dict | None]:
         body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                             "data": [base64.b64encode(img).decode()]}]}
-        r = requests.post(f"{client.inference_url}/v2/models/{MODEL_NAME}/infer", json=body, timeout=60)
-        assert r.status_code == 200
-        answer = json.loads(r.json()["outputs"][0]["data"][0])
+        r = requests.post(f"{client.inference_url}/v2/models/{MODEL_NAME}/infer", json=body,
+                          timeout=60)
+        return r.status_code, json.loads(r.json()["outputs"][0]["data"][0]) if r.ok else None
+
+    with ts as client:  # no registration: the snapshot loads the model
+        with ThreadPoolExecutor(len(imgs)) as ex:
+            results = list(ex.map(lambda img: infer(client, img), imgs))
+    assert [status for status, _ in results] == [200] * len(imgs)
+    for (_, answer), img in zip(results, imgs):
         assert len(answer["top_k"]) == 3
+        assert_answer_matches(answer, reference.probabilities(img))

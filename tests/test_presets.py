@@ -63,18 +63,43 @@ def test_preset_round_trips_through_model_config_dict():
 
 
 def test_exif_orientation_is_applied():
-    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    """Orientation 6 (turned 90 degrees clockwise to display): the stored top-left corner is
+    seen at the top right. A turn the other way keeps the size but puts it at the bottom left
+    (tests/test_decode.py tries all eight orientations)."""
+    arr = np.full((20, 40, 3), 255, np.uint8)
+    arr[:8, :8] = (220, 0, 0)
+    img = Image.fromarray(arr)
     exif = img.getexif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    decoded = open_image(png_bytes(img, "JPEG", exif=exif.tobytes()))
-    assert decoded.size == (20, 40)
+    exif[0x0112] = 6
+    decoded = np.asarray(open_image(png_bytes(img, "JPEG", quality=95, exif=exif.tobytes())))
+    assert decoded.shape == (40, 20, 3)
+    red = decoded[..., 1] < 128
+    assert red[:8, 12:].all() and red.sum() == 64, np.argwhere(red)[[0, -1]]
 
 
-def test_modes_become_rgb():
-    for mode in ("L", "RGBA", "P", "CMYK", "I;16"):
-        img = Image.new(mode, (8, 8))
-        fmt = "JPEG" if mode == "CMYK" else "PNG"
-        assert open_image(png_bytes(img, fmt)).mode == "RGB", mode
+# Two pixels of each mode with the RGB a person sees, by hand; at most one grey level off
+# (16-bit 32896 / 257 = 128.0 exactly; JPEG's loss on a flat CMYK block: two levels).
+MODE_PIXELS = {
+    "L": ([0, 200], [(0, 0, 0), (200, 200, 200)], "PNG", 0),
+    "RGBA": ([(10, 20, 30, 255), (10, 20, 30, 0)], [(10, 20, 30), (255, 255, 255)], "PNG", 0),
+    "P": ([1, 2], [(9, 99, 199), (250, 5, 60)], "PNG", 0),
+    "CMYK": ([(255, 0, 0, 0), (0, 0, 0, 255)], [(0, 255, 255), (0, 0, 0)], "JPEG", 2),
+    "I;16": ([65535, 32896], [(255, 255, 255), (128, 128, 128)], "PNG", 0),
+}
+
+
+@pytest.mark.parametrize("mode", MODE_PIXELS)
+def test_modes_become_the_rgb_they_show(mode):
+    values, want, fmt, tolerance = MODE_PIXELS[mode]
+    img = Image.new(mode, (16, 8))
+    if mode == "P":
+        img.putpalette([0, 0, 0, 9, 99, 199, 250, 5, 60])
+    for i, v in enumerate(values):  # 8x8 blocks: JPEG keeps a flat block's colour
+        img.paste(v, (8 * i, 0, 8 * i + 8, 8))
+    data = png_bytes(img, fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+    assert Image.open(io.BytesIO(data)).mode == mode
+    got = np.asarray(open_image(data), dtype=int)[4, 4::8]
+    assert np.abs(got - np.array(want)).max() <= tolerance, got
 
 
 @pytest.mark.parametrize("row, message", [
@@ -115,8 +140,10 @@ def test_base64_text_is_decoded():
 def test_pixel_limit_is_checked_before_decoding():
     img = png_bytes(Image.new("L", (300, 200)))
     assert open_image(img, max_pixels=60_000).size == (300, 200)
-    with pytest.raises(BadImage, match="image of 300x200 pixels is over the pixel limit of 59999"):
+    message = "^image of 300x200 pixels is over the pixel limit of 59999"
+    with pytest.raises(BadImage, match=message) as e:
         open_image(img, max_pixels=59_999)
+    assert e.value.reason == "too_large"
 
 
 # Reduced JPEG decoding (the handler's jpeg_draft). Tolerance on the normalised tensor,

@@ -52,13 +52,40 @@ def test_int8_export_is_quantised_and_reports_its_accuracy(int8_export, exported
         assert max(abs(want[k] - got[k]) for k in want) < 0.1
 
 
-def test_accuracy_guard_stops_the_export_and_writes_nothing(trained, tiny_data, tmp_path):
+def measured_drop(export_dir) -> float:
+    """The int8 export's accuracy drop in points, from its counts as the guard computes it."""
+    r = json.loads((export_dir / export_mod.QUANTIZATION_FILE).read_text())
+    return 100.0 * (r["fp32_correct"] - r["int8_correct"]) / r["images"]
+
+
+# Below the measured drop by far less than one test image's worth of points (100 / images)
+# and far more than float rounding: the guard's comparison must see it as below.
+JUST_BELOW = 1e-6
+
+
+def test_accuracy_guard_stops_the_export_just_below_the_drop_and_writes_nothing(
+        int8_export, trained, tiny_data, tmp_path):
+    """Calibration is seeded, so this export measures the drop the fixture's did."""
+    drop = measured_drop(int8_export)
     out = tmp_path / "refused"
-    # A drop below -100 points is impossible: the guard must refuse.
-    a = export_mod.parse_args(int8_args(trained, out, tiny_data, "--max-accuracy-drop", "-101"))
-    with pytest.raises(SystemExit, match="nothing written"):
+    # "=": a negative limit in scientific notation would read as an option of its own.
+    a = export_mod.parse_args(int8_args(trained, out, tiny_data,
+                                        f"--max-accuracy-drop={drop - JUST_BELOW!r}"))
+    with pytest.raises(SystemExit, match="nothing written") as e:
         export_mod.export(trained, out, a)
+    assert f"loses {drop:.1f} points" in str(e.value)
     assert not out.exists()
+
+
+def test_accuracy_guard_lets_the_measured_drop_itself_through(int8_export, trained, tiny_data,
+                                                             tmp_path):
+    """The limit is inclusive: a drop equal to --max-accuracy-drop is exported."""
+    drop = measured_drop(int8_export)
+    out = tmp_path / "at_limit"
+    a = export_mod.parse_args(int8_args(trained, out, tiny_data, f"--max-accuracy-drop={drop!r}"))
+    export_mod.export(trained, out, a)
+    assert measured_drop(out) == drop
+    assert "quantized::" in str(torch.jit.load(str(out / "model.pt")).inlined_graph)
 
 
 def test_int8_needs_calibration_data_of_the_models_classes(trained, tmp_path, capsys):
