@@ -1,4 +1,4 @@
-"""The three architectures of the original projects, registered by name."""
+"""The architectures of the original projects, and EfficientNet-Lite0, registered by name."""
 from __future__ import annotations
 
 import copy
@@ -6,6 +6,7 @@ import copy
 import torch
 from torch import nn
 
+from models import efficientnet_lite
 from models.presets import TrainPreset
 from models.registry import register_model
 from models.weights import torchvision_model
@@ -20,6 +21,14 @@ def freeze(*modules: nn.Module) -> None:
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(False)
+
+
+def freeze_features(features: nn.Sequential, unfreeze_blocks: int) -> None:
+    """Freeze all feature blocks but the last ``unfreeze_blocks`` (staged fine-tuning)."""
+    n = len(features)
+    if not 0 <= unfreeze_blocks <= n:
+        raise ValueError(f"unfreeze_blocks must be in 0..{n}, got {unfreeze_blocks}")
+    freeze(*features[:n - unfreeze_blocks])
 
 
 class WithImageNetHead(nn.Module):
@@ -91,16 +100,27 @@ def mobilenet_v2(num_classes: int, weights: str | None = None, weights_file: str
     unfreeze_blocks trains the last N of the 19 feature blocks too.
     """
     m = torchvision_model("mobilenet_v2", weights, weights_file)
-    n = len(m.features)
-    if not 0 <= unfreeze_blocks <= n:
-        raise ValueError(f"unfreeze_blocks must be in 0..{n}, got {unfreeze_blocks}")
-    freeze(*m.features[:n - unfreeze_blocks])
+    freeze_features(m.features, unfreeze_blocks)
     m.classifier = nn.Sequential(
         nn.Linear(m.last_channel, 256),
         nn.ReLU(inplace=True),
         nn.Dropout(dropout),
         nn.Linear(256, num_classes),
     )
+    return m
+
+
+@register_model("efficientnet_lite0", eval_preset=efficientnet_lite.EVAL_PRESET)
+def efficientnet_lite0(num_classes: int, weights: str | None = None, weights_file: str | None = None,
+                       unfreeze_blocks: int = 0, dropout: float = 0.2) -> nn.Module:
+    """EfficientNet-Lite0 transfer model: features frozen, head Dropout + Linear 1280->N.
+
+    Its ImageNet weights are installed with a package, so weights="DEFAULT" works
+    offline (models/efficientnet_lite.py). With 1000 classes the pretrained
+    classifier stays. unfreeze_blocks trains the last N of the 18 feature blocks too.
+    """
+    m = efficientnet_lite.efficientnet_lite0(num_classes, weights, weights_file, dropout)
+    freeze_features(m.features, unfreeze_blocks)
     return m
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import nn
 
-from models.presets import TrainPreset
+from models.presets import EvalPreset, TrainPreset
 
 
 @dataclass(frozen=True)
@@ -18,22 +18,30 @@ class ModelSpec:
     name: str
     build: Callable[..., nn.Module]
     train_preset: TrainPreset
-    pretrained: bool  # whether torchvision ImageNet weights exist for it
+    pretrained: bool  # whether ImageNet weights exist for it (torchvision's, or installed with a package)
     head: str  # the classifier module: trained first in staged fine-tuning
     # Serving (optimize: onednn): the batch sizes to compile a model copy for, when the
     # export does not say; None: 1, 2, 4, ... up to batchSize (models/optimize.py).
     onednn_batches: tuple[int, ...] | None = None
+    # The eval transform its pretrained weights expect, when not ImageNet's (EvalPreset()).
+    eval_preset: EvalPreset | None = None
+
+    def eval_preset_for(self, pretrained: bool) -> EvalPreset:
+        """The eval transform to train and serve with: the weights' own when pretrained
+        weights are loaded, else the project's default."""
+        return self.eval_preset if pretrained and self.eval_preset else EvalPreset()
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, train_preset: TrainPreset = TrainPreset(), pretrained: bool = True,
-                   head: str = "classifier", onednn_batches: tuple[int, ...] | None = None):
+                   head: str = "classifier", onednn_batches: tuple[int, ...] | None = None,
+                   eval_preset: EvalPreset | None = None):
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained, head, onednn_batches)
+        _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained, head, onednn_batches, eval_preset)
         return fn
     return wrap
 

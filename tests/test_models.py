@@ -15,16 +15,16 @@ from training.export import to_torchscript
 N = 3
 
 
-def test_registry_lists_the_three_models():
-    assert list_models() == ["mobilenet_v2", "resnet50", "scratch_cnn"]
+def test_registry_lists_the_models():
+    assert list_models() == ["efficientnet_lite0", "mobilenet_v2", "resnet50", "scratch_cnn"]
 
 
 def test_unknown_model_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'resnet5'; known: mobilenet_v2, resnet50, scratch_cnn"):
+    with pytest.raises(ValueError, match="unknown model 'resnet5'; known: efficientnet_lite0, mobilenet_v2, resnet50, scratch_cnn"):
         get_model("resnet5", N)
 
 
-@pytest.fixture(scope="module", params=["mobilenet_v2", "resnet50", "scratch_cnn"])
+@pytest.fixture(scope="module", params=["efficientnet_lite0", "mobilenet_v2", "resnet50", "scratch_cnn"])
 def model(request):
     torch.manual_seed(0)
     return request.param, get_model(request.param, N).eval()

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.presets import EvalPreset
 from models.registry import get_model, get_spec, list_models
 from models.weights import WeightsUnavailable
 from training import distributed
@@ -195,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--unfreeze-layer3", action=argparse.BooleanOptionalAction, default=False,
                    help="resnet50: train layer3 too (the original project's second stage)")
     m.add_argument("--unfreeze-blocks", type=int, default=0,
-                   help="mobilenet_v2: train the last N of its 19 feature blocks too")
+                   help="mobilenet_v2 (19 feature blocks), efficientnet_lite0 (18): train the last N too")
     m.add_argument("--imagenet-head", action=argparse.BooleanOptionalAction, default=False,
                    help="resnet50: keep the pretrained ImageNet classifier as a second output "
                         "(the dog-breed handler's dog detector); needs ImageNet weights")
@@ -245,7 +244,7 @@ class Run:
         if a.batch_size % d.world:
             raise ValueError(f"--batch-size {a.batch_size} must divide by the {d.world} processes")
         spec = get_spec(a.model)
-        self.eval_preset = EvalPreset()
+        self.eval_preset = spec.eval_preset_for(bool(a.weights or a.weights_file))
         self.sets = load_splits(a.data, spec.train_preset.transform(self.eval_preset),
                                 self.eval_preset.transform())
         self.classes = self.sets["train"].classes
