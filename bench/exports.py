@@ -60,7 +60,7 @@ def random_export(name: str, out: Path) -> None:
     """model.pt and index_to_name.json of a randomly initialised network."""
     import torch
 
-    from models.registry import get_model
+    from models.zoo import get_model
     arch, classes = MODELS[name]
     torch.manual_seed(0)
     model = get_model(arch, classes, weights=None).eval()

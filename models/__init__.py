@@ -2,5 +2,5 @@
 
 Kept import-light on purpose: the TorchServe archive ships this package with
 only ``presets`` and ``optimize`` in it, so nothing here may import the architectures.
-Build models with ``models.registry.get_model``.
+Build models with ``models.zoo.get_model``.
 """

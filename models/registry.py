@@ -1,7 +1,8 @@
-"""Models built by name: ``get_model("resnet50", num_classes=133)``.
+"""The registration mechanism of models built by name.
 
-Builders register themselves with ``@register_model``; an unknown name is an
-error that lists the known ones. Importing this module imports the builders.
+Builders register themselves with ``@register_model``; an unknown name is an error
+that lists the known ones. This module imports no builder: models/zoo.py imports them
+all, and is what callers import (``from models.zoo import get_model``).
 """
 from __future__ import annotations
 
@@ -66,6 +67,3 @@ def get_model(name: str, num_classes: int, **options) -> nn.Module:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     return get_spec(name).build(num_classes=num_classes, **options)
 
-
-# Registers the builders; at the bottom because they import register_model.
-from models import architectures  # noqa: E402,F401

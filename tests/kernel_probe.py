@@ -19,10 +19,11 @@ import torch
 from handlers.image_classifier import ImageClassifier
 from models.optimize import compare
 from models.presets import EvalPreset, open_image
-from models.registry import get_model
+from models.zoo import get_model
 from tests.test_handler import make_context
 from training import export as export_mod
 from training import train as train_mod
+from training.checkpoint import checkpoint, model_options
 
 # The demo's two architectures, as `make demo` trains them.
 ARCHS = {"resnet50": (133, []), "mobilenet_v2": (4, ["--unfreeze-blocks", "19"])}
@@ -42,7 +43,7 @@ def trained_like(arch: str, classes: int, options: list[str], photos: torch.Tens
     torch.manual_seed(0)
     a = train_mod.parse_args(["--model", arch, "--data", ".", "--out", ".", "--weights", "none",
                               *options])
-    model = get_model(arch, classes, **train_mod.model_options(a))
+    model = get_model(arch, classes, **model_options(a))
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -59,7 +60,7 @@ def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.M
     and how the file agrees with the eager model on the photos."""
     classes, options = ARCHS[arch]
     model, a = trained_like(arch, classes, options, photos)
-    ckpt = train_mod.checkpoint(model, a, [f"class_{i}" for i in range(classes)], EvalPreset(),
+    ckpt = checkpoint(model, a, [f"class_{i}" for i in range(classes)], EvalPreset(),
                                 epoch=1, valid={})
     path = out / f"{arch}.pt"
     torch.save(ckpt, path)

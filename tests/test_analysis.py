@@ -13,7 +13,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from models.presets import EvalPreset
-from models.registry import get_model
+from models.zoo import get_model
 from training import analysis as an
 from training.data import image_folder, loader
 from training.demo_data import generate

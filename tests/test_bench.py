@@ -411,7 +411,7 @@ def test_flops_measures_each_compilation_against_a_matrix_multiply(tmp_path, cap
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench import flops
-    from models.registry import get_model
+    from models.zoo import get_model
     results = flops.main(["--models", "flying_objects", "--exports", str(tmp_path / "none"),
                           "--batch-sizes", "1", "2", "--rounds", "1", "--out", str(tmp_path)])
     fly = results["models"]["flying_objects"]

@@ -22,7 +22,7 @@ def test_bench_train_smoke(tmp_path, capsys):
 
 
 def test_frozen_backbone_trains_only_the_head():
-    from models.registry import get_model
+    from models.zoo import get_model
     m = get_model("resnet50", 5)
     bench_train.set_backbone(m, "fc", trainable=False)
     assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == {"fc"}

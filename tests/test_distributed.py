@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models.registry import get_model
+from models.zoo import get_model
 from training import train as train_mod
 
 ARGS = ["--model", "scratch_cnn", "--dropout", "0", "--batch-size", "10", "--epochs", "2",

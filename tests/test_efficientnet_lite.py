@@ -19,7 +19,7 @@ from torchvision import models as tvm
 
 from models import efficientnet_lite as lite
 from models.presets import EvalPreset, open_image
-from models.registry import get_model, get_spec
+from models.zoo import get_model, get_spec
 from models.weights import WeightsUnavailable
 from training.optim import split_parameters
 

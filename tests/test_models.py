@@ -8,7 +8,7 @@ import torch
 from torchvision import models as tvm
 
 from models.optimize import compare
-from models.registry import get_model, get_spec, list_models
+from models.zoo import get_model, get_spec, list_models
 from models.weights import WeightsUnavailable
 from training.export import to_torchscript
 

@@ -14,6 +14,7 @@ import yaml
 from models.optimize import compare
 from tests.conftest import CLASSES
 from training import train as train_mod
+from training.checkpoint import load_checkpoint
 from training.demo_data import generate
 
 
@@ -54,7 +55,7 @@ def test_checkpoint_describes_itself(trained, tiny_data):
     assert ckpt["classes"] == sorted(CLASSES) and ckpt["num_classes"] == 3
     assert ckpt["eval_preset"]["resize_size"] == 256 and ckpt["eval_preset"]["crop_size"] == 224
     assert ckpt["args"]["data"] == str(tiny_data) and ckpt["args"]["weights"] is None
-    model, _ = train_mod.load_checkpoint(trained)
+    model, _ = load_checkpoint(trained)
     assert model.classifier[-1].out_features == 3
 
 
@@ -67,7 +68,7 @@ def test_export_writes_torchscript_labels_and_model_config(exported, trained):
     h = cfg["handler"]
     assert (h["resize_size"], h["crop_size"], h["top_k"]) == (256, 224, 3)
     assert h["mean"] == [0.485, 0.456, 0.406] and h["std"] == [0.229, 0.224, 0.225]
-    eager, _ = train_mod.load_checkpoint(trained)
+    eager, _ = load_checkpoint(trained)
     traced = torch.jit.load(str(exported / "model.pt"))
     x = torch.randn(5, 3, 224, 224)  # not the traced batch size
     with torch.inference_mode():
@@ -82,7 +83,8 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 def test_cli_unknown_model_lists_known_ones(tiny_data, tmp_path):
     r = run_cli("training.train", "--model", "resnet5", "--data", str(tiny_data), "--out", str(tmp_path))
     assert r.returncode != 0
-    assert "unknown model 'resnet5'; known: mobilenet_v2, resnet50, scratch_cnn" in r.stderr
+    assert ("unknown model 'resnet5'; known: efficientnet_lite0, mobilenet_v2, resnet50, "
+            "scratch_cnn") in r.stderr
 
 
 def test_cli_missing_split_is_one_line(tmp_path, tiny_data):
@@ -195,7 +197,7 @@ def test_balanced_sampler_and_class_weights_on_imbalanced_data(tmp_path):
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(tiny_data):
     from models.presets import EvalPreset
-    from models.registry import get_spec
+    from models.zoo import get_spec
     t = get_spec("scratch_cnn").train_preset.transform(EvalPreset())
     ds = SeededSamples(image_folder(tiny_data, "train", t), seed=0)
     x1, _ = ds[(3, 1)]
@@ -210,7 +212,7 @@ def weights_of(run_dir):
 
 
 def test_staged_fine_tuning_trains_the_head_first(tiny_data, tmp_path):
-    from models.registry import get_model
+    from models.zoo import get_model
     init = get_model("scratch_cnn", 3).state_dict()
     a = small_args(tiny_data, tmp_path, "--epochs", "1", "--head-epochs", "1")
     train_mod.run(a)

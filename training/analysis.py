@@ -27,11 +27,12 @@ from torch import nn
 from torch.utils.data import SequentialSampler
 
 from models.presets import BadImage, EvalPreset, open_image
+from training.checkpoint import load_checkpoint
 from training.data import image_folder, loader
 from training.distributed import Dist
+from training.evaluate import evaluate
 from training.figures import Figure, save_png
 # The trainer imports this module only inside a function, so this is not circular.
-from training.train import evaluate, load_checkpoint
 
 # Cell counts are written into the confusion matrix only up to this many classes.
 CELL_NUMBERS_MAX = 20
@@ -59,7 +60,7 @@ class Predictions:
 # ---------------------------------------------------------------- predictions
 
 def from_evaluation(result: dict, samples) -> Predictions:
-    """The Predictions of ``training.train.evaluate(..., collect=True)`` over a dataset
+    """The Predictions of ``training.evaluate.evaluate(..., collect=True)`` over a dataset
     read in order; ``samples`` is its ImageFolder's (path, label) list."""
     y_true, y_pred, conf = result["predictions"]
     if len(y_true) != len(samples) or any(t != s[1] for t, s in zip(y_true, samples)):

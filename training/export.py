@@ -27,9 +27,9 @@ import yaml
 
 from models.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes
 from models.presets import EvalPreset
-from models.registry import get_spec
+from models.zoo import get_spec
 from training import quantize
-from training.train import load_checkpoint
+from training.checkpoint import load_checkpoint
 
 MODEL_FILE = "model.pt"
 # Settings of handlers beyond the base one, written into model-config.yaml to be edited there.

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Subset
 
 from models.presets import EvalPreset
 from training.data import image_folder
+from training.evaluate import class_logits
 from training.progress import Progress
-from training.train import class_logits
 
 # onednn: measured faster than x86/fbgemm here (MobileNetV2 173 vs 150 img/s) and, with
 # its full 8-bit activation range, closer to fp32 (demo dog model: 58/60 vs 55/60 top-1

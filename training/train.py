@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import random
 import sys
 import time
@@ -30,20 +29,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.registry import get_model, get_spec, list_models
+from models.zoo import get_model, get_spec, list_models
 from models.weights import WeightsUnavailable
 from training import distributed
+from training.analysis import analyse, from_evaluation
+from training.checkpoint import checkpoint, load_checkpoint, model_options, save_atomic
 from training.data import (BALANCE, EpochSampler, class_weights, load_splits, loader,
                            training_loader)
 from training.optim import (OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler,
                             set_backbone_trainable, split_parameters)
+from training.evaluate import class_logits, evaluate
 from training.progress import Progress
 from training.recipe import parse_with_recipe, save_settings
-
-
-def class_logits(out):
-    """The class logits of a model's output (models with an ImageNet head return a pair)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _autocast(d: distributed.Dist, amp: bool):
@@ -82,72 +79,6 @@ def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scal
     loss_sum, correct, seen = distributed.all_sum(d, loss_sum, correct, seen)
     return {"loss": loss_sum / seen, "acc": correct / seen, "correct": int(correct),
             "total": int(seen), "images_per_s": seen / seconds}
-
-
-@torch.inference_mode()
-def evaluate(model, data, criterion, d: distributed.Dist, collect: bool = False) -> dict:
-    """Mean loss and accuracy of ``model`` over ``data`` (summed over all processes).
-
-    With ``collect`` (one process), also the predicted class and its probability per image.
-    """
-    model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    y_true, y_pred, confidence = [], [], []
-    for x, y in data:
-        x, y = x.to(d.device), y.to(d.device)
-        out = class_logits(model(x)).float()
-        loss_sum += criterion(out, y).item() * len(y)
-        conf, pred = out.softmax(1).max(1)
-        correct += (pred == y).sum().item()
-        seen += len(y)
-        if collect:
-            y_true += y.tolist()
-            y_pred += pred.tolist()
-            confidence += conf.tolist()
-    loss_sum, correct, seen = distributed.all_sum(d, loss_sum, correct, seen)
-    result = {"loss": loss_sum / seen, "acc": correct / seen, "correct": int(correct), "total": int(seen)}
-    if collect:
-        result["predictions"] = (y_true, y_pred, confidence)
-    return result
-
-
-def model_options(a: argparse.Namespace) -> dict:
-    """Builder keywords that shape the network (saved in the checkpoint to rebuild it)."""
-    opts = {k: True for k in ("unfreeze_layer3", "imagenet_head") if getattr(a, k)}
-    if a.unfreeze_blocks:
-        opts["unfreeze_blocks"] = a.unfreeze_blocks
-    if a.dropout is not None:
-        opts["dropout"] = a.dropout
-    return opts
-
-
-def checkpoint(model, a, classes, eval_preset, epoch, valid) -> dict:
-    return {
-        "model": a.model,
-        "model_options": model_options(a),
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "eval_preset": eval_preset.to_dict(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-        "epoch": epoch,
-        "valid": valid,
-        "state_dict": model.state_dict(),
-    }
-
-
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint describes (no weights download) and load its state."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = get_model(ckpt["model"], ckpt["num_classes"], **ckpt["model_options"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temporary file: an interruption never leaves half a checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,7 +320,6 @@ def test_and_analyse(run: Run) -> dict:
     print(f"Test Accuracy: {te['acc']:.0%} ({te['correct']}/{te['total']})")
     files = []
     if a.analysis:
-        from training.analysis import analyse, from_evaluation
         preds = from_evaluation(te, test.samples)
         files = [str(f) for f in analyse(a.out, run.history, preds, run.classes)]
     te.pop("predictions")

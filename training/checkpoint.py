@@ -1,0 +1,52 @@
+"""The self-describing checkpoint: what training writes, and export, analysis and
+quantisation read to rebuild the model (its name, options, classes and eval preprocessing
+travel with the weights, as torchvision's and nanoGPT's checkpoints carry their arguments)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.zoo import get_model
+
+
+def model_options(a: argparse.Namespace) -> dict:
+    """Builder keywords that shape the network (saved in the checkpoint to rebuild it)."""
+    opts = {k: True for k in ("unfreeze_layer3", "imagenet_head") if getattr(a, k)}
+    if a.unfreeze_blocks:
+        opts["unfreeze_blocks"] = a.unfreeze_blocks
+    if a.dropout is not None:
+        opts["dropout"] = a.dropout
+    return opts
+
+
+def checkpoint(model, a, classes, eval_preset, epoch, valid) -> dict:
+    return {
+        "model": a.model,
+        "model_options": model_options(a),
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "eval_preset": eval_preset.to_dict(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "epoch": epoch,
+        "valid": valid,
+        "state_dict": model.state_dict(),
+    }
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes (no weights download) and load its state."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = get_model(ckpt["model"], ckpt["num_classes"], **ckpt["model_options"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file: an interruption never leaves half a checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
