@@ -45,7 +45,11 @@ export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 TS_ENV := cd $(RUN) && env -u PYTHONPATH TMPDIR=$(CURDIR)/$(RUN)/tmp
 CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 
-MODELS := dog_breeds flying_objects
+# imagenet_dogs needs no training: EfficientNet-Lite0's ImageNet classifier, its 118 dog
+# breeds as answers (training/pretrained.py). The other two train on DATA.
+TRAINED := dog_breeds flying_objects
+MODELS := imagenet_dogs $(TRAINED)
+DOG_MODELS := imagenet_dogs dog_breeds
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
 .PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test bench bench-int8 bench-flops bench-deps bench-train clean
@@ -88,7 +92,9 @@ $(DATA)/.done: training/demo_data.py | venv
 # metrics.json is written when a run ends. An interrupted run continues with
 # make train RESUME=1 (from its last.pt); RESUME=0 starts it over.
 RESUME_ARG = $(if $(filter 1,$(RESUME)),--resume,$(if $(filter 0,$(RESUME)),--restart))
-train: $(RUNS)/dog_breeds/metrics.json $(RUNS)/flying_objects/metrics.json
+train: $(TRAINED:%=$(RUNS)/%/metrics.json)
+$(RUNS)/imagenet_dogs/metrics.json: training/pretrained.py | venv
+	$(PY) -m training.pretrained --model imagenet_dogs --out $(RUNS)/imagenet_dogs
 $(RUNS)/dog_breeds/metrics.json: $(DATA)/.done
 	$(PY) -m training.train --recipe dog_breeds $(DOG_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/dog_breeds --workers 1 $(RESUME_ARG)
 $(RUNS)/flying_objects/metrics.json: $(DATA)/.done
@@ -112,8 +118,8 @@ $(EXPORT_SETTINGS): FORCE
 FORCE:
 $(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py $(EXPORT_SETTINGS)
 	$(PY) -m training.export --checkpoint $(RUNS)/$*/best.pt --out $(EXPORT)/$* $(EXPORT_ARGS) \
-	  $(if $(filter dog_breeds,$*),--handler dog_breeds) \
-	  $(if $(QUANTIZE),--quantize $(QUANTIZE) --calibration-data $(DATA))
+	  $(if $(filter $(DOG_MODELS),$*),--handler dog_breeds) \
+	  $(if $(and $(QUANTIZE),$(filter $(TRAINED),$*)),--quantize $(QUANTIZE) --calibration-data $(DATA))
 
 archive: $(MARS)
 $(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py handlers/dog_breeds.py models/presets.py models/optimize.py
@@ -130,14 +136,21 @@ serve: check-java | venv
 	    --log-config $(CURDIR)/serving/log4j2.xml --model-store $(CURDIR)/$(STORE) > torchserve.out 2>&1) && \
 	  { $(CLIENT) wait --for 120 --logs $(RUN)/logs 2> $(RUN)/wait.err || { tail -n 20 $(RUN)/torchserve.out >&2; \
 	    cat $(RUN)/wait.err >&2; \
-	    echo "TorchServe did not come up: see $(RUN)/torchserve.out and $(RUN)/logs/ (make stop stops it)" >&2; exit 1; }; }; fi
+	    echo "TorchServe did not come up: see $(RUN)/torchserve.out and $(RUN)/logs/ (make stop stops it)" >&2; exit 1; }; } && \
+	  mkdir -p $(RUN)/registered && for mar in $(STORE)/*.mar; do \
+	    [ -e "$$mar" ] && touch "$(RUN)/registered/$$(basename "$$mar" .mar)"; done; true; fi
 
 # Registration parameters override the archive's model-config.yaml when given:
 #   make register BATCH_SIZE=16 MAX_BATCH_DELAY=20 WORKERS=1
 REGISTER_ARGS = $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
                 $(if $(MAX_BATCH_DELAY),--max-batch-delay $(MAX_BATCH_DELAY)) $(if $(WORKERS),--workers $(WORKERS))
-register: archive
-	$(CLIENT) register --model-store $(STORE) $(REGISTER_ARGS)
+# A model is registered again when its archive is newer than its registration (a stamp
+# in run/registered/, also made for every archive the server loads at its start): after a
+# change, make demo serves the new archive, not the one the running server loaded.
+register: $(MODELS:%=$(RUN)/registered/%)
+$(RUN)/registered/%: $(STORE)/%.mar
+	$(CLIENT) register --model-store $(STORE) --only $* --replace $(REGISTER_ARGS)
+	@mkdir -p $(@D) && touch $@
 
 IMG   ?= $(DATA)/test/star/star_0099.jpg
 MODEL ?= dog_breeds
@@ -178,6 +191,8 @@ soak:
 # restart, load_models=all brings them back by itself). A step that fails stops the
 # demo with its name and what to do, and the TorchServe this demo started is stopped.
 DEMO_STEPS := venv check-java data train export serve archive register demo-answers
+# Real photos the demo sends: those that come with installed packages, and PHOTOS (a folder).
+PHOTOS ?= ../shared/photos
 PIDFILE := $(RUN)/tmp/.model_server.pid
 SERVER_UP = [ -f $(PIDFILE) ] && kill -0 "$$(cat $(PIDFILE))" 2>/dev/null
 demo:
@@ -200,18 +215,20 @@ demo:
 	done
 
 demo-answers:
-	@for m in $(MODELS); do \
+	@for m in $(TRAINED); do \
 	  printf '%s ' "$$m:"; $(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['test']; print(f\"Test Accuracy: {t['acc']:.0%} ({t['correct']}/{t['total']})\")" $(RUNS)/$$m/metrics.json; \
 	done
-	@echo "dog_breeds answers (raw body; the last is a photo of a person, from scikit-image):"
-	@$(CLIENT) predict --brief --model dog_breeds $(DATA)/test/*/*_0099.jpg \
-	  "$$($(PY) -c 'import pathlib, skimage; print(pathlib.Path(skimage.__file__).parent / "data" / "astronaut.png")')"
+	@echo "imagenet_dogs answers real photos (raw body):"
+	@$(CLIENT) predict --brief --model imagenet_dogs $$($(PY) -m training.photos --folder $(PHOTOS))
+	@echo "dog_breeds, trained on the demo's shapes, answers the same photos (its dog detector is"
+	@echo "EfficientNet-Lite0's ImageNet classes; the breeds it knows are shapes):"
+	@$(CLIENT) predict --brief --model dog_breeds $$($(PY) -m training.photos --folder $(PHOTOS))
 	@echo "flying_objects answers (multipart upload):"
 	@$(CLIENT) predict --brief --multipart --model flying_objects $(DATA)/test/*/*_0098.jpg
 	@echo "A file that is not an image gets a 400 with a reason:"
 	@$(CLIENT) predict --brief --model dog_breeds README.md || true
 	@echo
-	@echo "TorchServe is running with dog_breeds and flying_objects (inference API http://127.0.0.1:8080)."
+	@echo "TorchServe is running with $(MODELS) (inference API http://127.0.0.1:8080)."
 	@echo "Try: make predict IMG=$(DATA)/test/circle/circle_0090.jpg MODEL=flying_objects"
 	@echo "Stop it with: make stop"
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from models import efficientnet_lite
+from models.imagenet import ImageNetSubset, dog_breeds
 from models.presets import TrainPreset
 from models.registry import register_model
 from models.weights import torchvision_model
@@ -122,6 +123,23 @@ def efficientnet_lite0(num_classes: int, weights: str | None = None, weights_fil
     m = efficientnet_lite.efficientnet_lite0(num_classes, weights, weights_file, dropout)
     freeze_features(m.features, unfreeze_blocks)
     return m
+
+
+@register_model("imagenet_dogs", eval_preset=efficientnet_lite.EVAL_PRESET)
+def imagenet_dogs(num_classes: int = 118, weights: str | None = "DEFAULT",
+                  weights_file: str | None = None, unfreeze_blocks: int = 0) -> nn.Module:
+    """EfficientNet-Lite0's ImageNet classifier answering ImageNet's 118 dog breeds, with
+    all 1000 classes as its second output (the dog detector): a dog-breed model that
+    needs no training (training/pretrained.py writes its checkpoint)."""
+    breeds = len(dog_breeds())
+    if num_classes != breeds:
+        raise ValueError(f"imagenet_dogs answers ImageNet's {breeds} dog breeds, not {num_classes} "
+                         f"classes; to train on your breeds use --model efficientnet_lite0")
+    if not (weights or weights_file):
+        raise ValueError("imagenet_dogs is the pretrained network: it needs its ImageNet weights")
+    m = efficientnet_lite.efficientnet_lite0(efficientnet_lite.IMAGENET_CLASSES, weights, weights_file)
+    freeze_features(m.features, unfreeze_blocks)
+    return ImageNetSubset(m)
 
 
 class ScratchCNN(nn.Module):

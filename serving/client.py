@@ -257,6 +257,9 @@ def main(argv=None):
     rg.add_argument("--batch-size", type=int, help="override the archive's batchSize")
     rg.add_argument("--max-batch-delay", type=int, help="override the archive's maxBatchDelay (ms)")
     rg.add_argument("--workers", type=int, help="workers per model (default: the archive's minWorkers)")
+    rg.add_argument("--only", nargs="+", metavar="NAME", help="register these models of the store only")
+    rg.add_argument("--replace", action="store_true",
+                    help="unregister a model already registered and register its archive again")
     sub.add_parser("models", help="list registered models with their workers")
     wt = sub.add_parser("wait", help="wait until the server answers /ping")
     wt.add_argument("--for", dest="wait_s", type=float, default=120.0, help="seconds to wait")
@@ -277,15 +280,18 @@ def main(argv=None):
                 failed += r.status_code >= 400
             sys.exit(1 if failed else 0)
         elif a.cmd == "register":
-            mars = sorted(a.model_store.glob("*.mar"))
+            mars = [m for m in sorted(a.model_store.glob("*.mar")) if not a.only or m.stem in a.only]
             if not mars:
-                sys.exit(f"no .mar files in {a.model_store}/: run make archive first")
+                sys.exit(f"no .mar files in {a.model_store}/ to register: run make archive first")
             registered = {m["modelName"] for m in c.models()}
             for mar in mars:
-                if mar.stem in registered:
+                if mar.stem in registered and not a.replace:
                     print(f"{mar.stem}: already registered")
                     continue
                 verify_archive(mar)
+                if mar.stem in registered:
+                    c.unregister(mar.stem)
+                    print(f"{mar.stem}: unregistered, to register its new archive")
                 print(f"{mar.stem}: {c.register(mar.name, a.batch_size, a.max_batch_delay, a.workers)['status']}")
         elif a.cmd == "models":
             _print([c.describe(m["modelName"])[0] for m in c.models()])

@@ -18,6 +18,7 @@ from models.presets import EvalPreset
 from serving.archive import build_archive
 from serving.server import LocalServer
 from training import export as export_mod
+from training import pretrained
 from training import train as train_mod
 from training.demo_data import generate
 
@@ -66,6 +67,19 @@ def dog_export(trained, tmp_path_factory) -> Path:
     a = export_mod.parse_args(["--checkpoint", str(trained), "--out", str(out), "--top-k", "3",
                                "--handler", "dog_breeds"])
     export_mod.export(trained, out, a)
+    return out
+
+
+@pytest.fixture(scope="session")
+def imagenet_dogs_export(tmp_path_factory) -> Path:
+    """The dog-breed model that needs no training (training/pretrained.py), exported as
+    `make export` does."""
+    run = tmp_path_factory.mktemp("imagenet_dogs_run")
+    checkpoint = pretrained.write("imagenet_dogs", run)
+    out = tmp_path_factory.mktemp("imagenet_dogs_export") / "imagenet_dogs"
+    a = export_mod.parse_args(["--checkpoint", str(checkpoint), "--out", str(out),
+                               "--handler", "dog_breeds"])
+    export_mod.export(checkpoint, out, a)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Export both demo architectures and optimise them as the handler does, in this process's
+"""Export the demo's architectures and optimise them as the handler does, in this process's
 kernels; print what was measured as one JSON line prefixed ``RESULT``.
 
     ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 python -m tests.kernel_probe OUT_DIR
@@ -19,14 +19,17 @@ import torch
 from handlers.image_classifier import ImageClassifier
 from models.optimize import compare
 from models.presets import EvalPreset, open_image
-from models.zoo import get_model
+from models.zoo import get_model, get_spec
 from tests.test_handler import make_context
 from training import export as export_mod
+from training import pretrained
 from training import train as train_mod
-from training.checkpoint import checkpoint, model_options
+from training.checkpoint import checkpoint, load_checkpoint, model_options
 
-# The demo's two architectures, as `make demo` trains them.
+# The demo's two trained architectures, as `make demo` trains them, and its pretrained
+# EfficientNet-Lite0 with its real ImageNet weights (imagenet_dogs, also the dog detector).
 ARCHS = {"resnet50": (133, []), "mobilenet_v2": (4, ["--unfreeze-blocks", "19"])}
+PRETRAINED = ("imagenet_dogs",)
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "horse.png", "retina.jpg", "hubble_deep_field.jpg")
 
@@ -55,15 +58,23 @@ def trained_like(arch: str, classes: int, options: list[str], photos: torch.Tens
     return model.eval(), a
 
 
-def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.Module, dict]:
-    """The model exported by training.export (which checks its own round trip on noise),
-    and how the file agrees with the eager model on the photos."""
+def saved_checkpoint(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.Module]:
+    """A checkpoint as training writes it, and its eager model."""
+    if arch in PRETRAINED:
+        path = pretrained.write(arch, out / f"{arch}_run")
+        return path, load_checkpoint(path)[0]
     classes, options = ARCHS[arch]
     model, a = trained_like(arch, classes, options, photos)
     ckpt = checkpoint(model, a, [f"class_{i}" for i in range(classes)], EvalPreset(),
-                                epoch=1, valid={})
-    path = out / f"{arch}.pt"
-    torch.save(ckpt, path)
+                      epoch=1, valid={})
+    torch.save(ckpt, out / f"{arch}.pt")
+    return out / f"{arch}.pt", model
+
+
+def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.Module, dict]:
+    """The model exported by training.export (which checks its own round trip on noise),
+    and how the file agrees with the eager model on the photos."""
+    path, model = saved_checkpoint(arch, out, photos)
     ex = export_mod.parse_args(["--checkpoint", str(path), "--out", str(out / arch)])
     export_mod.export(path, out / arch, ex)
     with torch.inference_mode():
@@ -110,9 +121,9 @@ def announce_onednn_isa() -> None:
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     announce_onednn_isa()
-    photos = photo_batch(EvalPreset())
     result = {"aten": torch.backends.cpu.get_cpu_capability(), "archs": {}}
-    for arch in ARCHS:
+    for arch in (*ARCHS, *PRETRAINED):
+        photos = photo_batch(get_spec(arch).eval_preset_for(pretrained=arch in PRETRAINED))
         export_dir, eager, exported = export(arch, out, photos)
         result["archs"][arch] = {
             "export": exported,

@@ -1,28 +1,29 @@
-"""The dog-breed handler: a dog, a human face, or neither."""
+"""The dog-breed handler: a dog, a human face, or neither, on real photos."""
 from __future__ import annotations
 
-import io
+import json
 import shutil
 from pathlib import Path
 
 import pytest
-import skimage
 import torch
 import yaml
 from PIL import Image
 
 from handlers.dog_breeds import NONE_MESSAGE, DogBreedClassifier, count_faces, face_detector
+from models import imagenet
 from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import png_bytes, split_images
 from tests.test_handler import answers, make_context
+from training.photos import photos
 
-FACE_PHOTO = Path(skimage.__file__).parent / "data" / "astronaut.png"  # NASA, public domain
+PHOTOS = photos()  # the packaged ones, and ../shared/photos' dog and kitten
 
 
 @pytest.fixture(scope="module")
 def face() -> Image.Image:
-    return Image.open(FACE_PHOTO).convert("RGB")
+    return Image.open(PHOTOS["astronaut"]).convert("RGB")
 
 
 def test_face_detector_finds_the_face_in_a_real_photo(face):
@@ -38,11 +39,9 @@ def test_face_detector_finds_none_in_generated_images(tiny_data):
         assert count_faces(cascade, Image.open(path).convert("RGB")) == 0, path
 
 
-def handler_for(export_dir: Path, **handler_cfg) -> DogBreedClassifier:
-    ctx = make_context(export_dir, 1)
-    ctx.model_yaml_config["handler"].update(handler_cfg)
+def handler_for(export_dir: Path) -> DogBreedClassifier:
     h = DogBreedClassifier()
-    h.initialize(ctx)
+    h.initialize(make_context(export_dir, 1))
     return h
 
 
@@ -50,61 +49,87 @@ def classify(h: DogBreedClassifier, export_dir: Path, images: list[bytes]) -> li
     return answers(h.handle([{"body": bytearray(b)} for b in images], make_context(export_dir, len(images))))
 
 
-def test_export_names_the_handler_and_its_settings(dog_export):
+def test_export_gives_a_breed_model_the_imagenet_gate(dog_export):
+    """The tiny shape model has no ImageNet classes: the export puts EfficientNet-Lite0's
+    beside it, and the second output is that network's answer for the same crop."""
     cfg = yaml.safe_load((dog_export / "model-config.yaml").read_text())["handler"]
-    assert cfg["name"] == "dog_breeds" and cfg["dog_threshold"] == 0.5 and cfg["face_max_side"] == 512
+    assert cfg["name"] == "dog_breeds" and cfg["dog_classes"] == [151, 268]
+    assert "dog_threshold" not in cfg
+    model = torch.jit.load(str(dog_export / "model.pt"))
+    h = handler_for(dog_export)
+    batch, errors, _, _ = h.preprocess([{"body": bytearray(PHOTOS["dog_labrador"].read_bytes())}])
+    with torch.inference_mode():
+        breeds, imagenet_logits = model(batch)
+    assert breeds.shape == (1, 3) and imagenet_logits.shape == (1, 1000)
+    assert imagenet.categories()[int(imagenet_logits.argmax())] == "Labrador retriever"
 
 
-def test_fallback_rule_face_then_confidence(dog_export, face, tiny_data):
-    shape = split_images(tiny_data)[0].read_bytes()
-    photo = png_bytes(face)
-    always_dog = handler_for(dog_export, dog_threshold=0.0)
-    human, dog = classify(always_dog, dog_export, [photo, shape])
-    # Without an ImageNet head a face is looked for first, even when any image counts as a dog.
-    assert human["subject"] == "human" and human["resembles"] == human["top_k"][0]["label"]
-    assert dog["subject"] == "dog" and dog["breed"] == dog["top_k"][0]["label"]
-    never_dog = handler_for(dog_export, dog_threshold=1.01)
-    human, nothing = classify(never_dog, dog_export, [photo, shape])
-    assert human["subject"] == "human"
-    assert nothing == {"subject": "none", "message": NONE_MESSAGE}
+def test_a_model_without_imagenet_classes_is_refused(exported, tmp_path):
+    export = tmp_path / "plain"
+    shutil.copytree(exported, export)
+    cfg = yaml.safe_load((export / "model-config.yaml").read_text())
+    cfg["handler"].update(name="dog_breeds", dog_classes=[151, 268])
+    (export / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RuntimeError, match="no ImageNet output to tell dogs by"):
+        handler_for(export)
 
 
-class WithImageNetHead(torch.nn.Module):
-    """The exported breed model plus a stand-in ImageNet head whose top class is a dog
-    class (207) for bright images and a non-dog class (5) for dark ones."""
+class StandInGate(torch.nn.Module):
+    """The exported breed model with its ImageNet output replaced: a dog class (207) wins
+    for bright images, a non-dog class (5) for dark ones."""
 
-    def __init__(self, breeds: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.breeds = breeds
+        self.model = model
 
     def forward(self, x: torch.Tensor):
-        imagenet = torch.zeros(x.shape[0], 1000)
+        imagenet_logits = torch.zeros(x.shape[0], 1000)
         brightness = x.mean(dim=(1, 2, 3))
-        imagenet[:, 207] = brightness
-        imagenet[:, 5] = -brightness
-        return self.breeds(x), imagenet
+        imagenet_logits[:, 207] = brightness
+        imagenet_logits[:, 5] = -brightness
+        return self.model(x)[0], imagenet_logits
 
 
-def test_imagenet_head_decides_dogs(dog_export, face, tmp_path):
-    export = tmp_path / "with_head"
+def test_a_dog_first_and_a_face_only_when_not_a_dog(dog_export, face, tmp_path):
+    export = tmp_path / "stand_in"
     shutil.copytree(dog_export, export)
-    scripted = torch.jit.script(WithImageNetHead(torch.jit.load(str(dog_export / "model.pt"))))
+    scripted = torch.jit.script(StandInGate(torch.jit.load(str(dog_export / "model.pt"))))
     scripted.save(str(export / "model.pt"))
-    h = handler_for(export, dog_threshold=1.01)  # the confidence rule would say "none" to all
+    h = handler_for(export)
     bright = png_bytes(Image.new("RGB", (64, 64), (250, 250, 250)))
     dark = png_bytes(Image.new("RGB", (64, 64), (5, 5, 5)))
-    dark_face = png_bytes(face.point(lambda v: v // 4))  # darkened: the head says "not a dog"
-    dog, nothing, human = classify(h, export, [bright, dark, dark_face])
-    assert dog["subject"] == "dog"
+    bright_face = png_bytes(face.point(lambda v: 128 + v // 2))  # the gate says "a dog"
+    dark_face = png_bytes(face.point(lambda v: v // 4))  # the gate says "not a dog"
+    dog, nothing, dog_with_face, human = classify(h, export, [bright, dark, bright_face, dark_face])
+    assert dog["subject"] == "dog" and dog["breed"] == dog["top_k"][0]["label"]
     assert nothing == {"subject": "none", "message": NONE_MESSAGE}
-    assert human["subject"] == "human"
+    assert dog_with_face["subject"] == "dog"
+    assert human["subject"] == "human" and human["resembles"] == human["top_k"][0]["label"]
 
 
-def test_served_through_torchserve(dog_export, face, tiny_data, tmp_path):
+def test_real_photos_through_torchserve(imagenet_dogs_export, dog_export, tmp_path):
+    """Both dog-breed archives served by a real TorchServe: the pretrained breeds and the
+    tiny shape model with EfficientNet-Lite0's ImageNet classes beside it."""
     store = tmp_path / "store"
+    build_archive(imagenet_dogs_export, "imagenet_dogs", store)
     build_archive(dog_export, "tiny_dogs", store)
+    breeds = set(json.loads((imagenet_dogs_export / "index_to_name.json").read_text()).values())
+    assert breeds == set(imagenet.dog_breeds()) and "n02099712" not in breeds
     with LocalServer(store, tmp_path / "ts") as client:  # load_models=all
-        answer = client.predict("tiny_dogs", png_bytes(face))
-        assert answer["subject"] == "human" and answer["resembles"] == answer["top_k"][0]["label"]
-        bad = client.predict_response("tiny_dogs", b"not an image")
+        def ask(model: str, name: str) -> dict:
+            return client.predict(model, PHOTOS[name].read_bytes())
+
+        dog = ask("imagenet_dogs", "dog_labrador")
+        assert dog["subject"] == "dog" and dog["breed"] == "Labrador retriever", dog
+        for name in ("astronaut", "grace_hopper"):
+            person = ask("imagenet_dogs", name)
+            assert person["subject"] == "human" and person["resembles"] in breeds, (name, person)
+        for name in ("kitten", "chelsea", "coffee"):
+            assert ask("imagenet_dogs", name)["subject"] == "none", name
+        shapes = {"circle", "square", "triangle"}
+        tiny = {name: ask("tiny_dogs", name) for name in ("dog_labrador", "astronaut", "coffee")}
+        assert tiny["dog_labrador"]["subject"] == "dog" and tiny["dog_labrador"]["breed"] in shapes
+        assert tiny["astronaut"]["subject"] == "human" and tiny["astronaut"]["resembles"] in shapes
+        assert tiny["coffee"]["subject"] == "none"
+        bad = client.predict_response("imagenet_dogs", b"not an image")
         assert bad.status_code == 400 and bad.json()["type"] == "BadImage"

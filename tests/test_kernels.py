@@ -3,8 +3,9 @@
 PyTorch picks its kernels by the CPU's instruction set (ATEN_CPU_CAPABILITY: default,
 avx2, avx512) and oneDNN by its own (ONEDNN_MAX_CPU_ISA: SSE41, AVX, AVX2, AVX512_CORE,
 ...); both can be told to use less than the CPU has. Each setting runs
-tests/kernel_probe.py in a fresh process: both demo architectures exported by
-training.export and loaded by the handler with oneDNN Graph and with
+tests/kernel_probe.py in a fresh process: the demo's architectures (ResNet50 and
+MobileNetV2 with BatchNorm statistics from real photos, EfficientNet-Lite0 with its real
+ImageNet weights) exported by training.export and loaded by the handler with oneDNN Graph and with
 optimize_for_inference. Everything must agree with the eager model within
 models.optimize.RTOL of the outputs' scale; where oneDNN Graph cannot be used, the
 handler must serve the model as loaded and say why in its log.

@@ -16,11 +16,12 @@ N = 3
 
 
 def test_registry_lists_the_models():
-    assert list_models() == ["efficientnet_lite0", "mobilenet_v2", "resnet50", "scratch_cnn"]
+    assert list_models() == ["efficientnet_lite0", "imagenet_dogs", "mobilenet_v2", "resnet50",
+                             "scratch_cnn"]
 
 
 def test_unknown_model_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'resnet5'; known: efficientnet_lite0, mobilenet_v2, resnet50, scratch_cnn"):
+    with pytest.raises(ValueError, match="unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, resnet50, scratch_cnn"):
         get_model("resnet5", N)
 
 

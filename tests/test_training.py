@@ -83,8 +83,8 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 def test_cli_unknown_model_lists_known_ones(tiny_data, tmp_path):
     r = run_cli("training.train", "--model", "resnet5", "--data", str(tiny_data), "--out", str(tmp_path))
     assert r.returncode != 0
-    assert ("unknown model 'resnet5'; known: efficientnet_lite0, mobilenet_v2, resnet50, "
-            "scratch_cnn") in r.stderr
+    assert ("unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, "
+            "resnet50, scratch_cnn") in r.stderr
 
 
 def test_cli_missing_split_is_one_line(tmp_path, tiny_data):

@@ -1,6 +1,6 @@
 """The upload page in a real headless browser (Debian's chromium driven by Playwright),
-against the Flask app and a real TorchServe. A screenshot of the result page is saved
-to test-artifacts/ui-result.png."""
+against the Flask app and a real TorchServe serving both dog-breed models. Screenshots of
+the result pages are saved to test-artifacts/ (ui-dog.png is the README's picture)."""
 from __future__ import annotations
 
 import shutil
@@ -13,21 +13,23 @@ from werkzeug.serving import make_server
 
 from serving.archive import build_archive
 from serving.server import LocalServer, free_port
-from tests.test_dog_breeds import FACE_PHOTO
+from training.photos import photos
 from ui.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PHOTOS = photos()
 # As the machine notes advise: no first-run, no background traffic to a closed network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
-def ts_client(dog_export, tmp_path_factory):
+def ts_client(dog_export, imagenet_dogs_export, tmp_path_factory):
     store = tmp_path_factory.mktemp("ui_store")
-    build_archive(dog_export, "tiny_dogs", store)
+    build_archive(dog_export, "dog_breeds", store)  # before imagenet_dogs by name
+    build_archive(imagenet_dogs_export, "imagenet_dogs", store)
     with LocalServer(store, tmp_path_factory.mktemp("ui_ts")) as client:  # load_models=all
         yield client
 
@@ -53,32 +55,54 @@ def page():
             browser.close()
 
 
-def test_upload_a_face_and_read_the_breed_shown(page, app_url, ts_client):
-    expected = ts_client.predict("tiny_dogs", FACE_PHOTO.read_bytes())
-    assert expected["subject"] == "human"
+def upload(page, app_url: str, model: str, path: Path) -> None:
     page.goto(app_url)
-    expect(page.locator("#model option")).to_have_text(["tiny_dogs"])
-    page.set_input_files("#image", str(FACE_PHOTO))
+    page.select_option("#model", model)
+    page.set_input_files("#image", str(path))
     expect(page.locator("#preview")).to_be_visible()
     page.click("#submit")
-    breed = expected["resembles"].replace("_", " ")
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    assert (ARTIFACTS / name).stat().st_size > 10_000
+
+
+def test_the_model_that_works_out_of_the_box_is_listed_first(page, app_url):
+    page.goto(app_url)
+    expect(page.locator("#model option")).to_have_text(["imagenet_dogs", "dog_breeds"])
+
+
+def test_upload_a_dog_photo_and_read_its_breed(page, app_url, ts_client):
+    expected = ts_client.predict("imagenet_dogs", PHOTOS["dog_labrador"].read_bytes())
+    assert expected["subject"] == "dog" and expected["breed"] == "Labrador retriever"
+    upload(page, app_url, "imagenet_dogs", PHOTOS["dog_labrador"])
     # The answer waits on TorchServe; a cold worker on a busy 2-core machine can take a while.
-    expect(page.locator("#headline")).to_have_text(f"A person. You look like a {breed}.", timeout=60_000)
+    expect(page.locator("#headline")).to_have_text("A dog: Labrador retriever", timeout=60_000)
     expect(page.locator("#bars .bar")).to_have_count(len(expected["top_k"]))
     expect(page.locator("#error")).to_have_text("")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "ui-result.png"), full_page=True)
-    assert (ARTIFACTS / "ui-result.png").stat().st_size > 10_000
+    screenshot(page, "ui-dog.png")
+
+
+def test_upload_a_face_and_read_the_breed_shown(page, app_url, ts_client):
+    expected = ts_client.predict("imagenet_dogs", PHOTOS["astronaut"].read_bytes())
+    assert expected["subject"] == "human"
+    upload(page, app_url, "imagenet_dogs", PHOTOS["astronaut"])
+    expect(page.locator("#headline")).to_have_text(
+        f"A person. You look like a {expected['resembles']}.", timeout=60_000)
+    expect(page.locator("#bars .bar")).to_have_count(len(expected["top_k"]))
+    screenshot(page, "ui-human.png")
 
 
 def test_upload_a_text_file_and_read_the_error_shown(page, app_url, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("these are my notes, not a photo")
     page.goto(app_url)
-    expect(page.locator("#model option")).to_have_count(1)
+    expect(page.locator("#model option")).to_have_count(2)
     page.set_input_files("#image", str(text))
     page.click("#submit")
-    expect(page.locator("#error")).to_contain_text("tiny_dogs refused the image", timeout=60_000)
+    expect(page.locator("#error")).to_contain_text("imagenet_dogs refused the image", timeout=60_000)
     expect(page.locator("#error")).to_contain_text("not a decodable image")
     expect(page.locator("#headline")).to_have_text("")
 
@@ -88,5 +112,5 @@ def test_torchserve_down_is_a_readable_message(dog_export, tmp_path):
     dead = Client(f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", key_file=None,
                   timeout=5)
     app = create_app(dead).test_client()
-    r = app.post("/api/predict", data={"model": "x", "image": (FACE_PHOTO.open("rb"), "a.png")})
+    r = app.post("/api/predict", data={"model": "x", "image": (PHOTOS["astronaut"].open("rb"), "a.png")})
     assert r.status_code == 502 and "TorchServe is not reachable" in r.get_json()["error"]

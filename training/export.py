@@ -20,20 +20,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
-from models.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes
+from models import imagenet
+from models.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, tensors
 from models.presets import EvalPreset
-from models.zoo import get_spec
+from models.zoo import get_model, get_spec
 from training import quantize
 from training.checkpoint import load_checkpoint
 
 MODEL_FILE = "model.pt"
 # Settings of handlers beyond the base one, written into model-config.yaml to be edited there.
-HANDLER_DEFAULTS = {"dog_breeds": {"dog_threshold": 0.5, "face_max_side": 512}}
+HANDLER_DEFAULTS = {"dog_breeds": {"dog_classes": list(imagenet.DOG_CLASSES), "face_max_side": 512}}
+# The dog detector a dog-breed model without ImageNet classes of its own is exported with:
+# the one pretrained ImageNet network that installs without a download.
+DEFAULT_DOG_GATE = "efficientnet_lite0"
 # Serving defaults. Workers x threads must not exceed the cores: TorchServe's default
 # (one worker per core, each using every core) oversubscribes the machine. Measured with
 # make bench on the 2-core machine (README, "Serving speed"): 2 workers x 1 thread served
@@ -142,11 +147,34 @@ def quantized(model: torch.nn.Module, ckpt: dict, a: argparse.Namespace) -> tupl
     return int8, report
 
 
+def display_name(folder: str) -> str:
+    """A class folder's name as people read it: the original dog dataset's numbered
+    folders ("001.Affenpinscher", "002.Afghan_hound") read "Affenpinscher", "Afghan hound";
+    other names stay as they are."""
+    m = re.fullmatch(r"\d+\.(.+)", folder)
+    return m.group(1).replace("_", " ") if m else folder
+
+
+def with_dog_gate(model: torch.nn.Module, ckpt: dict, gate_name: str) -> torch.nn.Module:
+    """The dog-breed model with ImageNet's classes as its second output: its own (an
+    ImageNet head), or those of the pretrained ``gate_name`` network beside it."""
+    crop = ckpt["eval_preset"]["crop_size"]
+    with torch.inference_mode():
+        if len(tensors(model(torch.zeros(1, 3, crop, crop)))) == 2:
+            return model
+    gate = get_model(gate_name, len(imagenet.categories()), weights="DEFAULT").eval()
+    print(f"dog detector: {gate_name}'s ImageNet classes, beside {ckpt['model']}", flush=True)
+    return imagenet.WithImageNetGate(model, gate, EvalPreset.from_dict(ckpt["eval_preset"]),
+                                     get_spec(gate_name).eval_preset_for(pretrained=True))
+
+
 def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
     model, ckpt = load_checkpoint(checkpoint)
     report = None
     if a.quantize == "int8":
         model, report = quantized(model, ckpt, a)
+    if a.handler == "dog_breeds":
+        model = with_dog_gate(model, ckpt, a.dog_gate)
     out.mkdir(parents=True, exist_ok=True)
     crop = ckpt["eval_preset"]["crop_size"]
     to_torchscript(model, crop).save(str(out / MODEL_FILE))
@@ -154,7 +182,7 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
     (out / QUANTIZATION_FILE).unlink(missing_ok=True)
     if report:
         (out / QUANTIZATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    labels = {str(i): name for i, name in enumerate(ckpt["classes"])}
+    labels = {str(i): display_name(name) for i, name in enumerate(ckpt["classes"])}
     (out / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
     header = (f"# TorchServe settings for {ckpt['model']}, written by training/export.py from "
               f"{checkpoint}.\n# Worker/batching keys are TorchServe's; 'handler' is read by "
@@ -207,6 +235,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.backends.quantized engine the int8 model is made for")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
                    help="fail if int8 test top-1 accuracy is more than this many points below fp32")
+    p.add_argument("--dog-gate", default=DEFAULT_DOG_GATE,
+                   help="--handler dog_breeds: the pretrained ImageNet network that detects dogs "
+                        "for a model without ImageNet classes of its own")
     p.add_argument("--handler", choices=["image_classifier", "dog_breeds"], default="image_classifier",
                    help="handlers/<name>.py serves the model: dog_breeds adds dog/human/none")
     a = p.parse_args(argv)

@@ -16,6 +16,13 @@ from flask import Flask, jsonify, render_template, request
 from serving.client import DEFAULT_KEY_FILE, Client, TorchServeError
 
 MAX_UPLOAD = 20 * 2**20  # as TorchServe's max_request_size
+# Listed first: the dog-breed model that works out of the box, whatever the demo trained.
+FIRST_MODEL = "imagenet_dogs"
+
+
+def listed(names: list[str]) -> list[str]:
+    """The models in the page's order: FIRST_MODEL, then the others by name."""
+    return sorted(names, key=lambda name: (name != FIRST_MODEL, name))
 
 
 def create_app(client: Client) -> Flask:
@@ -29,7 +36,7 @@ def create_app(client: Client) -> Flask:
     @app.get("/api/models")
     def models():
         try:
-            return jsonify([m["modelName"] for m in client.models()])
+            return jsonify(listed([m["modelName"] for m in client.models()]))
         except (TorchServeError, requests.RequestException, FileNotFoundError) as e:
             return jsonify(error=f"TorchServe is not reachable: {e}"), 502
 
