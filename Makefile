@@ -24,10 +24,11 @@ DOG_TRAIN_ARGS ?= --epochs 4 --batch-size 16 --optimizer adam --lr 0.001
 # the demo trains all 19 feature blocks from the start; with ImageNet weights, drop
 # these flags and the recipe's staged fine-tuning applies.
 FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 19
-# Serving settings written into each archive's model-config.yaml. On this 2-core
-# machine 2 workers x 1 torch thread served best (workers x threads <= cores; see
-# training/export.py and the README's benchmark); raise --workers on bigger machines.
-EXPORT_ARGS ?= --batch-size 8 --max-batch-delay 2 --workers 2 --threads 1
+# Serving settings written into each archive's model-config.yaml (models/settings.py
+# documents each and holds the defaults): a worker per core (one torch thread each),
+# at most 4, since every worker holds its own copies of the model.
+EXPORT_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+EXPORT_ARGS ?= --workers $(EXPORT_WORKERS)
 # QUANTIZE=int8: int8 models for x86 CPUs (training/quantize.py), forward 2.8-4x faster
 # (`make archive QUANTIZE=int8`; plain `make archive` goes back to fp32),
 # calibrated on $(DATA)/train; the export stops, writing nothing, if test accuracy drops
@@ -122,7 +123,8 @@ $(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py $(EXPORT_SETTING
 	  $(if $(and $(QUANTIZE),$(filter $(TRAINED),$*)),--quantize $(QUANTIZE) --calibration-data $(DATA))
 
 archive: $(MARS)
-$(STORE)/%.mar: $(EXPORT)/%/model.pt handlers/image_classifier.py handlers/dog_breeds.py models/presets.py models/optimize.py
+# Rebuilt when any module the archives may ship changes (serving/archive.py lists what they ship).
+$(STORE)/%.mar: $(EXPORT)/%/model.pt $(wildcard handlers/*.py models/*.py)
 	$(PY) -m serving.archive --exports $(EXPORT) --model-store $(STORE) --only $*
 
 # config.properties loads every archive of the model store at start (load_models=all),

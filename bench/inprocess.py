@@ -191,7 +191,7 @@ def main(argv=None):
     result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
               "device": str(handler.device),
               "outputs": outputs(handler.model, handler.preset.crop_size, handler.device),
-              "handler_config": handler.handler_config, "sizes": {}}
+              "handler_settings": handler.settings.to_config(), "sizes": {}}
     for size, imgs in images.items():
         runs = []
         for b in a.batch_sizes:

@@ -41,6 +41,7 @@ from bench import exports as ex
 from bench import chart, preprocess, report
 from bench.images import SIZES, image_args, make_images
 from bench.load import Target, one, post, request_headers, run_load
+from models.settings import HandlerSettings, ServerSettings
 from serving.server import MALLOC_ENV as SERVER_MALLOC_ENV
 from serving.server import MALLOC_THRESHOLD, ROOT, LocalServer, free_port
 
@@ -599,13 +600,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which to run besides the in-process limit (always run)")
     p.add_argument("--workers", type=int, default=None,
                    help="TorchServe workers per model (default: cores / --threads)")
-    p.add_argument("--threads", type=int, default=ex.export_mod.DEFAULT_THREADS,
+    p.add_argument("--threads", type=int, default=HandlerSettings.threads,
                    help="torch threads per worker: OMP_NUM_THREADS and model-config.yaml's threads")
-    p.add_argument("--batch-size", type=int, default=ex.export_mod.DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size,
                    help="TorchServe batch size")
     # TorchServe waits up to this long for a batch to fill even when one request is all
     # there is: it adds to every latency at concurrency 1 (target: within 10 ms of in-process).
-    p.add_argument("--max-batch-delay", type=int, default=ex.export_mod.DEFAULT_MAX_BATCH_DELAY,
+    p.add_argument("--max-batch-delay", type=int, default=ServerSettings.max_batch_delay,
                    help="TorchServe max batch delay (ms)")
     p.add_argument("--requests", type=int, default=None,
                    help="measured requests per cell (default: --cell-seconds x in-process images/s)")

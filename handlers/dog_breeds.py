@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from handlers.image_classifier import ImageClassifier
+from models.settings import DogBreedSettings
 
 NONE_MESSAGE = "no dog or human face found"
 
@@ -44,7 +45,7 @@ FACE_MIN_STEPS = 3
 # Overlapping hits a face needs: fewer let more of a cat's, a dog's or a texture's patches through.
 FACE_MIN_NEIGHBORS = 5
 # The grey copy's longer side at most, whatever its short side: bounds the work on a long panorama.
-FACE_MAX_SIDE = 512
+FACE_MAX_SIDE = DogBreedSettings.face_max_side
 
 
 def face_detector(name: str = FACE_CASCADE) -> cv2.CascadeClassifier:
@@ -111,15 +112,13 @@ def count_faces(cascade, image: Image.Image, max_side: int = FACE_MAX_SIDE, *,
 class DogBreedClassifier(ImageClassifier):
     """Breed for a dog, the resembling breed for a human face, a message for neither."""
 
+    settings_class = DogBreedSettings
+
     def initialize(self, context):
         super().initialize(context)
-        cfg = self.handler_config
-        if "dog_classes" not in cfg:
-            raise RuntimeError("model-config.yaml names no dog_classes: export the model with "
-                               "training.export --handler dog_breeds")
-        first, last = cfg["dog_classes"]
+        first, last = self.settings.dog_classes
         self.dog_classes = range(first, last + 1)
-        self.face_max_side = int(cfg.get("face_max_side", FACE_MAX_SIDE))
+        self.face_max_side = int(self.settings.face_max_side)
         self.cascade = face_detector()
         self.window = max(self.cascade.getOriginalWindowSize())
         self._check_imagenet_output()

@@ -68,6 +68,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from models.optimize import onednn_sizes, optimize, optimize_mode
 from models.presets import (MAX_PIXELS, BadImage, Decoded, EvalPreset, decode_image,
                             needs_colour_conversion, orient_tensor)
+from models.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +152,19 @@ class ImageClassifier(BaseHandler):
     min_short = 0
     gpu_decode = half = False
 
+    settings_class = HandlerSettings  # what this handler reads from the handler: section
+
     def initialize(self, context):
-        # model-config.yaml's handler: section; subclasses read their settings from it too.
-        self.handler_config = cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        # model-config.yaml's handler: section: the preprocessing and the settings.
+        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        self.settings = s = self.settings_class.read(cfg)
         self.preset = EvalPreset.from_dict(cfg)
-        if cfg.get("threads"):
-            set_threads(int(cfg["threads"]))
+        if s.threads:
+            set_threads(int(s.threads))
         self.max_batch = max(1, int(context.system_properties.get("batch_size") or 1))
         super().initialize(context)  # loads the model through _load_torchscript_model
-        self.top_k = min(int(cfg.get("top_k", 5)), len(self.mapping))
-        self.min_short = round(float(cfg.get("jpeg_draft", 0)) * self.preset.resize_size)
+        self.top_k = min(int(s.top_k), len(self.mapping))
+        self.min_short = round(float(s.jpeg_draft) * self.preset.resize_size)
         self.half = self._cuda_option("half")
         self.gpu_decode = self._cuda_option("gpu_decode")
         if self.gpu_decode and type(self).inspect is not ImageClassifier.inspect:
@@ -176,20 +180,21 @@ class ImageClassifier(BaseHandler):
         gc.freeze()
 
     def _cuda_option(self, name: str) -> bool:
-        wanted = bool(self.handler_config.get(name, False))
+        wanted = bool(getattr(self.settings, name))
         if wanted and self.device.type != "cuda":
             logger.warning("%s: true ignored: the worker runs on %s, not CUDA", name, self.device)
         return wanted and self.device.type == "cuda"
 
     def _load_torchscript_model(self, model_pt_path):
-        engine = self.handler_config.get("quantized_engine")
-        if engine:
-            return self._load_quantized(model_pt_path, engine)
+        s = self.settings
+        if s.quantized_engine:
+            return self._load_quantized(model_pt_path, s.quantized_engine)
         model = super()._load_torchscript_model(model_pt_path).eval()
-        mode = optimize_mode(self.handler_config.get("optimize"))
-        if self.handler_config.get("half") and self.device.type == "cuda":
+        mode = optimize_mode(s.optimize)
+        if s.half and self.device.type == "cuda":
             mode = "none"  # under fp16 autocast the optimised graph's fused ops have no autocast rules
-        sizes = onednn_sizes(self.handler_config.get("onednn_batches"), self.max_batch)
+        batches = list(s.onednn_batches) if s.onednn_batches else None
+        sizes = onednn_sizes(batches, self.max_batch)
         return optimize(model, mode, lambda: torch.jit.load(model_pt_path), self.preset.crop_size,
                         self.device, sizes)
 

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from models.presets import EvalPreset
+from models.settings import DogBreedSettings
 
 # ImageNet-1k class indices of the dog breeds, first and last (inclusive).
-DOG_CLASSES = (151, 268)
+DOG_CLASSES = DogBreedSettings.dog_classes
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,7 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # What every handler imports from this project, as paths relative to ROOT.
-HANDLER_MODULES = ("models/__init__.py", "models/presets.py", "models/optimize.py")
+HANDLER_MODULES = ("models/__init__.py", "models/presets.py", "models/optimize.py",
+                   "models/settings.py")
 # Handlers built on ImageClassifier import it from the handlers package.
 BASE_HANDLER_MODULES = ("handlers/__init__.py", "handlers/image_classifier.py")
 

@@ -19,14 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_context(export_dir, n_requests: int) -> Context:
     """TorchServe's own Context and metrics cache, as a worker builds them.
 
-    Without the handler's ``threads`` setting: torch's thread count is process-wide, and
-    the test process keeps its own (tests/test_speed_options.py tests the setting).
+    With the handler's ``threads`` setting at None (torch's own choice): the thread count
+    is process-wide, and the test process keeps its own (tests/test_speed_options.py
+    tests the setting).
     """
     metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "serving" / "metrics.yaml"))
     metrics.initialize_cache()
     metrics.set_request_ids({i: str(uuid.uuid4()) for i in range(n_requests)})
     config = yaml.safe_load((export_dir / "model-config.yaml").read_text())
-    config["handler"].pop("threads", None)
+    config["handler"]["threads"] = None
     ctx = Context(MODEL_NAME, str(export_dir), {"model": {"serializedFile": "model.pt"}},
                   batch_size=8, gpu=None, mms_version="0.12.0", metrics=metrics,
                   model_yaml_config=config)

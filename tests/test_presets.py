@@ -12,8 +12,8 @@ from torchvision import transforms as T
 
 from handlers.image_classifier import ImageClassifier, decode, request_image
 from models.presets import BadImage, EvalPreset, decode_image, open_image
+from models.settings import HandlerSettings
 from tests.conftest import png_bytes, split_images
-from training.export import DEFAULT_JPEG_DRAFT
 from training.data import load_splits
 
 
@@ -39,7 +39,7 @@ def test_handler_tensor_matches_evaluation_tensor(tiny_data):
     sets = load_splits(tiny_data, preset.transform(), preset.transform())
     handler = ImageClassifier()
     handler.preset = preset
-    handler.min_short = round(DEFAULT_JPEG_DRAFT * preset.resize_size)
+    handler.min_short = round(HandlerSettings.jpeg_draft * preset.resize_size)
     for path in split_images(tiny_data)[:3]:
         idx = [p for p, _ in sets["test"].samples].index(str(path))
         expected = sets["test"][idx][0]

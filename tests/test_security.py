@@ -42,6 +42,7 @@ def test_registration_of_a_path_outside_the_store_is_refused(server):
 
 ALLOWED_IN_ARCHIVE = {"image_classifier.py", "model.pt", "model-config.yaml", "index_to_name.json",
                       "models/__init__.py", "models/presets.py", "models/optimize.py",
+                      "models/settings.py",
                       "MAR-INF/MANIFEST.json"}
 
 

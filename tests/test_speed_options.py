@@ -20,6 +20,7 @@ from models import optimize as optimize_mod
 from models.optimize import (OneDNNModel, chunk_sizes, compare, onednn_sizes, optimize_mode,
                              optimized)
 from models.presets import EvalPreset, open_image, orient_tensor
+from models.settings import HandlerSettings
 from tests.conftest import png_bytes, split_images
 from tests.test_handler import answers, make_context
 from tests.test_presets import photo_jpeg
@@ -48,16 +49,24 @@ def handler_with(exported, **settings) -> ImageClassifier:
     return h
 
 
+# A checkpoint's description, as export reads it, for settings that do not need the weights.
+CKPT = {"eval_preset": EvalPreset().to_dict(), "num_classes": 133, "model": "mobilenet_v2"}
+
+
+def settings_of(*flags, ckpt=CKPT) -> HandlerSettings:
+    """The handler settings the export writes for these flags, as the handler reads them."""
+    a = export_mod.parse_args(["--checkpoint", "x", "--out", "y", *flags])
+    return HandlerSettings.read(export_mod.model_config(ckpt, a)["handler"])
+
+
 def test_export_writes_speed_settings(exported):
     cfg = yaml.safe_load((exported / "model-config.yaml").read_text())
-    assert cfg["handler"]["threads"] == export_mod.DEFAULT_THREADS
-    assert cfg["handler"]["jpeg_draft"] == export_mod.DEFAULT_JPEG_DRAFT
+    assert HandlerSettings.read(cfg["handler"]) == HandlerSettings(top_k=3)  # the defaults
+    assert cfg["handler"]["threads"] == 1 and cfg["handler"]["jpeg_draft"] == 1.25
     assert cfg["handler"]["optimize"] == "onednn"
     assert cfg["handler"]["half"] is False and cfg["handler"]["gpu_decode"] is False
-    a = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--threads", "1", "--half",
-                               "--gpu-decode", "--no-optimize", "--jpeg-draft", "0"])
-    assert export_mod.speed_settings(a) == {"threads": 1, "jpeg_draft": 0.0, "optimize": "none",
-                                            "half": True, "gpu_decode": True}
+    s = settings_of("--threads", "2", "--half", "--gpu-decode", "--no-optimize", "--jpeg-draft", "0")
+    assert (s.threads, s.jpeg_draft, s.optimize, s.half, s.gpu_decode) == (2, 0.0, "none", True, True)
 
 
 def test_threads_setting_is_applied(exported):
@@ -101,8 +110,7 @@ def test_handler_loads_the_optimized_model(exported, caplog):
 def test_optimize_modes_of_export_and_handler_agree():
     assert export_mod.OPTIMIZE_MODES is optimize_mod.OPTIMIZE_MODES
     for mode in export_mod.OPTIMIZE_MODES:
-        a = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--optimize", mode])
-        assert export_mod.speed_settings(a)["optimize"] == mode == optimize_mode(mode)
+        assert settings_of("--optimize", mode).optimize == mode == optimize_mode(mode)
     # archives written before the modes said true / false
     assert optimize_mode(True) == "jit" and optimize_mode(False) == "none"
     with pytest.raises(ValueError, match="not one of"):
@@ -157,10 +165,8 @@ def test_onednn_batches_choose_the_copies(exported):
     assert sorted(h.model.copies) == [1, 3]
     assert chunks_served(h.model, plain, 8) == [3, 3, 1, 1]
     # What export writes is what the handler reads.
-    a = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--onednn-batches", "8", "1"])
-    assert export_mod.speed_settings(a)["onednn_batches"] == [1, 8]
-    assert "onednn_batches" not in export_mod.speed_settings(
-        export_mod.parse_args(["--checkpoint", "x", "--out", "y"]))
+    assert settings_of("--onednn-batches", "8", "1").onednn_batches == (1, 8)
+    assert settings_of().onednn_batches is None
     with pytest.raises(SystemExit):
         export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--onednn-batches", "8"])
 
@@ -168,13 +174,10 @@ def test_onednn_batches_choose_the_copies(exported):
 def test_resnet50_exports_one_onednn_copy_unless_told_otherwise():
     """The registry's default for ResNet50 (as fast per image at batch 1, a quarter of the
     memory); other models keep every power of two; the export's flag wins."""
-    plain = export_mod.parse_args(["--checkpoint", "x", "--out", "y"])
-    assert export_mod.speed_settings(plain, "resnet50")["onednn_batches"] == [1]
-    assert "onednn_batches" not in export_mod.speed_settings(plain, "mobilenet_v2")
-    told = export_mod.parse_args(["--checkpoint", "x", "--out", "y", "--onednn-batches", "1", "2", "4", "8"])
-    assert export_mod.speed_settings(told, "resnet50")["onednn_batches"] == [1, 2, 4, 8]
-    ckpt = {"eval_preset": EvalPreset().to_dict(), "num_classes": 133, "model": "resnet50"}
-    assert export_mod.model_config(ckpt, plain)["handler"]["onednn_batches"] == [1]
+    resnet = {**CKPT, "model": "resnet50"}
+    assert settings_of(ckpt=resnet).onednn_batches == (1,)
+    assert settings_of().onednn_batches is None  # mobilenet_v2
+    assert settings_of("--onednn-batches", "1", "2", "4", "8", ckpt=resnet).onednn_batches == (1, 2, 4, 8)
 
 
 def test_onednn_batches_must_include_one():
@@ -278,7 +281,7 @@ def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
     decode, probabilities close."""
     data = photo_jpeg(4032, 3024, orientation=6, seed=3)
     h = handler_with(exported)
-    assert h.min_short == round(export_mod.DEFAULT_JPEG_DRAFT * 256)
+    assert h.min_short == round(HandlerSettings.jpeg_draft * 256)
     out = answers(h.handle([{"body": bytearray(data)}], make_context(exported, 1)))
     expected = reference.probabilities(data)
     assert out[0]["top_k"][0]["label"] == max(expected, key=expected.get)

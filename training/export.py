@@ -29,37 +29,15 @@ import yaml
 from models import imagenet
 from models.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, tensors
 from models.presets import EvalPreset
+from models.settings import SETTINGS, HandlerSettings, ServerSettings
 from models.zoo import get_model, get_spec
 from training import quantize
 from training.checkpoint import load_checkpoint
 
 MODEL_FILE = "model.pt"
-# Settings of handlers beyond the base one, written into model-config.yaml to be edited there.
-HANDLER_DEFAULTS = {"dog_breeds": {"dog_classes": list(imagenet.DOG_CLASSES), "face_max_side": 512}}
 # The dog detector a dog-breed model without ImageNet classes of its own is exported with:
 # the one pretrained ImageNet network that installs without a download.
 DEFAULT_DOG_GATE = "efficientnet_lite0"
-# Serving defaults. Workers x threads must not exceed the cores: TorchServe's default
-# (one worker per core, each using every core) oversubscribes the machine. Measured with
-# make bench on the 2-core machine (README, "Serving speed"): 2 workers x 1 thread served
-# more images/s at concurrency 32 than 1 worker x 2 threads (ResNet50 19.8 vs 14.0
-# img/s; MobileNetV2 102 vs 48), while one request alone waits longer (ResNet50 p50 129
-# vs 92 ms): each request gets one core. The Makefile passes --workers 2 (the cores
-# here); on a bigger machine raise --workers, not --threads. A 2 ms batch delay fills
-# batches under load and adds at most 2 ms to a lone request (0 is a trap: measured, a
-# lone request then waited ~100 ms more). export alone defaults to
-# one worker: it does not know the serving machine.
-DEFAULT_WORKERS = 1
-DEFAULT_THREADS = 1
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_BATCH_DELAY = 2
-# A large JPEG is decoded at reduced scale keeping its short side >= 1.25 x resize_size:
-# a 12 MP phone photo decodes at 1/8 scale, within max 0.07 / mean 0.011 of the eval
-# tensor (tests/test_presets.py states and tests the tolerance).
-DEFAULT_JPEG_DRAFT = 1.25
-# oneDNN Graph: forward 1.2-1.75x faster than optimize_for_inference at 1 thread, for a
-# slower worker start and a model copy per batch size (models/optimize.py).
-DEFAULT_OPTIMIZE = "onednn"
 LABELS_FILE = "index_to_name.json"
 CONFIG_FILE = "model-config.yaml"
 QUANTIZATION_FILE = "quantization.json"
@@ -83,36 +61,24 @@ def to_torchscript(model: torch.nn.Module, crop: int = 224) -> torch.jit.ScriptM
     return torch.jit.freeze(traced)
 
 
+def handler_settings(a: argparse.Namespace, ckpt: dict) -> HandlerSettings:
+    """The handler's settings from the flags (models/settings.py documents each); the
+    model's registry entry gives the oneDNN Graph batch sizes unless the flags do."""
+    batches = a.onednn_batches or get_spec(ckpt["model"]).onednn_batches
+    return SETTINGS[a.handler](
+        top_k=min(a.top_k, ckpt["num_classes"]), threads=a.threads, jpeg_draft=a.jpeg_draft,
+        optimize=a.optimize, half=a.half, gpu_decode=a.gpu_decode,
+        onednn_batches=tuple(onednn_sizes(list(batches), a.batch_size)) if batches else None,
+        quantized_engine=a.quantize_engine if a.quantize == "int8" else None)
+
+
 def model_config(ckpt: dict, a: argparse.Namespace) -> dict:
-    """TorchServe's per-model settings; the handler section carries the preprocessing."""
-    return {
-        "minWorkers": a.workers,
-        "maxWorkers": a.workers,
-        "batchSize": a.batch_size,
-        "maxBatchDelay": a.max_batch_delay,
-        "responseTimeout": a.response_timeout,
-        "handler": {
-            "name": a.handler,
-            **ckpt["eval_preset"],
-            "top_k": min(a.top_k, ckpt["num_classes"]),
-            "model": ckpt["model"],
-            **speed_settings(a, ckpt["model"]),
-            **HANDLER_DEFAULTS.get(a.handler, {}),
-        },
-    }
-
-
-def speed_settings(a: argparse.Namespace, arch: str | None = None) -> dict:
-    """The handler's speed settings (handlers/image_classifier.py documents each);
-    ``arch``'s registry entry gives the oneDNN Graph batch sizes unless ``a`` does."""
-    speed = {"threads": a.threads, "jpeg_draft": a.jpeg_draft, "optimize": a.optimize,
-             "half": a.half, "gpu_decode": a.gpu_decode}
-    batches = a.onednn_batches or (get_spec(arch).onednn_batches if arch else None)
-    if batches:
-        speed["onednn_batches"] = onednn_sizes(list(batches), a.batch_size)
-    if a.quantize == "int8":
-        speed["quantized_engine"] = a.quantize_engine
-    return speed
+    """model-config.yaml: TorchServe's per-model keys, and the handler's section with the
+    preprocessing and the handler's settings."""
+    server = ServerSettings(a.workers, a.batch_size, a.max_batch_delay, a.response_timeout)
+    return {**server.to_config(),
+            "handler": {"name": a.handler, **ckpt["eval_preset"], "model": ckpt["model"],
+                        **handler_settings(a, ckpt).to_config()}}
 
 
 def check_roundtrip(eager: torch.nn.Module, path: Path, crop: int) -> Agreement:
@@ -197,20 +163,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Export a training checkpoint for TorchServe.")
     p.add_argument("--checkpoint", required=True, type=Path, help="best.pt from training.train")
     p.add_argument("--out", required=True, type=Path, help="folder to write the export into")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size,
                    help="TorchServe batchSize")
-    p.add_argument("--max-batch-delay", type=int, default=DEFAULT_MAX_BATCH_DELAY,
+    p.add_argument("--max-batch-delay", type=int, default=ServerSettings.max_batch_delay,
                    help="TorchServe maxBatchDelay in ms: how long to wait to fill a batch")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=int, default=ServerSettings.workers,
                    help="TorchServe min/max workers (workers x threads <= cores)")
-    p.add_argument("--response-timeout", type=int, default=120, help="TorchServe responseTimeout (s)")
-    p.add_argument("--top-k", type=int, default=5, help="labels returned per image")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+    p.add_argument("--response-timeout", type=int, default=ServerSettings.response_timeout,
+                   help="TorchServe responseTimeout (s)")
+    p.add_argument("--top-k", type=int, default=HandlerSettings.top_k, help="labels returned per image")
+    p.add_argument("--threads", type=int, default=HandlerSettings.threads,
                    help="torch threads per worker; workers x threads should not exceed the cores")
-    p.add_argument("--jpeg-draft", type=float, default=DEFAULT_JPEG_DRAFT,
+    p.add_argument("--jpeg-draft", type=float, default=HandlerSettings.jpeg_draft,
                    help="decode large JPEGs at 1/2-1/8 scale keeping the short side >= this "
                         "x resize_size (0: always full decode)")
-    p.add_argument("--optimize", choices=OPTIMIZE_MODES, default=DEFAULT_OPTIMIZE,
+    p.add_argument("--optimize", choices=OPTIMIZE_MODES, default=HandlerSettings.optimize,
                    help="how the handler optimises the model it loads: oneDNN Graph fusion "
                         "per batch size (CPU workers; jit on a GPU), "
                         "torch.jit.optimize_for_inference, or none")

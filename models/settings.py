@@ -1,0 +1,92 @@
+"""The settings of a served model, each defined once: its default and what it does.
+
+training/export.py writes them into the archive's model-config.yaml: TorchServe's own
+keys (workers, batching) at the top, the handler's in its ``handler:`` section, where the
+handler reads them (``HandlerSettings.read``). Edit model-config.yaml to change a served
+model without exporting it again. The archive ships this module with the handler.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """TorchServe's per-model keys (model-config.yaml, top level)."""
+
+    # Worker processes. Workers x threads should not exceed the cores: TorchServe's own
+    # default (a worker per core, each using every core) oversubscribes the machine. The
+    # export cannot know the serving machine, so it writes one unless told (--workers);
+    # `make` exports with as many as the cores of the machine it runs on.
+    workers: int = 1
+    # Images per forward pass at most, and how long (ms) a request waits for others to
+    # share it: a short delay fills batches under load and costs a lone request little,
+    # while 0 makes TorchServe poll and a lone request wait longer.
+    batch_size: int = 8
+    max_batch_delay: int = 2
+    response_timeout: int = 120  # seconds before TorchServe gives up on a batch
+
+    def to_config(self) -> dict:
+        return {"minWorkers": self.workers, "maxWorkers": self.workers,
+                "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay,
+                "responseTimeout": self.response_timeout}
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """The image classifier's settings (model-config.yaml, ``handler:`` section), beside
+    the eval preprocessing (models/presets.py) and the model's name."""
+
+    top_k: int = 5  # labels returned per image (at most the number of classes)
+    # torch threads of each worker (torch.set_num_threads; None: torch's own choice, every
+    # core); see ServerSettings.workers.
+    threads: int | None = 1
+    # A large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, keeping its short side
+    # at least jpeg_draft x resize_size; 0: always in full. Most of a phone photo's
+    # decoding time goes, within the tolerance tests/test_presets.py states.
+    jpeg_draft: float = 1.25
+    # How the worker optimises the model it loads: onednn, jit or none (models/optimize.py).
+    optimize: str = "onednn"
+    # optimize onednn: the batch sizes to compile a copy of the model for, 1 among them;
+    # None: 1, 2, 4, ... up to batchSize.
+    onednn_batches: tuple[int, ...] | None = None
+    half: bool = False  # CUDA workers: the forward pass under fp16 autocast
+    gpu_decode: bool = False  # CUDA workers: JPEGs decoded by nvJPEG, preprocessed on the GPU
+    # An int8 model (training/export.py --quantize int8): the torch.backends.quantized
+    # engine it was made for, set before loading; None for a float model.
+    quantized_engine: str | None = None
+
+    def to_config(self) -> dict:
+        """The section's keys; those left at None are not written."""
+        out = {}
+        for k, v in asdict(self).items():
+            if v is not None:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def read(cls, section: dict):
+        """The settings of a model-config.yaml ``handler:`` section; keys it lacks keep
+        their defaults, keys of other settings (the preprocessing, the name) are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in section.items() if k in known}
+        if isinstance(values.get("onednn_batches"), list):
+            values["onednn_batches"] = tuple(values["onednn_batches"])
+        if isinstance(values.get("dog_classes"), list):
+            values["dog_classes"] = tuple(values["dog_classes"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DogBreedSettings(HandlerSettings):
+    """The dog-breed handler's settings, beside the image classifier's."""
+
+    # ImageNet-1k class indices of the dog breeds (first, last): an image whose top
+    # ImageNet class lies between them is a dog.
+    dog_classes: tuple[int, int] = (151, 268)
+    # The face check's grey copy is at most this many pixels long (a bound on its work).
+    face_max_side: int = 512
+
+
+# model-config.yaml's handler name -> the settings its handler reads.
+SETTINGS = {"image_classifier": HandlerSettings, "dog_breeds": DogBreedSettings}
