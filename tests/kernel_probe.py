@@ -20,7 +20,7 @@ from handlers.image_classifier import ImageClassifier
 from models.optimize import compare
 from models.presets import EvalPreset, open_image
 from models.zoo import get_model, get_spec
-from tests.test_handler import make_context
+from tests.conftest import make_context
 from training import export as export_mod
 from training import pretrained
 from training import train as train_mod

@@ -1,10 +1,12 @@
 """The serving benchmark's harness (bench/): the smoke version end to end, and its arithmetic.
 
 The smoke run is real: TorchServe on loopback, the Flask-style server as a subprocess,
-the in-process limit as a subprocess, on a randomly initialised MobileNetV2. It checks
-that the harness works and what it writes, not speed. The built-in-handler contestants
-need captum (requirements-bench.txt, not requirements.txt): without it they must be
-reported as skipped, with that reason.
+the in-process figure as a subprocess, on a randomly initialised MobileNetV2; then the dog
+app (a random ResNet50 beside the pretrained EfficientNet-Lite0 dog detector, under
+handlers/dog_breeds.py) on the real photos of training/photos.py. It checks that the
+harness works and what it writes, not speed. The built-in-handler contestants need captum
+(requirements-bench.txt, not requirements.txt): without it they must be reported as
+skipped, with that reason.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,11 +25,11 @@ import psutil
 import pytest
 import torch
 
-from bench import chart, inprocess, preprocess, report
+from bench import chart, dog_app, harness, inprocess, preprocess, report
 from bench import run as bench_run
 from bench.load import Target, run_load
 from bench.run import main as bench_main
-from tests.test_presets import FLOAT_ROUNDING, ONE_GREY_LEVEL
+from tests.conftest import FLOAT_ROUNDING, ONE_GREY_LEVEL
 
 HAVE_CAPTUM = importlib.util.find_spec("captum") is not None
 
@@ -72,10 +76,10 @@ def test_contestants_take_turns_cell_by_cell(monkeypatch):
         calls.append((label, size, c))
         return {"concurrency": c, "label": label}
 
-    monkeypatch.setattr(bench_run, "run_cell", fake_cell)
+    monkeypatch.setattr(harness, "run_cell", fake_cell)
     a = bench_run.parse_args(["--concurrency", "1", "8"])
     images = {"500x375": [b"x"], "4000x3000": [b"y"]}
-    out = bench_run.run_cells(a, {"served": ("s", None), "builtin": ("b", None)}, images, {})
+    out = harness.run_cells(a, {"served": ("s", None), "builtin": ("b", None)}, images, {})
     assert calls == [("s", "500x375", 1), ("b", "500x375", 1), ("b", "500x375", 8), ("s", "500x375", 8),
                      ("s", "4000x3000", 1), ("b", "4000x3000", 1), ("b", "4000x3000", 8),
                      ("s", "4000x3000", 8)]
@@ -181,28 +185,24 @@ def test_load_never_uses_more_processes_than_clients():
     assert r["client_processes"] == 2 and len(server.pids) == 2
 
 
-def test_device_cpu_keeps_the_cpu_defaults_and_runs_torchserve_without_gpus(monkeypatch):
+def test_device_cpu_runs_every_contestant_without_gpus(monkeypatch):
     monkeypatch.setattr(bench_run, "cuda_devices", lambda: 2)  # even on a GPU machine
     a = bench_run.parse_args(["--device", "cpu"])
-    assert (a.device, a.gpus, a.client_processes) == ("cpu", 0, 1)
-    assert a.concurrency == [1, 8, 32] and a.inprocess_batch_sizes == [1, 4, 8, 16]
-    assert "--gpu" not in bench_run.inprocess_command(a, bench_run.ROOT, {}, bench_run.ROOT / "x.json")
+    assert (a.device, a.gpus) == ("cpu", 0)
+    assert "--gpu" not in harness.inprocess_command(a, bench_run.ROOT, {}, bench_run.ROOT / "x.json")
+    assert bench_run.default_workers(a) == os.cpu_count()  # TorchServe's default: one per core
 
 
-def test_device_auto_takes_the_gpu_with_gpu_defaults_where_torch_sees_one(monkeypatch):
+def test_device_auto_takes_the_gpu_where_torch_sees_one(monkeypatch):
     monkeypatch.setattr(bench_run, "cuda_devices", lambda: 2)
     a = bench_run.parse_args([])
     assert (a.device, a.gpus) == ("cuda", 2)
-    assert a.concurrency == bench_run.GPU_DEFAULTS["concurrency"]
-    assert a.inprocess_batch_sizes == bench_run.GPU_DEFAULTS["inprocess_batch_sizes"]
-    assert a.client_processes == max(1, os.cpu_count() // 4)
-    cmd = bench_run.inprocess_command(a, bench_run.ROOT, {}, bench_run.ROOT / "x.json")
+    cmd = harness.inprocess_command(a, bench_run.ROOT, {}, bench_run.ROOT / "x.json")
     assert cmd[cmd.index("--gpu") + 1] == "0"
     assert bench_run.default_workers(a) == 2  # TorchServe's default: one worker per GPU
-    # options given on the command line win; so do the smoke run's tiny counts
-    a = bench_run.parse_args(["--concurrency", "4", "--client-processes", "1"])
-    assert a.concurrency == [4] and a.client_processes == 1
-    assert bench_run.parse_args(["--smoke"]).concurrency == bench_run.SMOKE["concurrency"]
+    # the same defaults as on the CPU: none of them was ever measured on a GPU
+    assert a.concurrency == [1, 8, 32] and a.inprocess_batch_sizes == [1, 4, 8, 16]
+    assert a.client_processes == 1
 
 
 def test_device_cuda_without_a_gpu_is_refused(monkeypatch, capsys):
@@ -225,11 +225,16 @@ def _bench_processes(root) -> list[str]:
     return found
 
 
+def smoke_argv(out) -> list[str]:
+    # An exports folder without models: the harness exports its random models itself.
+    return ["--smoke", "--out", str(out), "--exports", str(out / "no_exports"),
+            "--publish", str(out / "docs" / "perf.md")]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    # An exports folder without models: the harness exports a random MobileNetV2 itself.
-    bench_main(["--smoke", "--out", str(out), "--exports", str(out / "no_exports")])
+    bench_main(smoke_argv(out))
     return out
 
 
@@ -297,18 +302,12 @@ def test_smoke_run_writes_complete_results(smoke):
         assert 0 < lone["handler_ms"] < lone["client_ms"], key
         # medians of the differences, not the difference of medians: only close
         assert 0 < lone["outside_ms"] < lone["client_ms"], key
-    assert any("outside the handler" in t["what"] for t in results["targets"])
-    check = model["latency_check"]["500x375"]
-    assert check["difference_ms"] == pytest.approx(check["served_p50_ms"] - check["in_process_ms"], abs=0.02)
-    # The served lone requests were paired with in-process timings; the c=1 target reads them.
+    # The served lone requests were paired with in-process timings of the same minutes.
     served = model["lone"]["served"]["500x375"]
     assert served["in_process_ms"] > 0
     assert served["client_minus_in_process_ms"] == pytest.approx(
         served["client_ms"] - served["in_process_ms"], abs=0.02)
     assert all("in_process_ms" not in d for d in model["lone"].get("builtin", {}).values())
-    c1 = [t for t in results["targets"] if "p50 at c=1" in t["what"]]
-    assert len(c1) == 1 and "timed between them" in c1[0]["what"]
-    assert c1[0]["value"] == f"{served['client_minus_in_process_ms']:+.1f} ms"
 
     pre = results["preprocessing"]["500x375"]
     assert pre["plain_ms"] > 0 and pre["handler_ms"] > 0
@@ -318,12 +317,92 @@ def test_smoke_run_writes_complete_results(smoke):
     assert pre["max_abs_diff"] <= ONE_GREY_LEVEL + FLOAT_ROUNDING and pre["mean_abs_diff"] < 1e-3
 
     md = (smoke / "results.md").read_text()
-    assert "Smoke run" in md and results["machine"]["cpu"] in md
-    assert "Preprocessing alone" in md
-    assert "| served | 500x375 | " in md and "outside the handler" in md
+    assert "Smoke run" in md
+    assert report.table(report.preprocessing_rows(results["preprocessing"])) in md
+    assert report.table(report.cell_rows(model["cells"])) in md
+    assert report.table(report.lone_rows(model["lone"])) in md
     assert f"CPU steal during the run {report.percent(results['machine']['cpu_steal'])}" in md
-    assert "| 500x375 | 8 |" in md and "served/in-process" in md
-    assert "python -m bench.run --smoke" in md
+    row = report.summary_rows(results)[0]
+    assert row["app"] == "flying_objects" and row["photos"] == "generated 500x375 JPEGs"
+    assert row["served img/s, c=8"] == model["cells"]["served"]["500x375"][1]["images_per_s"]
+    assert row["served ÷ in-process"] == rows[1]["served/in-process"]
+
+
+def test_smoke_run_measures_the_dog_app(smoke):
+    """The dog app under its own handler, served and in-process on the same photos, taking
+    turns; each photo took the path it takes when deployed (the detector is real)."""
+    results = json.loads((smoke / "results.json").read_text())
+    dog = results["dog_app"]
+    assert dog["origin"] == ("random resnet50, 133 classes, beside the pretrained efficientnet_lite0 "
+                             "dog detector")
+    assert dog["model_config"]["handler"]["name"] == "dog_breeds"
+    assert dog["server_settings"] == {"batch_size": 8, "max_batch_delay_ms": 2,
+                                      "workers": psutil.cpu_count()}
+    config = (smoke / "work" / "dog_app" / "ts" / "config.properties").read_text()
+    assert "load_models=dog_breeds.mar" in config.splitlines()
+    groups = dog["groups"]
+    assert list(groups) == (["dog photos"] if HAVE_DOG_PHOTO else []) + ["non-dog photos"]
+    assert ("dog photos" in dog["missing"]) != HAVE_DOG_PHOTO
+    want = {"dog_labrador": "dog", "astronaut": "human", "grace_hopper": "human", "coffee": "none"}
+    for name, g in groups.items():
+        assert [c["concurrency"] for c in g["cells"]] == [8], name  # the smoke run's highest
+        assert all(c["errors"] == 0 and c["images_per_s"] > 0 for c in g["cells"]), name
+        assert len(g["in_process"]) == 1 and g["in_process"][0]["batch_sizes"] == [1, 4], name
+        assert g["served_images_per_s"] == g["cells"][0]["images_per_s"]
+        assert g["in_process_images_per_s"] == g["in_process"][0]["sizes"][name]["best_images_per_s"]
+        assert g["served/in-process"] == pytest.approx(
+            g["served_images_per_s"] / g["in_process_images_per_s"], abs=1e-3)
+        assert set(g["order"]) == {"served", "in_process"} and len(g["order"]) == 2
+        assert g["answers"] == {p: {"served": want[p], "in_process": want[p]} for p in g["photos"]}
+        assert list(g["face_check_ms"]) == g["photos"] and all(v > 0 for v in g["face_check_ms"].values())
+        assert g["face_check_ms_mean"] == pytest.approx(
+            sum(g["face_check_ms"].values()) / len(g["photos"]), abs=0.01)
+    assert groups["non-dog photos"]["photos"] == ["astronaut", "grace_hopper", "coffee"]
+    if HAVE_DOG_PHOTO:  # the sets took turns in opposite orders
+        assert groups["dog photos"]["order"] != groups["non-dog photos"]["order"]
+    md = (smoke / "results.md").read_text()
+    dog_rows = [r for r in report.summary_rows(results) if r["handler"] == "dog_breeds"]
+    assert [r["photos"].split(":")[0] for r in dog_rows] == list(groups)
+    assert report.table(report.dog_photo_rows(dog)) in md
+    assert "| dog app (dog_breeds) | dog_breeds | non-dog photos: astronaut, grace_hopper, coffee |" in md
+
+
+def test_report_header_names_the_date_machine_and_command(smoke):
+    results = json.loads((smoke / "results.json").read_text())
+    m = results["machine"]
+    if shutil.which("lscpu"):
+        assert m["cpu"] == report.lscpu_model()
+    assert results["command"].endswith(" -m bench.run " + shlex.join(smoke_argv(smoke)))
+    lines = (smoke / "results.md").read_text().splitlines()
+    assert lines[2] == f"- Date: {m['date']}"
+    gpus = ", ".join(m["gpus"]) or "no GPU"
+    assert lines[3].startswith(f"- Machine: {m['cpu']}, {m['cores']} cores, {gpus}; ")
+    assert lines[4] == f"- Command: `{results['command']}`"
+
+
+def test_publish_writes_the_same_markdown_with_its_chart_beside_it(smoke):
+    published = (smoke / "docs" / "perf.md").read_text()
+    assert "](perf.png)" in published
+    assert published.replace("](perf.png)", f"]({report.CHART})") == (smoke / "results.md").read_text()
+    assert (smoke / "docs" / "perf.png").read_bytes() == (smoke / report.CHART).read_bytes()
+
+
+def test_table_turns_rows_into_markdown():
+    rows = [{"app": "dogs", "img/s": 21.53, "ratio": 0.8531, "errors": 0},
+            {"app": "cats", "img/s": 1234.4, "ratio": None, "errors": 2, "note": "slow | odd"}]
+    assert report.table(rows) == "\n".join([
+        "| app | img/s | ratio | errors | note |",
+        "|---|---:|---:|---:|---|",
+        "| dogs | 21.5 | 0.853 | 0 | – |",
+        "| cats | 1234 | – | 2 | slow \\| odd |"])
+    assert report.table([]) == ""
+
+
+def test_dog_photo_sets_name_what_is_missing(tmp_path):
+    found = {"astronaut": tmp_path / "a.png", "coffee": tmp_path / "c.png", "chelsea": tmp_path / "x.png"}
+    sets, missing = dog_app.photo_sets(found)
+    assert sets == {"non-dog photos": {"astronaut": found["astronaut"], "coffee": found["coffee"]}}
+    assert list(missing) == ["dog photos"] and "dog_labrador" in missing["dog photos"]
 
 
 def test_single_image_timer_times_the_handler_and_fails_loudly(smoke, tmp_path):
@@ -331,7 +410,7 @@ def test_single_image_timer_times_the_handler_and_fails_loudly(smoke, tmp_path):
     handler on request, and that fails rather than time an image the handler refused."""
     export = smoke / "work" / "exports" / "flying_objects"
     image = next((smoke / "images").glob("*500x375*.jpg"))
-    env = bench_run.child_env(1)
+    env = harness.child_env(1)
     with inprocess.SingleImageTimer(export, 1, {"500x375": [image]}, env, bench_run.ROOT) as timer:
         ms = [timer.ms("500x375", i) for i in range(3)]
         assert all(0 < m < 60_000 for m in ms)
@@ -387,13 +466,14 @@ def test_smoke_run_leaves_no_server_behind(smoke):
 def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeypatch):
     """Where captum is missing (CI installs requirements.txt only), the built-in handler's
     contestants are reported as skipped, with the reason, and the rest still runs. The
-    in-process limit tries batch 2 only: no single-image latency, which the report shows as –."""
+    in-process figure tries batch 2 only: no single-image latency, which the report shows as –."""
     real = importlib.util.find_spec
     monkeypatch.setattr(bench_run.importlib.util, "find_spec",
                         lambda name, *a: None if name == "captum" else real(name, *a))
     # The smoke run's export folder serves as "trained" exports: no new export needed.
     bench_main(["--smoke", "--contestants", "builtin", "builtin_default", "--out", str(tmp_path),
-                "--exports", str(smoke / "work" / "exports"), "--inprocess-batch-sizes", "2"])
+                "--exports", str(smoke / "work" / "exports"), "--inprocess-batch-sizes", "2",
+                "--no-dog-app"])
     results = json.loads((tmp_path / "results.json").read_text())
     for k in ("builtin", "builtin_default"):
         assert results["contestants"][k]["skipped"].startswith("captum is not installed")
@@ -404,7 +484,9 @@ def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeyp
     assert model["in_process"]["sizes"]["500x375"]["best_images_per_s"] > 0
     md = (tmp_path / "results.md").read_text()
     assert "skipped: captum is not installed" in md
-    assert "| size | batch 2 | best | 1-image p50 ms |" in md and "(batch 2) | – |" in md
+    assert "| photos | batch 2 img/s | best img/s | best batch | 1-image p50 ms |" in md
+    assert "| 2 | – |" in md  # best batch 2, no single-image latency
+    assert "dog_app" not in results
 
 
 def test_flops_measures_each_compilation_against_a_matrix_multiply(tmp_path, capsys):

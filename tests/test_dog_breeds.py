@@ -14,8 +14,7 @@ from handlers.dog_breeds import NONE_MESSAGE, DogBreedClassifier, count_faces, f
 from models import imagenet
 from serving.archive import build_archive
 from serving.server import LocalServer
-from tests.conftest import png_bytes, split_images
-from tests.test_handler import answers, make_context
+from tests.conftest import answers, make_context, png_bytes, split_images
 from training.photos import photos
 
 PHOTOS = photos()  # the packaged ones, and ../shared/photos' dog and kitten

@@ -2,6 +2,8 @@
 odd-shaped images have none. Speed is measured by ``python -m bench.faces``, not here."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import skimage.data

@@ -83,4 +83,4 @@ def test_torchserve_serves_from_the_generated_config(package, tmp_path, tiny_dat
     assert [status for status, _ in results] == [200] * len(imgs)
     for (_, answer), img in zip(results, imgs):
         assert len(answer["top_k"]) == 3
-        assert_answer_matches(answer, reference.probabilities(img))
+        assert_answer_matches(answer, reference.expected(img))

@@ -1,15 +1,14 @@
 """Models by name: shapes, freezing, TorchScript round trip, weights loading."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from torchvision import models as tvm
 
 from models.optimize import compare
-from models.zoo import get_model, get_spec, list_models
 from models.weights import WeightsUnavailable
+from models.zoo import get_model, get_spec, list_models
+from tests.conftest import closed_port
 from training.export import to_torchscript
 
 N = 3
@@ -128,11 +127,6 @@ def test_unknown_weights_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="IMAGENET1K_V2"):
         get_model("resnet50", N, weights="IMAGENET_V9")
 
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_offline_download_gives_one_clear_error(tmp_path, monkeypatch):

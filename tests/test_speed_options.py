@@ -21,15 +21,20 @@ from models.optimize import (OneDNNModel, chunk_sizes, compare, onednn_sizes, op
                              optimized)
 from models.presets import EvalPreset, open_image, orient_tensor
 from models.settings import HandlerSettings
-from tests.conftest import png_bytes, split_images
-from tests.test_handler import answers, make_context
-from tests.test_presets import photo_jpeg
+from tests.conftest import (ONE_GREY_LEVEL, answers, make_context, photo_jpeg, png_bytes,
+                            split_images)
 from training import export as export_mod
 
 # The tensor path (decode_jpeg, antialiased resize in float, crop, normalise) against the
-# eval tensor, measured on the CPU: max 0.0174 (one grey level), mean 0.005.
-TENSOR_MAX_DIFF = 0.025
-TENSOR_MEAN_DIFF = 0.008
+# eval tensor, in grey levels: PIL rounds to 8 bits between its two resampling passes and
+# the tensor path does not, so a value may differ by a grey level and a rounding, half a
+# level on average; a crop one pixel off or another filter moves a photo by more.
+TENSOR_MAX_DIFF = 1.5 * ONE_GREY_LEVEL
+TENSOR_MEAN_DIFF = 0.5 * ONE_GREY_LEVEL
+# The answers of those paths against evaluation's, on the probability scale (0 to 1):
+# inputs a few grey levels apart at edges and under one on average move this small
+# model's probabilities far less than this; the top class must not change.
+PREPROCESSING_ANSWER_TOLERANCE = 0.02
 
 
 @pytest.fixture(autouse=True)
@@ -273,7 +278,8 @@ def test_gpu_decode_batch_falls_back_per_request(exported, tiny_data, reference)
         expected = reference.probabilities(image)
         assert answer["top_k"][0]["label"] == max(expected, key=expected.get)
         for e in answer["top_k"]:
-            assert e["probability"] == pytest.approx(expected[e["label"]], abs=0.02)
+            assert e["probability"] == pytest.approx(expected[e["label"]],
+                                                     abs=PREPROCESSING_ANSWER_TOLERANCE)
 
 
 def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
@@ -286,7 +292,8 @@ def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
     expected = reference.probabilities(data)
     assert out[0]["top_k"][0]["label"] == max(expected, key=expected.get)
     for e in out[0]["top_k"]:
-        assert e["probability"] == pytest.approx(expected[e["label"]], abs=0.02)
+        assert e["probability"] == pytest.approx(expected[e["label"]],
+                                                 abs=PREPROCESSING_ANSWER_TOLERANCE)
 
 
 def test_initialize_moves_the_workers_objects_out_of_the_collectors_sight(exported):

@@ -99,7 +99,7 @@ def test_cli_missing_split_is_one_line(tmp_path, tiny_data):
 
 @pytest.mark.parametrize("weights", ["DEFAULT"])
 def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weights):
-    from tests.test_models import closed_port
+    from tests.conftest import closed_port
     proxy = f"http://127.0.0.1:{closed_port()}"
     env = {"TORCH_HOME": str(tmp_path), "HTTPS_PROXY": proxy, "https_proxy": proxy,
            "HTTP_PROXY": proxy, "http_proxy": proxy, "PATH": "/usr/bin:/bin"}
