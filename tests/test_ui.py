@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
+import waitress
 from playwright.sync_api import expect, sync_playwright
-from werkzeug.serving import make_server
 
 from serving.archive import build_archive
 from serving.server import LocalServer, free_port
@@ -36,11 +36,12 @@ def ts_client(dog_export, imagenet_dogs_export, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(ts_client):
-    server = make_server("127.0.0.1", free_port(), create_app(ts_client), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # waitress, as `make ui` serves the page.
+    server = waitress.create_server(create_app(ts_client), host="127.0.0.1", port=free_port())
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
+    yield f"http://127.0.0.1:{server.effective_port}/"
+    server.close()
     thread.join(timeout=10)
 
 

@@ -1,31 +1,27 @@
-"""A one-line progress display for long loops, on stderr, without dependencies."""
+"""Progress of long loops (training epochs, data tools, int8 calibration), shown by tqdm:
+a bar with the rate and the time left in a terminal, periodic lines in a log file, a
+widget in a notebook."""
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm.auto import tqdm
 
 
 class Progress:
-    """Rewrites one stderr line (a terminal) or prints a line every 25% (a log)."""
+    """A tqdm bar of ``total`` steps labelled ``label``; ``update(done, **info)`` moves it to
+    ``done`` and shows ``info`` (losses, rates) beside it, and closes it at the end."""
 
     def __init__(self, total: int, label: str, stream=sys.stderr):
-        self.total, self.label, self.stream = total, label, stream
-        self.tty = stream.isatty()
-        self.start = time.perf_counter()
-        self._last_quarter = -1
+        tty = stream.isatty()
+        # In a log file every refresh is a line: one every 30 s at most.
+        self.bar = tqdm(total=total, desc=label, file=stream, dynamic_ncols=tty,
+                        mininterval=0.1 if tty else 30.0, leave=True)
 
     def update(self, done: int, **info) -> None:
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        extra = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in info.items())
-        line = f"{self.label} {done}/{self.total} ({rate:.1f} it/s) {extra}".rstrip()
-        if self.tty:
-            self.stream.write("\r" + line.ljust(79))
-            if done == self.total:
-                self.stream.write("\n")
-        else:
-            quarter = 4 * done // max(self.total, 1)
-            if quarter != self._last_quarter and quarter in (1, 2, 3):
-                self.stream.write(line + "\n")
-            self._last_quarter = quarter
-        self.stream.flush()
+        if info:
+            self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v
+                                  for k, v in info.items()}, refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done >= self.bar.total:
+            self.bar.close()

@@ -4,13 +4,15 @@
 
 It calls TorchServe's inference API from the server side with the key from the
 server's key file, so the key never reaches the browser. TorchServe's refusals and
-timeouts come back as a readable message. Flask serves it, as in the original app.
+timeouts come back as a readable message. A Flask app, as in the original, served by
+waitress (Flask's own server is for development only).
 """
 from __future__ import annotations
 
 import argparse
 
 import requests
+import waitress
 from flask import Flask, jsonify, render_template, request
 
 from serving.client import DEFAULT_KEY_FILE, Client, TorchServeError
@@ -81,7 +83,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     client = Client(a.inference_url, a.management_url, a.key_file, a.timeout)
     print(f"open http://127.0.0.1:{a.port}/")
-    create_app(client).run(host="127.0.0.1", port=a.port)
+    waitress.serve(create_app(client), host="127.0.0.1", port=a.port, threads=8)
 
 
 if __name__ == "__main__":
