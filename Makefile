@@ -29,14 +29,15 @@ FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 1
 # at most 4, since every worker holds its own copies of the model.
 EXPORT_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 EXPORT_ARGS ?= --workers $(EXPORT_WORKERS)
-# QUANTIZE=int8: int8 models for x86 CPUs (training/quantize.py), forward 2.8-4x faster
+# QUANTIZE=int8: int8 models for x86 CPUs (training/quantize.py), a faster forward pass
 # (`make archive QUANTIZE=int8`; plain `make archive` goes back to fp32),
 # calibrated on $(DATA)/train; the export stops, writing nothing, if test accuracy drops
 # by more than 1 point. Off by default: fp32 answers exactly what evaluation measured.
 QUANTIZE ?=
 
-# glibc returns freed memory to the OS too eagerly for PyTorch's allocation pattern;
-# raising these thresholds doubled MobileNetV2 throughput on the 2-core machine.
+# glibc returns freed memory to the OS too eagerly for PyTorch's allocation pattern of
+# large short-lived tensors (page faults on every batch); docs/performance.md says how much
+# raising these thresholds gains.
 export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 
@@ -266,11 +267,13 @@ bench-train: | venv
 	$(PY) -m training.bench_train
 
 # The serving benchmark (bench/run.py): TorchServe with this project's handler vs the
-# in-process limit, TorchServe's built-in handler (which needs captum: installed here,
-# for the benchmark only) and a Flask-style server. build/bench/results.md and .json.
+# in-process figure, TorchServe's built-in handler (which needs captum: installed here,
+# for the benchmark only) and a Flask-style server; then the dog app (handlers/dog_breeds.py
+# with its dog detector) on real photos. build/bench/results.md and .json; with
+# BENCH_ARGS="--publish docs/performance-results.md" the same markdown goes to the docs too.
 # `make bench-int8`: the same on int8 exports of the trained runs (build/export-int8,
 # results in build/bench-int8/), every contestant on the same int8 file, on the CPU (int8
-# kernels are CPU kernels). Where torch sees a GPU, `make bench` measures the GPU.
+# kernels are CPU kernels).
 BENCH_ARGS ?=
 bench: bench-deps
 	$(PY) -m bench.run $(BENCH_ARGS)

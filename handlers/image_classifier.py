@@ -21,29 +21,9 @@ Metrics (declared in serving/metrics.yaml, exported on /metrics in prometheus
 mode): ImagesServed, ImagesRejected{Reason}, DecodeTime (ms per batch) and
 BatchSize (images per forward call).
 
-Speed settings, also in the ``handler:`` section (training/export.py writes them):
-
-- ``threads``: torch threads of this worker (torch.set_num_threads). TorchServe's
-  default lets every worker use every core, which oversubscribes the machine as soon
-  as there is more than one worker.
-- ``jpeg_draft``: a large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, keeping
-  its short side >= jpeg_draft x resize_size (0: always full decode). A 12 MP phone
-  photo then decodes about 4x faster; the tensor stays within the tolerance that
-  tests/test_presets.py states (small JPEGs and other formats: within one grey level).
-- ``optimize``: ``onednn`` (oneDNN Graph fusion, compiled per batch size; CPU workers),
-  ``jit`` (torch.jit.optimize_for_inference) or ``none``; models/optimize.py says what
-  each does and measured, and checks the result against the model as loaded.
-- ``onednn_batches``: the batch sizes oneDNN Graph compiles a copy of the model for
-  (they must include 1); by default 1, 2, 4, ... up to batchSize. Each copy costs
-  memory (ResNet50: about 220 MB), so ``[1]`` suits a model that runs as fast per
-  image alone as in a batch.
-- ``quantized_engine``: the model is int8 (training/export.py --quantize int8) for this
-  torch.backends.quantized engine, set before loading. Such a model runs on the CPU
-  (also in a worker TorchServe gave a GPU) and skips ``optimize``.
-- ``half`` (CUDA only): the forward pass under fp16 autocast. ``gpu_decode`` (CUDA
-  only): JPEGs decoded by nvJPEG and resized/cropped/normalised on the GPU; other
-  formats, JPEGs nvJPEG refuses and JPEGs whose colour profile must be converted to
-  sRGB (nvJPEG ignores profiles) take the CPU path per request.
+Its settings (top_k, threads, jpeg_draft, optimize, onednn_batches, quantized_engine,
+half, gpu_decode) are read from the same ``handler:`` section; models/settings.py defines
+each, with its default and what it does.
 """
 from __future__ import annotations
 

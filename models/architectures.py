@@ -67,8 +67,8 @@ class WithImageNetHead(nn.Module):
         return logits, imagenet
 
 
-# oneDNN Graph runs ResNet50 as fast per image at batch 1 as at 8 (72.7 vs 74.9 ms, one
-# thread, 2-core machine): one compiled copy instead of four, about 690 MB less per worker.
+# oneDNN Graph runs ResNet50 about as fast per image at batch 1 as at 8: one compiled
+# copy instead of four, hundreds of MB less per worker.
 @register_model("resnet50", train_preset=TrainPreset(rotation=10.0), head="fc", onednn_batches=(1,))
 def resnet50(num_classes: int, weights: str | None = None, weights_file: str | None = None,
              unfreeze_layer3: bool = False, dropout: float = 0.5,

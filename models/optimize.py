@@ -1,17 +1,15 @@
 """How a served model is optimised after loading: the handler's ``optimize`` setting.
 
-- ``onednn`` (training/export.py's default): oneDNN Graph fusion, compiled once per
-  batch size that a batch is cut into (OneDNNModel). CPU workers only; on a GPU it
-  means ``jit``. Measured on the 2-core machine, forward pass per image at 1 thread
-  against ``jit``: MobileNetV2 0.57-0.80x the time, ResNet50 0.67-0.84x (batch 1-8).
-  It costs memory and start time: a copy of the model per size (ResNet50: about
-  220 MB each), and the handler's start took 5.0 s instead of 1.0-1.2 s for ResNet50
-  with 4 copies (1 thread, batch size 8). ``onednn_batches`` chooses the sizes
-  (``onednn_sizes``); ResNet50 exports compile batch 1 only (models/architectures.py).
+- ``onednn`` (the export's default): oneDNN Graph fusion, compiled once per batch size
+  that a batch is cut into (OneDNNModel). CPU workers only; on a GPU it means ``jit``.
+  The fastest forward pass on the CPU, for memory and start time: a copy of the model
+  per size. ``onednn_batches`` chooses the sizes (``onednn_sizes``); ResNet50 exports
+  compile batch 1 only (models/architectures.py).
 - ``jit`` (``true`` in older archives): torch.jit.optimize_for_inference (it cannot be
-  saved so with torch 2.13). Against the model as loaded, 1 thread, batch 8: forward
-  1.57x faster for MobileNetV2, 1.19x for ResNet50.
+  saved so with torch 2.13), faster than the model as loaded.
 - ``none`` (``false``): the model as loaded.
+
+docs/performance.md has the measured speeds and costs of each.
 
 Each is checked against the loaded model (``optimized``) and skipped with a warning
 if it fails or changes the outputs. The archive ships this module with the handler
@@ -146,8 +144,8 @@ def chunk_sizes(batch_size: int) -> list[int]:
 def onednn_sizes(value, batch_size: int) -> list[int]:
     """The batch sizes oneDNN Graph compiles a copy of the model for: model-config.yaml's
     ``onednn_batches`` (sizes including 1, so that any batch can be cut into them), or
-    by default ``chunk_sizes(batch_size)``. Fewer sizes, less memory: ResNet50 ran as
-    fast per image at batch 1 as at 8 on the 2-core machine, at a quarter of the copies."""
+    by default ``chunk_sizes(batch_size)``. Fewer sizes, less memory, for a model that
+    runs about as fast per image alone as in a batch (ResNet50)."""
     if value is None:
         return chunk_sizes(batch_size)
     values = value if isinstance(value, (list, tuple)) else [value]
@@ -165,9 +163,8 @@ class OneDNNModel:
     the input shape and torch thread count it compiled with: a batch of another size
     runs unfused, and after torch.set_num_threads the kernels keep their old thread
     count. So each size gets its own copy of the model, a batch runs as chunks of these
-    sizes, largest first (7 = 4 + 2 + 1: nothing padded; per image, the fused forward pass
-    at batch 1 took 1.01x (ResNet50) and 1.18x (MobileNetV2) its time at batch 8, 1
-    thread), and a change of thread count recompiles.
+    sizes, largest first (7 = 4 + 2 + 1: nothing padded, and a small chunk costs little
+    more per image than a large one), and a change of thread count recompiles.
     """
 
     def __init__(self, load, sizes, crop: int):

@@ -125,8 +125,8 @@ class LocalServer:
         env["TMPDIR"] = str(self.workdir / "tmp")
         # As `make serve` does: glibc returns freed memory to the OS too eagerly for
         # PyTorch's pattern of large short-lived tensors (mmap + munmap, page faults on
-        # every batch); raising both thresholds doubled MobileNetV2's throughput on the
-        # 2-core machine. Tests and benchmarks measure the server users get.
+        # every batch): both thresholds raised. Tests and benchmarks measure the server
+        # users get.
         for key in MALLOC_ENV:
             env.setdefault(key, MALLOC_THRESHOLD)
         return env

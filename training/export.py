@@ -8,7 +8,7 @@ batching settings plus a ``handler:`` section with the preprocessing and top-k,
 which the handler reads from ``context.model_yaml_config``).
 
 With ``--quantize int8 --calibration-data DATASET`` the model is quantised to int8 for
-x86 CPUs first (training/quantize.py: forward 2.8-4x faster on the 2-core machine); the
+x86 CPUs first (training/quantize.py; docs/export.md says what it gains and costs); the
 export then also writes ``quantization.json`` and fails, writing nothing, if test
 accuracy drops by more than ``--max-accuracy-drop`` points.
 

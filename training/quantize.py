@@ -5,9 +5,8 @@
 
 FX graph mode static quantisation: convolutions and linear layers with per-channel int8
 weights and int8 activations, their ranges observed on ``--calibration-images`` training
-images through the eval preprocessing (the one serving uses). Measured on the 2-core
-machine (forward alone, 1 torch thread, batch 8, one run): ResNet50 10.6 -> 42.8 img/s
-and MobileNetV2 52 -> 147 img/s against the fp32 model as the handler serves it.
+images through the eval preprocessing (the one serving uses). The forward pass runs
+several times faster than the fp32 model as the handler serves it (docs/export.md).
 
 Quantisation changes the outputs, so the export measures what it costs before writing
 anything: the fp32 and int8 models both predict the test split, and the export fails
@@ -33,9 +32,9 @@ from training.data import image_folder
 from training.evaluate import class_logits
 from training.progress import Progress
 
-# onednn: measured faster than x86/fbgemm here (MobileNetV2 173 vs 150 img/s) and, with
-# its full 8-bit activation range, closer to fp32 (demo dog model: 58/60 vs 55/60 top-1
-# agreement). x86 is PyTorch's portable choice for older CPUs.
+# onednn: faster than x86/fbgemm on the machines measured and, with its full 8-bit
+# activation range, closer to fp32 (docs/export.md). x86 is PyTorch's portable choice
+# for older CPUs.
 ENGINES = ("onednn", "x86", "fbgemm")
 DEFAULT_ENGINE = "onednn"
 BATCH = 16
