@@ -54,11 +54,11 @@ MODELS := imagenet_dogs $(TRAINED)
 DOG_MODELS := imagenet_dogs dog_breeds
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test bench bench-int8 bench-flops bench-deps bench-train clean
+.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test test-fast bench bench-int8 bench-flops bench-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
-	@echo "make test      run the test suite (installs first)"
+	@echo "make test      run the test suite (installs first);  make test-fast  the tests that start no server or browser"
 	@echo "steps:         venv data train export archive serve register predict stop"
 	@echo "make check-data  data problems and class counts (training.clean, training.stats; DATA=...)"
 	@echo "make bench-train training throughput table;  make bench   serving benchmark (bench-int8: on int8 exports; bench-flops: forward pass vs matmul)"
@@ -257,7 +257,7 @@ ui: | venv
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "Installing Debian's chromium for the browser tests..."; \
+	    echo "make test: the browser tests need chromium; installing Debian's package with apt-get (root)..."; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	  else echo "The browser tests need chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
 
@@ -287,8 +287,14 @@ bench-flops: | venv
 bench-deps: venv check-java
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
+# The whole suite: real TorchServe servers (Java) and a real browser. make browser installs
+# Debian's chromium with apt-get when it is missing, and says so first.
 test: venv check-java grpc browser
 	$(PY) -m pytest -q tests
+
+# Everything that starts no TorchServe, no browser and no long run: well under a minute.
+test-fast: venv
+	$(PY) -m pytest -q -m "not torchserve and not browser and not slow" tests
 
 clean: 
 	@if [ -f $(RUN)/tmp/.model_server.pid ]; then $(MAKE) stop; fi

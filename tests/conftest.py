@@ -34,6 +34,21 @@ CLASSES = ("circle", "square", "triangle")
 MODEL_NAME = "tiny_shapes"
 
 
+# Fixtures that start a real TorchServe: a test that uses one is marked torchserve.
+SERVER_FIXTURES = {"local_server", "server", "envelope_server", "ts_client", "smoke"}
+# Fixtures that take tens of seconds to build: a test that uses one is marked slow.
+SLOW_FIXTURES = {"int8_export", "imagenet_dogs_export"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = set(item.fixturenames)
+        if names & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.torchserve)
+        if names & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """3 classes x 14 images: 10 train, 2 valid, 2 test per class."""

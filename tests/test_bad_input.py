@@ -14,6 +14,8 @@ from PIL import Image
 
 from tests.conftest import MODEL_NAME, assert_same_answer, png_bytes, split_images
 
+pytestmark = pytest.mark.torchserve
+
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

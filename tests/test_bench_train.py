@@ -1,9 +1,13 @@
 """The training-throughput benchmark's smoke run: it measures and writes its table."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from training import bench_train
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_train_smoke(tmp_path, capsys):

@@ -6,6 +6,8 @@ and without dropout the two runs differ only by the order of float additions.
 """
 from __future__ import annotations
 
+import pytest
+
 import json
 import math
 import os
@@ -22,6 +24,8 @@ from training import train as train_mod
 
 ARGS = ["--model", "scratch_cnn", "--dropout", "0", "--batch-size", "10", "--epochs", "2",
         "--optimizer", "sgd", "--lr", "0.005", "--workers", "0", "--no-analysis", "--weights", "none"]
+
+pytestmark = pytest.mark.slow
 
 
 def _descendants(pid: int) -> list[int]:

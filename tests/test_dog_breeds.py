@@ -17,6 +17,8 @@ from serving.server import LocalServer
 from tests.conftest import answers, make_context, png_bytes, split_images
 from training.photos import photos
 
+pytestmark = pytest.mark.slow
+
 PHOTOS = photos()  # the packaged ones, and ../shared/photos' dog and kitten
 
 
@@ -106,6 +108,7 @@ def test_a_dog_first_and_a_face_only_when_not_a_dog(dog_export, face, tmp_path):
     assert human["subject"] == "human" and human["resembles"] == human["top_k"][0]["label"]
 
 
+@pytest.mark.torchserve
 def test_real_photos_through_torchserve(imagenet_dogs_export, dog_export, tmp_path):
     """Both dog-breed archives served by a real TorchServe: the pretrained breeds and the
     tiny shape model with EfficientNet-Lite0's ImageNet classes beside it."""

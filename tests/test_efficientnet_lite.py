@@ -23,6 +23,8 @@ from models.zoo import get_model, get_spec
 from models.weights import WeightsUnavailable
 from training.optim import split_parameters
 
+pytestmark = pytest.mark.slow
+
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "photos"
 CATEGORIES = tvm.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 DOGS = range(151, 269)

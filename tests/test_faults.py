@@ -16,6 +16,8 @@ from serving.server import LocalServer, free_port
 from serving.soak import soak
 from tests.conftest import MODEL_NAME, split_images
 
+pytestmark = pytest.mark.torchserve
+
 
 def images(tiny_data) -> list[bytes]:
     return [p.read_bytes() for p in split_images(tiny_data, "train")]

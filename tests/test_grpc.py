@@ -7,6 +7,8 @@ import pytest
 from serving.grpc_client import BadRequest, GrpcClient
 from tests.conftest import MODEL_NAME, split_images
 
+pytestmark = pytest.mark.torchserve
+
 
 @pytest.fixture(scope="module")
 def grpc_client(local_server):

@@ -17,6 +17,8 @@ import requests
 from serving.server import LocalServer
 from tests.conftest import MODEL_NAME, assert_answer_matches, distinguishable, split_images
 
+pytestmark = pytest.mark.torchserve
+
 
 @pytest.fixture(scope="module", params=["kservev2", "kserve"])
 def envelope_server(request, model_store, tmp_path_factory):

@@ -15,6 +15,8 @@ from serving.kserve import layout
 from serving.server import ROOT, LocalServer, read_properties
 from tests.conftest import MODEL_NAME, assert_answer_matches, distinguishable, split_images
 
+pytestmark = pytest.mark.torchserve
+
 
 @pytest.fixture(scope="module")
 def package(model_store, tmp_path_factory):

@@ -1,7 +1,11 @@
 """The handler's own metrics, exported by a real TorchServe in prometheus mode."""
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import MODEL_NAME, split_images
+
+pytestmark = pytest.mark.torchserve
 
 
 def samples(metrics: dict[str, float], name: str, **labels) -> list[float]:

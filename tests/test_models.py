@@ -11,6 +11,8 @@ from models.zoo import get_model, get_spec, list_models
 from tests.conftest import closed_port
 from training.export import to_torchscript
 
+pytestmark = pytest.mark.slow
+
 N = 3
 
 

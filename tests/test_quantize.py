@@ -131,6 +131,7 @@ def test_handler_refuses_an_unknown_engine(int8_export):
         ImageClassifier().initialize(ctx)
 
 
+@pytest.mark.torchserve
 def test_int8_archive_on_a_real_torchserve(int8_export, tiny_data, tmp_path):
     """Its own server and model store: the session's server and store stay as other tests expect."""
     store = tmp_path / "model_store"

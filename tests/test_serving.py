@@ -13,6 +13,8 @@ from serving.client import TorchServeError
 from serving.server import LocalServer
 from tests.conftest import MODEL_NAME, assert_answer_matches, assert_same_answer, split_images
 
+pytestmark = pytest.mark.torchserve
+
 
 def predict_all(client, payloads, multipart=False):
     """Send every payload at once from its own thread; returns the responses in order."""

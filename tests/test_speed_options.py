@@ -74,6 +74,7 @@ def test_export_writes_speed_settings(exported):
     assert (s.threads, s.jpeg_draft, s.optimize, s.half, s.gpu_decode) == (2, 0.0, "none", True, True)
 
 
+@pytest.mark.slow
 def test_threads_setting_is_applied(exported):
     torch.set_num_threads(2)
     handler_with(exported, threads=1)
@@ -102,6 +103,7 @@ def test_optimize_for_inference_is_checked_and_falls_back(exported, caplog):
     assert "optimize_for_inference failed" in caplog.text
 
 
+@pytest.mark.slow
 def test_handler_loads_the_optimized_model(exported, caplog):
     with caplog.at_level(logging.INFO, logger="models.optimize"):
         h = handler_with(exported, optimize=True)
@@ -150,6 +152,7 @@ def chunks_served(model: OneDNNModel, plain, n: int) -> list[int]:
     return calls
 
 
+@pytest.mark.slow
 def test_onednn_model_serves_every_batch_size_from_fused_copies(exported, caplog):
     with caplog.at_level(logging.INFO, logger="models.optimize"):
         h = handler_with(exported, optimize="onednn")  # batch size 8 (make_context)
@@ -161,6 +164,7 @@ def test_onednn_model_serves_every_batch_size_from_fused_copies(exported, caplog
         assert chunks_served(h.model, plain, n) == chunks
 
 
+@pytest.mark.slow
 def test_onednn_batches_choose_the_copies(exported):
     plain = torch.jit.load(str(exported / "model.pt")).eval()
     h = handler_with(exported, optimize="onednn", onednn_batches=[1])
@@ -193,6 +197,7 @@ def test_onednn_batches_must_include_one():
             onednn_sizes(bad, 8)
 
 
+@pytest.mark.slow
 def test_onednn_model_recompiles_when_the_thread_count_changes(exported):
     torch.set_num_threads(1)
     model = OneDNNModel(lambda: torch.jit.load(str(exported / "model.pt")), [2, 1], 224)
@@ -282,6 +287,7 @@ def test_gpu_decode_batch_falls_back_per_request(exported, tiny_data, reference)
                                                      abs=PREPROCESSING_ANSWER_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
     """A 12 MP photo decoded at 1/8 scale by the handler: same top-1 as evaluation's full
     decode, probabilities close."""

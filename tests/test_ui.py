@@ -16,6 +16,8 @@ from serving.server import LocalServer, free_port
 from training.photos import photos
 from ui.app import create_app
 
+pytestmark = [pytest.mark.browser, pytest.mark.torchserve]
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -1,6 +1,8 @@
 """Model versions through the management API, with traffic during every switch."""
 from __future__ import annotations
 
+import pytest
+
 import shutil
 import threading
 import time
@@ -12,6 +14,8 @@ from serving.archive import SUMS_FILE, build_archive
 from serving.server import LocalServer
 from serving.versions import default_version, retire, rollout, versions
 from tests.conftest import MODEL_NAME, split_images
+
+pytestmark = pytest.mark.torchserve
 
 # Version 2.0's batch delay: requests sent to it alone wait this long in its worker's batch,
 # a window wide enough to retire it in on any machine.
