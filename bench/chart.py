@@ -1,5 +1,5 @@
 """The benchmark as a picture (<out>/throughput.png): images/s against concurrent clients,
-one panel per model and photo size, one line per contestant, the in-process limit as a
+one panel per model and photo size, one line per contestant, the in-process figure as a
 dashed line. Log scales: TorchServe out of the box and the project's handler differ by
 up to 40x on 2 cores, and both should stay readable.
 """

@@ -3,9 +3,15 @@
 A model's export comes from export/<name>/ when `make export` made one, otherwise from
 a randomly initialised network of the same architecture (speed does not depend on the
 weights' values), so `make bench` does not need training. Either way the benchmark
-writes its own model-config.yaml with the server settings under test and the project's
-base handler (handlers/image_classifier.py): the dog-breed handler's face detection is
-application logic that the other contestants do not have.
+writes its own model-config.yaml with the server settings under test, for the handler
+measured: the project's base handler (handlers/image_classifier.py), which the other
+contestants are compared with, or the dog app's (handlers/dog_breeds.py).
+
+The dog app's stand-in is a random ResNet50 beside the real, pretrained EfficientNet-Lite0
+dog detector, as training/export.py builds the deployed dog_breeds model: the same two
+networks, so the same forward cost, and a detector whose answers on real photos are
+real, so that each photo takes the handler's path it takes when deployed (a dog: no face
+check; anything else: the face check).
 
 An int8 export (training/export.py --quantize int8, e.g. `make bench-int8`) keeps its
 quantized engine; the built-in handler's archive then sets the same engine before
@@ -23,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from models.presets import EvalPreset
-from serving.archive import archiver, build_archive
+from serving.archive import archiver, build_archive, handler_of
 from training import export as export_mod
 
 # Served name -> architecture and classes of its random stand-in.
@@ -56,27 +62,32 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def random_export(name: str, out: Path) -> None:
-    """model.pt and index_to_name.json of a randomly initialised network."""
+def random_export(name: str, out: Path, dog_gate: bool = False) -> None:
+    """model.pt and index_to_name.json of a randomly initialised network; with
+    ``dog_gate``, beside the pretrained dog detector that the dog app's export adds."""
     import torch
 
     from models.zoo import get_model
     arch, classes = MODELS[name]
     torch.manual_seed(0)
     model = get_model(arch, classes, weights=None).eval()
+    if dog_gate:
+        ckpt = {"eval_preset": EvalPreset().to_dict(), "model": arch}
+        model = export_mod.with_dog_gate(model, ckpt, export_mod.DEFAULT_DOG_GATE).eval()
     out.mkdir(parents=True, exist_ok=True)
     export_mod.to_torchscript(model).save(str(out / export_mod.MODEL_FILE))
     labels = {str(i): f"class_{i:03d}" for i in range(classes)}
     (out / export_mod.LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
 
 
-def bench_config(handler: dict, arch: str, classes: int, settings: dict, export_args: list[str]) -> dict:
+def bench_config(handler: dict, arch: str, classes: int, settings: dict, export_args: list[str],
+                 handler_name: str = "image_classifier") -> dict:
     """model-config.yaml for the settings under test, written by training/export.py's own
     model_config (the handler's speed settings at their export defaults unless
-    ``export_args`` say otherwise, e.g. ["--jpeg-draft", "0"]), for the base handler."""
+    ``export_args`` say otherwise, e.g. ["--jpeg-draft", "0"]), for handlers/<handler_name>.py."""
     ckpt = {"eval_preset": EvalPreset.from_dict(handler).to_dict(), "num_classes": classes, "model": arch}
     a = export_mod.parse_args([
-        "--checkpoint", "-", "--out", "-", "--handler", "image_classifier",
+        "--checkpoint", "-", "--out", "-", "--handler", handler_name,
         "--workers", str(settings["workers"]), "--threads", str(settings["threads"]),
         "--batch-size", str(settings["batch_size"]),
         "--max-batch-delay", str(settings["max_batch_delay"]),
@@ -84,12 +95,22 @@ def bench_config(handler: dict, arch: str, classes: int, settings: dict, export_
     return export_mod.model_config(ckpt, a)
 
 
+def usable(src: Path, handler_name: str) -> bool:
+    """Whether the export ``src`` can be served by handlers/<handler_name>.py: the dog app's
+    handler needs the dog detector that only a dog_breeds export carries."""
+    if not (src / export_mod.MODEL_FILE).is_file():
+        return False
+    return handler_name != "dog_breeds" or handler_of(src).stem == "dog_breeds"
+
+
 def prepare_export(name: str, exports: Path, work: Path, settings: dict,
-                   export_args: list[str] = ()) -> dict:
-    """work/exports/<name>/ with the benchmark's model-config.yaml; returns what it holds."""
+                   export_args: list[str] = (), handler_name: str = "image_classifier") -> dict:
+    """work/exports/<name>/ with the benchmark's model-config.yaml for
+    handlers/<handler_name>.py; returns what it holds."""
     out = work / "exports" / name
     src = exports / name
-    if (src / export_mod.MODEL_FILE).is_file():
+    dog_gate = handler_name == "dog_breeds"
+    if usable(src, handler_name):
         out.mkdir(parents=True, exist_ok=True)
         for f in (export_mod.MODEL_FILE, export_mod.LABELS_FILE):
             _link_or_copy(src / f, out / f)
@@ -99,15 +120,15 @@ def prepare_export(name: str, exports: Path, work: Path, settings: dict,
         origin = f"{src}/ (trained export)"
     else:
         arch, _ = MODELS[name]
+        origin = f"random {arch}, {MODELS[name][1]} classes" + (
+            f", beside the pretrained {export_mod.DEFAULT_DOG_GATE} dog detector" if dog_gate else "")
         if not (out / "random.stamp").exists():
-            print(f"  {name}: no {src}/model.pt; exporting a randomly initialised "
-                  f"{arch} ({MODELS[name][1]} classes)", flush=True)
-            random_export(name, out)
+            print(f"  {name}: no usable {src}/model.pt; exporting a {origin}", flush=True)
+            random_export(name, out, dog_gate)
             (out / "random.stamp").write_text("random weights\n")
         handler = {}
-        origin = f"random {arch}, {MODELS[name][1]} classes"
     classes = len(json.loads((out / export_mod.LABELS_FILE).read_text()))
-    cfg = bench_config(handler, arch, classes, settings, list(export_args))
+    cfg = bench_config(handler, arch, classes, settings, list(export_args), handler_name)
     if handler.get("quantized_engine"):  # the model file is int8: its engine comes with it
         cfg["handler"]["quantized_engine"] = handler["quantized_engine"]
         origin += f", int8 ({handler['quantized_engine']})"

@@ -1,17 +1,27 @@
-"""The in-process limit: the served handler's own decode + preprocessing + forward, in one
-process, with no server and no HTTP. What the server should approach.
+"""The in-process figure: the served handler's own decode + preprocessing + forward, with
+no server and no HTTP. What the server should approach.
 
-    python -m bench.inprocess --export build/bench/exports/flying_objects --threads 2 \
+    python -m bench.inprocess --export build/bench/exports/flying_objects --threads 1 \
         --images 500x375=a.jpg,b.jpg --batch-sizes 1 4 8 16 --out result.json
 
-The handler (handlers/image_classifier.py) is initialised inside TorchServe's own
-Context from the export folder, so it reads the same model-config.yaml as the served
-archive (decoding options, optimize, top_k) and loads model.pt as its workers do;
-each batch goes through its preprocess, inference and postprocess, one image after
-the other on the main thread as in a worker. Only the thread count differs: the
-handler sets its per-worker ``threads``, and this process then gets --threads (the
-server's workers x threads), the same cores in one process. With --gpu N the handler
-gets GPU N as a worker does (TorchServe's gpu_id), so it runs where the served model runs.
+bench.harness runs one such process per served worker, each with a worker's threads,
+side by side (--ready-file / --go-file start their timing together), and adds up their
+images/s: the server's arrangement of the cores without the server. One process with
+every thread instead was measured here to fall to a tenth of one thread's speed whenever
+other processes held a core: its threads wait for each other at every parallel region.
+
+The handler that model-config.yaml names (handlers/image_classifier.py, or the dog
+app's handlers/dog_breeds.py) is initialised inside TorchServe's own Context from the
+export folder, so it reads the same model-config.yaml as the served archive (decoding
+options, optimize, top_k) and loads model.pt as its workers do; each batch goes through
+its preprocess, inference and postprocess, one image after the other on the main thread
+as in a worker. A handler with per-image checks (the dog app's face check) runs them
+where it runs them in a worker, inside preprocess and postprocess; their time alone is
+also measured per image (``checks_ms``), and every image's answer is recorded.
+
+The handler sets its per-worker ``threads``, then this process --threads. With --gpu N the
+handler gets GPU N as a worker does (TorchServe's gpu_id), so it runs where the served
+model runs.
 
 Run as a subprocess by bench.run so that it gets the same environment as the servers
 (glibc reads MALLOC_* at process start) and shares no threads with the load generator.
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +45,11 @@ import yaml
 from ts.context import Context, RequestProcessor
 
 from bench.images import image_args, read_image_args
-from handlers.image_classifier import ImageClassifier
+from handlers.dog_breeds import DogBreedClassifier
+from handlers.image_classifier import ImageClassifier, decode
+
+# model-config.yaml's handler name -> the handler class a worker runs.
+HANDLERS = {"image_classifier": ImageClassifier, "dog_breeds": DogBreedClassifier}
 
 
 def load_handler(export: Path, threads: int, gpu: int | None = None) -> ImageClassifier:
@@ -44,7 +59,7 @@ def load_handler(export: Path, threads: int, gpu: int | None = None) -> ImageCla
     ctx = Context(export.name, str(export), {"model": {"serializedFile": "model.pt"}},
                   batch_size=int(config.get("batchSize", 1)), gpu=gpu, mms_version="0.12.0",
                   metrics=None, model_yaml_config=config)
-    handler = ImageClassifier()
+    handler = HANDLERS[config.get("handler", {}).get("name", "image_classifier")]()
     handler.initialize(ctx)
     handler.context = ctx  # TorchServe sets it per batch in handle(); postprocess reads it
     torch.set_num_threads(threads)  # after the handler's own per-worker setting
@@ -52,10 +67,24 @@ def load_handler(export: Path, threads: int, gpu: int | None = None) -> ImageCla
 
 
 def classify(handler: ImageClassifier, images: list[bytes]) -> list:
-    """One batch through the handler, as a worker runs it (without TorchServe's metrics)."""
+    """One batch through the handler, as a worker runs it (without TorchServe's metrics):
+    the answers as the handler hands them to TorchServe (JSON text for a raw body)."""
     handler.context.request_processor = [RequestProcessor({}) for _ in images]
     rows = [{"body": bytearray(b)} for b in images]
     return handler.postprocess(handler.inference(handler.preprocess(rows)))
+
+
+def accepted(answers: list) -> list[dict]:
+    """The answers, parsed; an image the handler refused is an error, since a refused image
+    would be timed without its forward pass."""
+    parsed = [json.loads(a) if isinstance(a, str) else a for a in answers]
+    if any("code" in a for a in parsed):
+        raise RuntimeError(f"the handler refused a benchmark image: {parsed}")
+    return parsed
+
+
+def answers_of(handler: ImageClassifier, images: list[bytes]) -> list[dict]:
+    return accepted(classify(handler, images))
 
 
 def timed(handler: ImageClassifier, images: list[bytes]) -> float:
@@ -63,9 +92,28 @@ def timed(handler: ImageClassifier, images: list[bytes]) -> float:
     t0 = time.perf_counter()
     answers = classify(handler, images)
     elapsed = time.perf_counter() - t0
-    if any("top_k" not in a for a in answers):
-        raise RuntimeError(f"the handler refused a benchmark image: {answers}")
+    accepted(answers)
     return elapsed
+
+
+def has_checks(handler: ImageClassifier) -> bool:
+    """Whether the handler does per-image work beside the classifier's (the face check)."""
+    return type(handler).inspect is not ImageClassifier.inspect
+
+
+def checks_ms(handler: ImageClassifier, data: bytes, repeats: int = 9) -> float:
+    """Median ms of the handler's per-image checks on one image, as a worker runs them:
+    ``inspect`` on the decoded image (in preprocess) and ``answer`` on its model outputs
+    (in postprocess; the dog app searches its grey copy for faces there unless it is a dog)."""
+    image = decode({"body": data}, handler.min_short).image
+    probs, aux, _, _, _ = handler.inference(handler.preprocess([{"body": bytearray(data)}]))
+    top_k = [{"label": handler.mapping[str(int(probs[0].argmax()))]}]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        handler.answer(top_k, probs[0], None if aux is None else aux[0], handler.inspect(image))
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
 
 
 def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_batches: int,
@@ -159,6 +207,37 @@ def outputs(model, crop: int = 224, device: torch.device | str = "cpu") -> int:
     return len(out) if isinstance(out, (tuple, list)) else 1
 
 
+def wait_for_go(ready: Path, go: Path, images: dict[str, list[bytes]], handler) -> None:
+    """--ready-file/--go-file: warm up, say so, and wait until every process side by side
+    has, so that their timed windows overlap as the server's workers' do."""
+    for imgs in images.values():
+        for data in imgs:
+            timed(handler, [data])
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.01)
+
+
+def measure(a, handler, images: dict[str, list[bytes]]) -> dict:
+    result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+              "device": str(handler.device),
+              "outputs": outputs(handler.model, handler.preset.crop_size, handler.device),
+              "handler_settings": handler.settings.to_config(), "sizes": {}}
+    for size, imgs in images.items():
+        runs = []
+        for b in a.batch_sizes:
+            r = run_batches(handler, imgs, b, a.seconds, a.min_batches)
+            print(f"    in-process {size} batch {b}: {r['images_per_s']:.1f} images/s", flush=True)
+            runs.append(r)
+        result["sizes"][size] = runs
+    if a.checks:
+        result["answers"] = {size: answers_of(handler, imgs) for size, imgs in images.items()}
+        if has_checks(handler):
+            result["checks_ms"] = {size: [round(checks_ms(handler, data), 3) for data in imgs]
+                                   for size, imgs in images.items()}
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="In-process decode + preprocess + forward speed.")
     p.add_argument("--export", type=Path, required=True,
@@ -169,11 +248,13 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--seconds", type=float, default=3.0, help="time per batch size and image size")
     p.add_argument("--min-batches", type=int, default=3, help="at least this many timed batches")
-    p.add_argument("--request-threads", type=int,
-                   help="also time single images with this many threads: what one request gets "
-                        "from a worker (the served p50 at concurrency 1 is compared with it)")
     p.add_argument("--gpu", type=int, help="run the handler on this GPU, as a worker given it does")
     p.add_argument("--out", type=Path, help="JSON result (required without --timer)")
+    p.add_argument("--checks", action="store_true",
+                   help="after the timing, also record each image's answer and time the "
+                        "handler's per-image checks (the dog app's face check)")
+    p.add_argument("--ready-file", type=Path, help="touched once warmed up (with --go-file)")
+    p.add_argument("--go-file", type=Path, help="start timing once this file exists")
     p.add_argument("--timer", action="store_true",
                    help="time single images on request: read 'SIZE INDEX' lines on stdin, answer "
                         "each with milliseconds on stdout (after a line 'ready')")
@@ -188,27 +269,9 @@ def main(argv=None):
     if a.timer:
         serve_timings(handler, images, sys.stdin, replies)
         return
-    result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-              "device": str(handler.device),
-              "outputs": outputs(handler.model, handler.preset.crop_size, handler.device),
-              "handler_settings": handler.settings.to_config(), "sizes": {}}
-    for size, imgs in images.items():
-        runs = []
-        for b in a.batch_sizes:
-            r = run_batches(handler, imgs, b, a.seconds, a.min_batches)
-            print(f"    in-process {size} batch {b}: {r['images_per_s']:.1f} images/s", flush=True)
-            runs.append(r)
-        result["sizes"][size] = runs
-    if a.request_threads and a.request_threads != a.threads:
-        torch.set_num_threads(a.request_threads)
-        result["request_threads"] = a.request_threads
-        result["single_per_request_threads"] = {}
-        for size, imgs in images.items():
-            r = run_batches(handler, imgs, 1, a.seconds, a.min_batches)
-            print(f"    in-process {size} single image, {a.request_threads} thread(s): "
-                  f"{1000 / r['images_per_s']:.1f} ms", flush=True)
-            result["single_per_request_threads"][size] = r["batch_times_s"]
-    a.out.write_text(json.dumps(result))
+    if a.go_file:
+        wait_for_go(a.ready_file, a.go_file, images, handler)
+    a.out.write_text(json.dumps(measure(a, handler, images)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Numbers to tables: percentiles, per-cell summaries, the ratio table, machine facts,
-and the markdown written next to results.json."""
+and the markdown written next to results.json (its tables made by ``table`` from rows)."""
 from __future__ import annotations
 
 import datetime
 import math
 import os
 import platform
+import subprocess
 
 # Contestant keys, in table order, and how the tables name them.
 SERVED = "served"
@@ -13,7 +14,7 @@ INPROCESS = "in_process"
 BUILTIN = "builtin"
 DEFAULT = "builtin_default"
 FLASK = "flask"
-NAMES = {SERVED: "TorchServe, project handler", INPROCESS: "in-process limit",
+NAMES = {SERVED: "TorchServe, project handler", INPROCESS: "in-process, no server",
          BUILTIN: "TorchServe, built-in handler, same settings",
          DEFAULT: "TorchServe out of the box (built-in handler, defaults)",
          FLASK: "Flask-style, per request"}
@@ -59,7 +60,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def ratio_table(throughput: dict) -> list[dict]:
     """Rows of served ÷ each other contestant.
 
-    ``throughput[contestant][size][concurrency] = images/s``; the in-process limit has
+    ``throughput[contestant][size][concurrency] = images/s``; the in-process figure has
     one number per size (its best batch size), used for every concurrency. Missing
     contestants (skipped) give None.
     """
@@ -117,15 +118,26 @@ def percent(share: float | None) -> str:
     return "–" if share is None else f"{100 * share:.0f}%"
 
 
-def machine() -> dict:
-    cpu = "unknown"
+def lscpu_model() -> str | None:
+    """The CPU's model name as lscpu reports it; None where lscpu is missing or says nothing."""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                 if line.startswith("Model name:")), None)
+
+
+def cpuinfo_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        "unknown")
     except OSError:
-        pass
+        return "unknown"
+
+
+def machine() -> dict:
     import torch
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -133,143 +145,222 @@ def machine() -> dict:
         affinity = os.cpu_count()
     gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             if torch.cuda.is_available() else [])
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": affinity, "gpus": gpus,
-            "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": lscpu_model() or cpuinfo_model(), "cores": os.cpu_count(), "usable_cores": affinity,
+            "gpus": gpus, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(),
             # Other processes' load makes the numbers noisy: a quiet machine reads ~0 here.
             "load_average_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _fmt(v, digits=2) -> str:
-    if v is None:
+# -- markdown ---------------------------------------------------------------------------
+def cell_text(v) -> str:
+    """A table cell: – for no value, numbers to three significant digits (whole above 1000),
+    a | in text escaped (it would end the cell)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v).replace("|", "\\|")
 
 
-def markdown(results: dict) -> str:
-    """The results as markdown: machine, command, settings, ratio and per-model tables."""
-    m, lines = results["machine"], []
-    gpus = f", GPU: {', '.join(m['gpus'])}" if m.get("gpus") else ", no GPU"
-    lines += [f"Serving benchmark, {m['date']}: {m['cpu']}, {m['cores']} cores{gpus}, torch {m['torch']}, "
-              f"Python {m['python']}; load average at start {m['load_average_1_5_15_at_start'][0]}, "
-              f"at end {m.get('load_average_1_5_15_at_end', ['?'])[0]}; "
-              f"CPU steal during the run {percent(m.get('cpu_steal'))}; "
-              f"run took {results.get('duration_s', 0) / 60:.1f} min.", "",
-              "CPU steal is the share of the cores' time the hypervisor gave to other machines "
-              "(0% on a machine of its own); the cell table shows it per cell: compare ratios "
-              "between cells of similar steal.", "",
-              f"Command: `{results['command']}`", "",
-              f"![images/s by concurrent clients, per model and photo size]({CHART})", ""]
+def is_number(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def table(rows: list[dict]) -> str:
+    """``rows`` as a markdown table: a column per key, in the order keys first appear; a
+    column holding only numbers is right-aligned."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    if not columns:
+        return ""
+    align = ["---:" if all(is_number(r.get(c)) for r in rows) else "---" for c in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cell_text(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return percentile(values, 50) if values else None
+
+
+def top_concurrency(results: dict) -> int:
+    return max(results["settings"]["concurrency"])
+
+
+def served_rate(model: dict, size: str, c: int) -> float | None:
+    cells = model["cells"].get(SERVED, {}).get(size, [])
+    return next((x["images_per_s"] for x in cells if x["concurrency"] == c), None)
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """The headline: per app and set of photos, served images/s at the highest concurrency
+    against the in-process figure for the same export."""
+    c = top_concurrency(results)
+    served_col = f"served img/s, c={c}"
+    rows = []
+    for name, model in results["models"].items():
+        for size, ip in model["in_process"]["sizes"].items():
+            served = served_rate(model, size, c)
+            rows.append({"app": name, "handler": "image_classifier", "photos": f"generated {size} JPEGs",
+                         served_col: served, "in-process img/s": ip["best_images_per_s"],
+                         "served ÷ in-process": ratio(served, ip["best_images_per_s"]),
+                         "face check ms/photo": None})
+    dog = results.get("dog_app") or {}
+    for group, g in dog.get("groups", {}).items():
+        rows.append({"app": f"dog app ({dog['name']})", "handler": "dog_breeds",
+                     "photos": f"{group}: {', '.join(g['photos'])}", served_col: g["served_images_per_s"],
+                     "in-process img/s": g["in_process_images_per_s"],
+                     "served ÷ in-process": g["served/in-process"],
+                     "face check ms/photo": g["face_check_ms_mean"]})
+    return rows
+
+
+def contestant_rows(results: dict) -> list[dict]:
+    return [{"contestant": NAMES[key], "key": key,
+             "settings": f"skipped: {c['skipped']}" if c.get("skipped") else c["settings"]}
+            for key, c in results["contestants"].items()]
+
+
+def server_rows(model: dict) -> list[dict]:
+    return [{"contestant": key, "workers": s["workers"], "batch size": s["batch_size"],
+             "max batch delay ms": s["max_batch_delay_ms"]}
+            for key, s in (model.get("server_settings") or {}).items()]
+
+
+def ratio_rows(model: dict) -> list[dict]:
+    return [{"size": r["size"], "concurrency": r["concurrency"], "served img/s": r["served_images_per_s"],
+             **{col: r[col] for col in RATIOS}} for r in model["ratios"]]
+
+
+def cell_rows(cells: dict) -> list[dict]:
+    """{contestant: {size: [cell]}} as one row per cell."""
+    return [{"contestant": key, "photos": size, "concurrency": x["concurrency"], "img/s": x["images_per_s"],
+             "p50 ms": x["latency_ms"]["p50"], "p90 ms": x["latency_ms"]["p90"],
+             "p99 ms": x["latency_ms"]["p99"], "measured": x["measured_requests"], "errors": x["errors"],
+             "CPU steal": percent(x.get("cpu_steal"))}
+            for key, sizes in cells.items() for size, xs in sizes.items() for x in xs]
+
+
+def inprocess_rows(ip: dict) -> list[dict]:
+    return [{"photos": size, **{f"batch {b} img/s": v for b, v in zip(ip["batch_sizes"], s["images_per_s_by_batch"])},
+             "best img/s": s["best_images_per_s"], "best batch": s["best_batch_size"],
+             "1-image p50 ms": (s["single_image_latency_ms"] or {}).get("p50")}
+            for size, s in ip["sizes"].items()]
+
+
+def lone_rows(lone: dict) -> list[dict]:
+    return [{"contestant": key, "size": size, "client ms": d["client_ms"], "in the handler ms": d["handler_ms"],
+             "outside the handler ms": d["outside_ms"], "requests": d["requests"],
+             "in-process ms": d.get("in_process_ms"), "client − in-process ms": d.get("client_minus_in_process_ms")}
+            for key, sizes in lone.items() for size, d in sizes.items()]
+
+
+def dog_round_rows(dog: dict) -> list[dict]:
+    """One row per set of photos and round: the served cell and the in-process run beside it."""
+    rows = []
+    for group, g in dog["groups"].items():
+        for r, (cell, ip) in enumerate(zip(g["cells"], g["in_process"]), 1):
+            size = ip["sizes"][group]
+            rows.append({"photos": group, "round": r, "served img/s": cell["images_per_s"],
+                         "served p50 ms": cell["latency_ms"]["p50"], "served p99 ms": cell["latency_ms"]["p99"],
+                         "errors": cell["errors"], "in-process img/s": size["best_images_per_s"],
+                         "in-process batch": size["best_batch_size"], "served first": g["served_first"][r - 1],
+                         "CPU steal (served)": percent(cell.get("cpu_steal"))})
+    return rows
+
+
+def dog_photo_rows(dog: dict) -> list[dict]:
+    return [{"photo": name, "set": group, "served answer": g["answers"][name]["served"],
+             "in-process answer": g["answers"][name]["in_process"],
+             "face check ms": g["face_check_ms"][name]}
+            for group, g in dog["groups"].items() for name in g["photos"]]
+
+
+def preprocessing_rows(pre: dict) -> list[dict]:
+    return [{"size": size, "plain ms": p["plain_ms"], "handler ms": p["handler_ms"], "ratio": p["ratio"],
+             "max abs diff": p["max_abs_diff"], "mean abs diff": p["mean_abs_diff"],
+             "CPU steal": percent(p.get("steal"))} for size, p in pre.items()]
+
+
+def header(results: dict, chart: str | None) -> list[str]:
+    m = results["machine"]
+    gpus = ", ".join(m.get("gpus") or []) or "no GPU"
+    lines = ["# Serving benchmark", "",
+             f"- Date: {m['date']}",
+             f"- Machine: {m['cpu']}, {m['cores']} cores, {gpus}; torch {m['torch']}, Python {m['python']}",
+             f"- Command: `{results['command']}`",
+             f"- Load average at start {m['load_average_1_5_15_at_start'][0]}, at end "
+             f"{m.get('load_average_1_5_15_at_end', ['?'])[0]}; CPU steal during the run "
+             f"{percent(m.get('cpu_steal'))}; the run took {results.get('duration_s', 0) / 60:.1f} min", ""]
     if results.get("smoke"):
         lines += ["**Smoke run**: tiny request counts; the numbers are not measurements.", ""]
-    lines += ["Contestants and settings:", ""]
-    for key, c in results["contestants"].items():
-        what = f"skipped: {c['skipped']}" if c.get("skipped") else c["settings"]
-        lines.append(f"- **{NAMES[key]}** (`{key}`): {what}")
-    lines += [f"- environment of every contestant: {results['environment']}", ""]
-    st = results["settings"]
-    procs = st.get("client_processes", 1)
-    spread = (f"spread over up to {procs} processes, never more than clients" if procs > 1
-              else "in one process")
-    lines += [f"Method: closed-loop clients on the same machine ({spread}), "
-              f"one keep-alive connection each, "
-              f"the JPEG as the raw body. The project's handler and the built-in one run on one "
-              f"server, their cells alternating (size by size, concurrency by concurrency), so each "
-              f"pair is measured minutes apart at most. Per cell: warm-up {st['warmup_requests']}; measured "
-              f"requests {st['requests']}; time budget {st['max_cell_seconds']:g} s per cell (a slow "
-              f"contestant is measured on fewer requests: see `measured`). Images: "
-              + ", ".join(f"{k} ({v['count']} JPEGs, ~{sum(v['bytes']) / len(v['bytes']) / 1e3:.0f} kB)"
-                          for k, v in st["images"].items()) + ".", ""]
+    if chart:
+        lines += [f"![images/s by concurrent clients, per model and photo size]({chart})", ""]
+    return lines
+
+
+def section(title: str, text: str, rows: list[dict]) -> list[str]:
+    return [f"## {title}", "", *([text, ""] if text else []), table(rows), ""] if rows else []
+
+
+def sub(title: str, rows: list[dict]) -> list[str]:
+    return [f"**{title}**", "", table(rows), ""] if rows else []
+
+
+METHOD = ("Closed-loop clients on the same machine, one keep-alive connection each, the photo as "
+          "the raw body. Contestants compared with each other take turns cell by cell, so each pair "
+          "is measured minutes apart at most. The in-process figure runs the same handler and "
+          "model-config.yaml without the server, as the server's workers do: one process per worker "
+          "with its threads, side by side, their images/s added up, at the best batch size. "
+          "This machine is shared: compare ratios within a run, not images/s across runs.")
+
+
+def model_lines(name: str, model: dict) -> list[str]:
+    lines = [f"## {name} ({model['origin']})", ""]
+    lines += [f"{NAMES[key]} skipped for this model: {why}." for key, why in (model.get("skipped") or {}).items()]
+    st = model.get("startup")
+    if st:
+        lines += [f"TorchServe start to model READY: {st['start_to_ready_s']:.1f} s; "
+                  f"to first answer: {st['start_to_first_answer_s']:.1f} s.", ""]
+    lines += sub("Settings as TorchServe reports them", server_rows(model))
+    lines += sub("Served images/s divided by each other contestant's (same size and concurrency; "
+                 "the in-process figure: its best batch size)", ratio_rows(model))
+    lines += sub("Every cell", cell_rows(model["cells"]))
+    lines += sub("In-process, images/s by batch size", inprocess_rows(model["in_process"]))
+    lines += sub("Lone requests, one at a time, p50: client latency, the worker's HandlerTime for the "
+                 "same request, and single images through the handler in-process between them",
+                 lone_rows(model.get("lone") or {}))
+    return lines
+
+
+def dog_lines(dog: dict) -> list[str]:
+    lines = [f"## The dog app: {dog['name']} with handlers/dog_breeds.py ({dog['origin']})", ""]
+    lines += [f"No {group}: {why}." for group, why in dog.get("missing", {}).items()]
+    if not dog.get("groups"):
+        return lines + [""]
+    lines += [f"Served at concurrency {dog['concurrency']}; each set of photos' served cell and "
+              "in-process run take turns, the order flipping each round; the figures above are the "
+              "medians of the rounds. Face check: the handler's grey copy and, for a photo that is "
+              "not a dog, its face search, per photo on the in-process threads (for a dog photo the "
+              "grey copy alone, which the handler makes for every photo).", ""]
+    lines += sub("Rounds", dog_round_rows(dog))
+    lines += sub("Photos", dog_photo_rows(dog))
+    return lines
+
+
+def markdown(results: dict, chart: str | None = CHART) -> str:
+    """The results as markdown: the header (date, machine, command), then tables."""
+    lines = header(results, chart)
+    lines += section("Summary", METHOD, summary_rows(results))
+    lines += section("Contestants", f"Environment of every contestant: {results['environment']}.",
+                     contestant_rows(results))
     for name, model in results["models"].items():
-        lines += [f"### {name} ({model['origin']})", ""]
-        for key, why in (model.get("skipped") or {}).items():
-            lines += [f"{NAMES[key]} skipped for this model: {why}.", ""]
-        actual = model.get("server_settings") or {}
-        if actual:
-            lines += ["Settings as TorchServe reports them: " + "; ".join(
-                f"{key}: {s['workers']} workers, batch size {s['batch_size']}, "
-                f"max batch delay {s['max_batch_delay_ms']} ms" for key, s in actual.items()) + ".", ""]
-        st = model.get("startup")
-        if st:
-            lines += [f"TorchServe start to model READY: {st['start_to_ready_s']:.1f} s; "
-                      f"to first answer: {st['start_to_first_answer_s']:.1f} s.", ""]
-        lines += ["Ratios: served images/s divided by the other contestant's at the same size and "
-                  "concurrency (the in-process limit: its best batch size); above 1, served is faster.", "",
-                  "| size | concurrency | " + " | ".join(RATIOS) + " | served img/s |",
-                  "|---|---:|" + "---:|" * len(RATIOS) + "---:|"]
-        for r in model["ratios"]:
-            lines.append(f"| {r['size']} | {r['concurrency']} | "
-                         + " | ".join(_fmt(r[col]) for col in RATIOS)
-                         + f" | {_fmt(r['served_images_per_s'], 1)} |")
-        lines += ["", "| contestant | size | concurrency | img/s | p50 ms | p90 ms | p99 ms | measured | errors | steal |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for key, sizes in model["cells"].items():
-            for size, cells in sizes.items():
-                for c in cells:
-                    lat = c["latency_ms"]
-                    lines.append(f"| {key} | {size} | {c['concurrency']} | {c['images_per_s']:.1f} | "
-                                 f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | "
-                                 f"{c['measured_requests']} | {c['errors']} | {percent(c.get('cpu_steal'))} |")
-        ip = model.get("in_process")
-        if ip:
-            lines += ["", f"In-process limit (images/s by batch size; single-image latency; CPU steal "
-                          f"{percent(ip.get('cpu_steal'))}):", "",
-                      "| size | " + " | ".join(f"batch {b}" for b in ip["batch_sizes"]) + " | best | 1-image p50 ms |",
-                      "|---|" + "---:|" * (len(ip["batch_sizes"]) + 2)]
-            for size, s in ip["sizes"].items():
-                lines.append(f"| {size} | " + " | ".join(f"{v:.1f}" for v in s["images_per_s_by_batch"])
-                             + f" | {s['best_images_per_s']:.1f} (batch {s['best_batch_size']}) | "
-                             f"{_fmt((s['single_image_latency_ms'] or {}).get('p50'), 1)} |")
-        lc = model.get("latency_check")
-        if lc:
-            lines += ["", "p50 at concurrency 1, served vs in-process single image on the threads one "
-                      "request gets in a worker, timed minutes apart (the 10 ms target reads the "
-                      "lone requests' paired timings below where there are any); the last column is "
-                      "one image on all the in-process threads:", "",
-                      "| size | served p50 ms | in-process ms (threads) | difference ms | in-process, all threads ms |",
-                      "|---|---:|---:|---:|---:|"]
-            for size, d in lc.items():
-                lines.append(f"| {size} | {d['served_p50_ms']:.1f} | {d['in_process_ms']:.1f} "
-                             f"({d.get('in_process_threads', '?')}) | {d['difference_ms']:+.1f} | "
-                             f"{_fmt(d.get('in_process_all_threads_ms'), 1)} |")
-        lone = model.get("lone")
-        if lone:
-            lines += ["", "Lone requests after the cells, one at a time on a kept-alive connection: "
-                      "client latency and the worker's own HandlerTime for the same request (p50 "
-                      "ms). Their difference is what the server adds, and does not move with the "
-                      "machine's speed as timings taken minutes apart do. Between the served ones, "
-                      "the same images one at a time through the handler in another process on one "
-                      "worker's threads (in-process): the concurrency-1 target, timed in the same "
-                      "minutes:", "",
-                      "| contestant | size | client | in the handler | outside the handler | requests "
-                      "| in-process | client − in-process |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|"]
-            for key, sizes in lone.items():
-                for size, d in sizes.items():
-                    paired = d.get("client_minus_in_process_ms")
-                    lines.append(f"| {key} | {size} | {_fmt(d['client_ms'], 1)} | {_fmt(d['handler_ms'], 1)} | "
-                                 f"{_fmt(d['outside_ms'], 1)} | {d['requests']} | "
-                                 f"{_fmt(d.get('in_process_ms'), 1)} | "
-                                 f"{_fmt(paired) if paired is None else f'{paired:+.1f}'} |")
-        lines.append("")
-    pre = results.get("preprocessing")
-    if pre:
-        lines += ["Preprocessing alone, one thread, median, the two paths taking turns: the plain "
-                  "PIL path (full decode + eval transform) vs the handler's (reduced JPEG decoding, "
-                  "one resampling for resize + crop):", "",
-                  "| size | plain ms | handler ms | ratio | max / mean abs diff (normalised tensor) | steal |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for size, p in pre.items():
-            lines.append(f"| {size} | {p['plain_ms']:.1f} | {p['handler_ms']:.1f} | {p['ratio']:.3f} | "
-                         f"{p['max_abs_diff']:.3f} / {p['mean_abs_diff']:.4f} | "
-                         f"{percent(p.get('steal'))} |")
-        lines.append("")
-    if results.get("targets"):
-        lines += ["Targets:", ""]
-        lines += [f"- {t['what']}: {t['value']} ({'met' if t['met'] else 'NOT met'})"
-                  for t in results["targets"]]
-        lines.append("")
+        lines += model_lines(name, model)
+    if results.get("dog_app"):
+        lines += dog_lines(results["dog_app"])
+    lines += section("Preprocessing alone", "One thread, median, the two paths taking turns: the plain "
+                     "PIL path (full decode + eval transform) against the handler's.",
+                     preprocessing_rows(results.get("preprocessing") or {}))
     return "\n".join(lines)

@@ -30,8 +30,10 @@ from bench import run as bench_run
 from bench.load import Target, run_load
 from bench.run import main as bench_main
 from tests.conftest import FLOAT_ROUNDING, ONE_GREY_LEVEL
+from training.photos import photos
 
 HAVE_CAPTUM = importlib.util.find_spec("captum") is not None
+HAVE_DOG_PHOTO = "dog_labrador" in photos()  # ../shared/photos, on the development machines
 
 
 def test_percentile_interpolates_between_order_statistics():
@@ -283,6 +285,7 @@ def test_smoke_run_writes_complete_results(smoke):
 
     ip = model["in_process"]
     assert ip["batch_sizes"] == [1, 4]
+    assert (ip["processes"], ip["threads"]) == (psutil.cpu_count(), 1)  # as the served workers
     size = ip["sizes"]["500x375"]
     assert size["best_images_per_s"] == max(size["images_per_s_by_batch"]) > 0
     assert size["single_image_latency_ms"]["p50"] > 0
