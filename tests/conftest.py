@@ -5,6 +5,7 @@ Everything is made here from nothing: no dataset or weights are downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -279,6 +280,24 @@ def make_context(export_dir, n_requests: int) -> Context:
 def answers(out: list) -> list:
     """The handler's answers as dicts: rows that came as bytes are answered with JSON text."""
     return [json.loads(a) if isinstance(a, str) else a for a in out]
+
+
+@contextlib.contextmanager
+def ctrl_c_in_epoch(n: int):
+    """Within the block, training.train's ``n``-th epoch is interrupted as by Ctrl-C as it starts."""
+    real, calls = train_mod.train_one_epoch, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    train_mod.train_one_epoch = interrupted
+    try:
+        yield
+    finally:
+        train_mod.train_one_epoch = real
 
 
 def closed_port() -> int:

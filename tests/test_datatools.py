@@ -132,13 +132,15 @@ def messy(tmp_path) -> Path:
     whole = write_image(tmp_path / "whole.jpg", 400, size=(64, 64)).read_bytes()
     (root / "train" / "cat" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
     write_image(root / "train" / "dog" / "tiny.png", 500, size=(10, 10), fmt="PNG")
+    write_image(root / "train" / "dog" / "strip.png", 600, size=(700, 20), fmt="PNG")  # 35:1
     shutil.copy(root / "train" / "cat" / "good_0.jpg", root / "train" / "cat" / "good_0_copy.jpg")
     shutil.copy(root / "train" / "dog" / "good_1.jpg", root / "train" / "cat" / "which.jpg")
     return root
 
 
 EXPECTED = {"train/cat/notes.jpg": "not_image", "train/cat/cut.jpg": "corrupt",
-            "train/dog/tiny.png": "too_small", "train/cat/good_0_copy.jpg": "duplicate",
+            "train/dog/tiny.png": "too_small", "train/dog/strip.png": "extreme_aspect",
+            "train/cat/good_0_copy.jpg": "duplicate",
             "train/cat/which.jpg": "label_conflict", "train/dog/good_1.jpg": "label_conflict"}
 
 
@@ -162,7 +164,7 @@ def test_clean_reports_json_and_exit_code_without_moving(messy, tmp_path):
     data = json.loads(report.read_text())
     assert {p["path"]: p["kind"] for p in data["problems"]} == EXPECTED
     assert data["counts"]["label_conflict"] == 2 and data["counts"]["duplicate"] == 1
-    assert data["files_scanned"] == 12
+    assert data["files_scanned"] == 13 and data["counts"]["extreme_aspect"] == 1
     assert tree(messy) == before
 
 

@@ -75,7 +75,7 @@ def cycle(dl):
 def measure(model_name: str, data: Path, batch: int, steps: int, workers: list[int]) -> list[dict]:
     torch.manual_seed(0)
     model = get_model(model_name, MODELS[model_name], weights=None)
-    head = get_spec(model_name).head
+    head = get_spec(model_name).head_of(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     model.train()

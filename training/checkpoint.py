@@ -16,20 +16,23 @@ from models.zoo import get_model
 def model_options(a: argparse.Namespace) -> dict:
     """Builder keywords that shape the network (saved in the checkpoint to rebuild it)."""
     opts = {k: True for k in ("unfreeze_layer3", "imagenet_head") if getattr(a, k)}
-    if a.unfreeze_blocks:
+    if a.unfreeze_blocks is not None:
         opts["unfreeze_blocks"] = a.unfreeze_blocks
     if a.dropout is not None:
         opts["dropout"] = a.dropout
     return opts
 
 
-def checkpoint(model, a, classes, eval_preset, epoch, valid) -> dict:
+def checkpoint(model, a, classes, eval_preset, epoch, valid, weights="raw", train_preset=None) -> dict:
+    """``weights``: "raw" for the trained weights, "ema" for their moving average."""
     return {
         "model": a.model,
         "model_options": model_options(a),
         "num_classes": len(classes),
         "classes": list(classes),
         "eval_preset": eval_preset.to_dict(),
+        "train_preset": train_preset.to_dict() if train_preset else None,
+        "weights": weights,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "epoch": epoch,
         "valid": valid,

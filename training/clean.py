@@ -8,6 +8,10 @@ extension. Problem kinds:
   corrupt         an image format, but it does not decode to the end (truncated, damaged)
   too_large       over the decoder's pixel limit, so training would refuse it
   too_small       short side under --min-size pixels
+  extreme_aspect  long side over 20 times the short one (training.data.MAX_ASPECT):
+                  resizing the short side to the eval size would blow the long side up
+                  (a 1 x 100000 PNG of a few hundred bytes to 25.6 gigapixels), so
+                  training and analysis skip it with a warning
   duplicate       same bytes (SHA-256) as another file of the same class; the first in
                   sorted path order is kept, the others are flagged. A duplicate across
                   splits leaks a test or valid image into training.
@@ -39,11 +43,13 @@ from PIL import UnidentifiedImageError
 
 from models.presets import BadImage, open_image
 from serving.archive import sha256
+from training.data import shape_problem
 from training.imagefiles import (check_apart, class_dirs, format_table, list_files, rel,
                                  strict_decoding, tool_parser)
 from training.progress import Progress
 
-KINDS = ("not_image", "corrupt", "too_large", "too_small", "duplicate", "label_conflict")
+KINDS = ("not_image", "corrupt", "too_large", "too_small", "extreme_aspect", "duplicate",
+         "label_conflict")
 EXIT_PROBLEMS = 3
 
 
@@ -74,6 +80,10 @@ def decode_problem(path: Path, min_size: int) -> tuple[str, str] | None:
         if isinstance(e.__cause__, UnidentifiedImageError):
             return "not_image", "not a recognised image format"
         return "corrupt", str(e)
+    # Before too_small: a 1 x 100000 strip is small too, but its shape is what sinks a run.
+    shape = shape_problem(img.size)
+    if shape:
+        return "extreme_aspect", shape
     if min(img.size) < min_size:
         return "too_small", f"{img.size[0]}x{img.size[1]} px, short side under {min_size}"
     return None

@@ -5,13 +5,19 @@ from ``EpochSampler`` and each sample's augmentation from ``SeededSamples``. A r
 therefore sees the same images, augmented the same way, whatever the number of
 data-loader workers or distributed processes, and a resumed run repeats exactly
 what the interrupted one would have done.
+
+Images of extreme shape are skipped, with a warning that names the file and the rule
+(``shape_problem``): an image's cost in the eval transform grows with its aspect
+ratio, not its file size.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
@@ -19,6 +25,55 @@ from models.presets import open_image
 
 SPLITS = ("train", "valid", "test")
 BALANCE = ("none", "weights", "sampler")
+# The longest side over the shortest that training and evaluation take. Resize(resize_size)
+# brings the short side to resize_size, so the resized image holds aspect x resize_size^2
+# pixels: at this bound 1.3 million for 256 (4 MB), while every camera format, panoramas
+# included (to about 10:1), passes. A 1 x 100000 PNG of a few hundred bytes would need
+# 25.6 gigapixels. Serving crops before it resamples (EvalPreset.serve) and needs no bound.
+MAX_ASPECT = 20
+
+
+class SkippedImage(UserWarning):
+    """An image training and evaluation leave out; the message names it and the rule."""
+
+
+def shape_problem(size: tuple[int, int]) -> str | None:
+    """Why an image of ``size`` (w, h) is too costly to resize, or None when it is not."""
+    w, h = size
+    if min(w, h) < 1:
+        return f"{w}x{h} px holds no pixels"
+    aspect = max(w, h) / min(w, h)
+    if aspect > MAX_ASPECT:
+        return (f"{w}x{h} px: aspect ratio {aspect:.1f}:1 is over {MAX_ASPECT}:1, and resizing "
+                f"its short side would make the long side {aspect:.0f} times longer")
+    return None
+
+
+def header_size(path: str) -> tuple[int, int] | None:
+    """(w, h) from the file's header, without decoding; None when it is not an image (the
+    loader then raises, as it always did)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def skip_extreme_shapes(ds: ImageFolder) -> ImageFolder:
+    """Leave out the images ``shape_problem`` refuses, each with a SkippedImage warning."""
+    kept = []
+    for path, target in ds.samples:
+        size = header_size(path)
+        problem = shape_problem(size) if size else None
+        if problem:
+            warnings.warn(f"skipped {path}: {problem} (training.clean reports it as extreme_aspect)",
+                          SkippedImage, stacklevel=3)
+        else:
+            kept.append((path, target))
+    if len(kept) < len(ds.samples):
+        ds.samples = ds.imgs = kept
+        ds.targets = [t for _, t in kept]
+    return ds
 
 
 def image_folder(root: str | Path, split: str, transform) -> ImageFolder:
@@ -27,7 +82,7 @@ def image_folder(root: str | Path, split: str, transform) -> ImageFolder:
         raise FileNotFoundError(
             f"{path} is missing: the dataset root needs {', '.join(SPLITS)} folders of class folders")
     # open_image is the decoder the handler uses too (EXIF orientation, RGB).
-    return ImageFolder(str(path), transform=transform, loader=open_image)
+    return skip_extreme_shapes(ImageFolder(str(path), transform=transform, loader=open_image))
 
 
 def load_splits(root: str | Path, train_transform, eval_transform) -> dict[str, ImageFolder]:

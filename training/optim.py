@@ -16,6 +16,11 @@ OPTIMIZERS = {
     "adamw": lambda groups, a: torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay),
 }
 
+# Layers whose parameters set a scale and shift, not features: decaying them towards zero
+# fights the normalisation (torchvision's --norm-weight-decay, timm's no-decay list).
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
 SCHEDULES = ("none", "step", "plateau", "cosine")
 
 
@@ -36,16 +41,38 @@ def split_parameters(model: nn.Module, head: str) -> tuple[list, list]:
     return head_params, backbone
 
 
-def build_optimizer(head_params: list, backbone: list, a, backbone_scale: float) -> torch.optim.Optimizer:
-    """One optimiser, two groups: the head at ``lr``, the backbone at ``lr * backbone_scale``.
+def norm_and_bias_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of normalisation layers and of every bias."""
+    ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    return ids | {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
 
-    Both groups exist from the start, so the optimiser's state and a resumed run do
+
+def decay_groups(params: list, group: dict, a, exempt: set[int]) -> list[dict]:
+    """``group`` for ``params``, split in two where norms and biases decay at another rate
+    (``a.norm_bias_decay``); empty groups are left out."""
+    other = getattr(a, "norm_bias_decay", None)
+    if other is None or other == a.weight_decay:
+        return [{"params": params, **group}]
+    decayed = [p for p in params if id(p) not in exempt]
+    exempted = [p for p in params if id(p) in exempt]
+    return ([{"params": decayed, **group}] if decayed else []) + \
+        ([{"params": exempted, **group, "weight_decay": other, "decay": "norm_bias"}] if exempted else [])
+
+
+def build_optimizer(head_params: list, backbone: list, a, backbone_scale: float,
+                    model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """One optimiser, two groups: the head at ``lr``, the backbone at ``lr * backbone_scale``;
+    each split once more when norms and biases decay at ``a.norm_bias_decay`` (``model``
+    tells which they are).
+
+    All groups exist from the start, so the optimiser's state and a resumed run do
     not depend on the stage; while the backbone is frozen its gradients are None and
     the optimiser leaves it alone.
     """
-    groups = [{"params": head_params, "lr": a.lr, "name": "head"}]
+    exempt = norm_and_bias_ids(model) if model is not None else set()
+    groups = decay_groups(head_params, {"lr": a.lr, "name": "head"}, a, exempt)
     if backbone:
-        groups.append({"params": backbone, "lr": a.lr * backbone_scale, "name": "backbone"})
+        groups += decay_groups(backbone, {"lr": a.lr * backbone_scale, "name": "backbone"}, a, exempt)
     return OPTIMIZERS[a.optimizer](groups, a)
 
 

@@ -35,8 +35,11 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict:
             raise ValueError(f"recipe {path}: unknown setting {key!r}; known: "
                              + ", ".join(sorted(d.replace("_", "-") for d in dests)))
         action = dests[dest]
+        takes_list = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)
+        if takes_list and value is not None and not isinstance(value, list):
+            raise ValueError(f"recipe {path}: {key} takes a list of {action.nargs}, got {value!r}")
         if action.type is not None and value is not None and not isinstance(value, bool):
-            value = action.type(value)
+            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
         if action.choices is not None and value not in action.choices:
             raise ValueError(f"recipe {path}: {key} must be one of {sorted(action.choices)}, got {value!r}")
         settings[dest] = value

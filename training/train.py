@@ -14,6 +14,12 @@ Staged fine-tuning: for ``--head-epochs`` epochs only the classifier head trains
 then the backbone layers the model options unfreeze (resnet50: layer4, plus layer3
 with --unfreeze-layer3; mobilenet_v2: the last --unfreeze-blocks blocks) train too,
 at ``lr * backbone-lr-scale``.
+
+Augmentation is a setting like any other: each flag left unset takes the architecture's
+own choice (models/presets.py TrainPreset), and settings.yaml records what was used.
+Mixup/CutMix (training/mixing.py) mix whole batches; with ``--ema-decay`` an exponential
+moving average of the weights is validated beside them every epoch, and whichever has
+the lower valid loss is what best.pt holds.
 """
 from __future__ import annotations
 
@@ -28,8 +34,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from models.zoo import get_model, get_spec, list_models
+from models.presets import AUTO_AUGMENT, EvalPreset, TrainPreset
+from models.zoo import get_model, get_spec, known_models
 from models.weights import WeightsUnavailable
 from training import distributed
 from training.analysis import analyse, from_evaluation
@@ -39,6 +47,7 @@ from training.data import (BALANCE, EpochSampler, class_weights, load_splits, lo
 from training.optim import (OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler,
                             set_backbone_trainable, split_parameters)
 from training.evaluate import class_logits, evaluate
+from training.mixing import BatchMix
 from training.progress import Progress
 from training.recipe import parse_with_recipe, save_settings
 
@@ -49,28 +58,41 @@ def _autocast(d: distributed.Dist, amp: bool):
     return torch.autocast(device_type=d.device.type, dtype=torch.float16) if on else contextlib.nullcontext()
 
 
+def _step(loss, optimizer, scaler) -> None:
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scaler=None,
-                    amp: bool = False, label: str = "train") -> dict:
-    """One pass over ``data``; returns mean loss, accuracy and images/s over all processes."""
+                    amp: bool = False, label: str = "train", mix: BatchMix | None = None,
+                    ema: AveragedModel | None = None, epoch: int = 0) -> dict:
+    """One pass over ``data``; returns mean loss, accuracy and images/s over all processes.
+
+    ``mix`` mixes each batch (its labels become probabilities; accuracy then counts the
+    class with the larger share); ``ema`` follows the weights after every step.
+    """
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     progress = Progress(len(data), label) if d.main else None
     start = time.perf_counter()
     for i, (x, y) in enumerate(data, 1):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        if mix is not None:
+            x, y = mix(x, y, epoch, i)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(d, amp):
             out = class_logits(model(x))
             loss = criterion(out, y)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        _step(loss, optimizer, scaler)
+        if ema is not None:
+            ema.update_parameters(model.module if hasattr(model, "module") else model)
         loss_sum += loss.item() * len(y)
-        correct += (out.argmax(1) == y).sum().item()
+        correct += (out.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum().item()
         seen += len(y)
         if progress:
             rate = seen * d.world / (time.perf_counter() - start)
@@ -86,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an image classifier on an ImageFolder dataset (train/ valid/ test/).",
         epilog="Recipes in training/recipes/ set the defaults (--recipe dog_breeds); flags override.")
     p.add_argument("--recipe", help="YAML file of settings (or the name of one in training/recipes/)")
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
+    p.add_argument("--model", required=True, help=f"one of: {known_models()}")
     p.add_argument("--data", required=True, type=Path, help="dataset root with train/ valid/ test/")
     p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and metrics")
     p.add_argument("--epochs", type=int, default=10, help="training epochs in all")
@@ -97,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.01, help="learning rate of the head")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--norm-bias-decay", type=float,
+                   help="weight decay of normalisation layers' parameters and of every bias "
+                        "(default: --weight-decay; 0 as torchvision's and timm's recipes)")
     g.add_argument("--schedule", choices=SCHEDULES, default="none",
                    help="learning-rate schedule, stepped per epoch")
     g.add_argument("--warmup-epochs", type=int, default=0,
@@ -111,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="imbalanced classes: loss weights, or a sampler that draws classes equally")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision (fp16 autocast) on CUDA; no effect on CPUs")
+    g.add_argument("--ema-decay", type=float, default=0.0,
+                   help="exponential moving average of the weights, updated every step with this "
+                        "decay (0: off); validated beside the weights each epoch, the better is kept")
+    add_augmentation_flags(p)
     s = p.add_argument_group("staged fine-tuning")
     s.add_argument("--head-epochs", type=int, default=0,
                    help="epochs that train only the classifier head before the backbone joins")
@@ -124,12 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights-file", type=Path, help="local torchvision state dict (offline machines)")
     m.add_argument("--unfreeze-layer3", action=argparse.BooleanOptionalAction, default=False,
                    help="resnet50: train layer3 too (the original project's second stage)")
-    m.add_argument("--unfreeze-blocks", type=int, default=0,
-                   help="mobilenet_v2 (19 feature blocks), efficientnet_lite0 (18): train the last N too")
+    m.add_argument("--unfreeze-blocks", type=int,
+                   help="train the last N feature blocks (mobilenet_v2: 19, efficientnet_lite0: 18, "
+                        "torchvision models: their stages or blocks); unset: the model's default "
+                        "(torchvision models: every layer trains)")
     m.add_argument("--imagenet-head", action=argparse.BooleanOptionalAction, default=False,
                    help="resnet50: keep the pretrained ImageNet classifier as a second output "
                         "(the dog-breed handler's dog detector); needs ImageNet weights")
     m.add_argument("--dropout", type=float, help="dropout of the head (the builder's default if unset)")
+    m.add_argument("--resize-size", type=int,
+                   help="eval preprocessing: short side resized to this (default: the weights' own, "
+                        "else 256)")
+    m.add_argument("--crop-size", type=int,
+                   help="eval preprocessing: centre crop side, the resolution served (default: the "
+                        "weights' own, else 224)")
     r = p.add_argument_group("run")
     r.add_argument("--patience", type=int, default=0,
                    help="early stopping: stop after this many epochs without a better valid loss (0: off)")
@@ -143,6 +180,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Augmentation flags and the TrainPreset fields they set; unset, the architecture's own value.
+AUGMENTATION = {"hflip": "hflip", "rotation": "rotation", "crop_scale": "scale",
+                "crop_ratio": "ratio", "color_jitter": "color_jitter",
+                "auto_augment": "auto_augment", "random_erasing": "random_erasing",
+                "train_crop_size": "crop_size"}
+
+
+def add_augmentation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("augmentation", "unset: the architecture's own choice (saved in settings.yaml)")
+    g.add_argument("--hflip", type=float, help="probability of a horizontal flip; 0 for digits, text, "
+                   "arrows: anything whose class a mirror changes")
+    g.add_argument("--rotation", type=float, help="random rotation by up to this many degrees either way")
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="random resized crop: fraction of the image's area a crop covers")
+    g.add_argument("--crop-ratio", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="random resized crop: aspect ratio (width / height) range of a crop")
+    g.add_argument("--color-jitter", type=float, help="brightness, contrast and saturation jitter (0: off)")
+    g.add_argument("--auto-augment", choices=list(AUTO_AUGMENT),
+                   help="one policy of random operations: TrivialAugmentWide, RandAugment, AutoAugment")
+    g.add_argument("--random-erasing", type=float, help="probability of erasing a random rectangle")
+    g.add_argument("--train-crop-size", type=int,
+                   help="training resolution (default: --crop-size); smaller trains faster, and a "
+                        "model evaluated a little larger than it trained often scores better")
+    g.add_argument("--mixup-alpha", type=float, default=0.0,
+                   help="mixup of whole batches, weight ~ Beta(alpha, alpha) (0: off)")
+    g.add_argument("--cutmix-alpha", type=float, default=0.0, help="cutmix of whole batches (0: off)")
+    g.add_argument("--mix-prob", type=float, default=1.0,
+                   help="probability that a batch is mixed, when mixup or cutmix is on")
+    g.add_argument("--mix-switch-prob", type=float, default=0.5,
+                   help="with both on: probability that a mixed batch is cut-mixed rather than mixed up")
+
+
+def resolve_presets(a: argparse.Namespace, spec) -> None:
+    """Fill unset eval sizes and augmentation from the model (and its weights) in place, so
+    that settings.yaml says what the run used. Raises ValueError for impossible values."""
+    own = spec.eval_preset_for(bool(a.weights or a.weights_file), a.weights)
+    a.resize_size = a.resize_size or own.resize_size
+    a.crop_size = a.crop_size or own.crop_size
+    if a.crop_size > a.resize_size:
+        raise ValueError(f"--crop-size {a.crop_size} is larger than --resize-size {a.resize_size}: "
+                         "the centre crop would be padded")
+    defaults = spec.train_preset.to_dict() | {"crop_size": a.crop_size}
+    for flag, field in AUGMENTATION.items():
+        if getattr(a, flag) is None:
+            setattr(a, flag, defaults[field])
+    train_preset(a)  # its checks, now rather than after the model is built
+
+
+def train_preset(a: argparse.Namespace) -> TrainPreset:
+    return TrainPreset(**{field: tuple(v) if isinstance(v := getattr(a, flag), list) else v
+                          for flag, field in AUGMENTATION.items()})
+
+
+def eval_preset(a: argparse.Namespace, spec) -> EvalPreset:
+    own = spec.eval_preset_for(bool(a.weights or a.weights_file), a.weights)
+    return EvalPreset(a.resize_size, a.crop_size, own.mean, own.std)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     a = parse_with_recipe(p, argv)
@@ -152,6 +247,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     if not a.weights or a.weights.lower() == "none" or a.weights_file or not spec.pretrained:
         a.weights = None
+    try:
+        resolve_presets(a, spec)
+        BatchMix(2, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob)
+    except ValueError as e:
+        p.error(str(e))
     if a.imagenet_head and not (a.weights or a.weights_file):
         p.error("--imagenet-head needs ImageNet weights (--weights DEFAULT or --weights-file): "
                 "a randomly initialised head knows no ImageNet classes")
@@ -175,16 +275,21 @@ class Run:
         if a.batch_size % d.world:
             raise ValueError(f"--batch-size {a.batch_size} must divide by the {d.world} processes")
         spec = get_spec(a.model)
-        self.eval_preset = spec.eval_preset_for(bool(a.weights or a.weights_file))
-        self.sets = load_splits(a.data, spec.train_preset.transform(self.eval_preset),
+        self.eval_preset, self.train_preset = eval_preset(a, spec), train_preset(a)
+        self.sets = load_splits(a.data, self.train_preset.transform(self.eval_preset),
                                 self.eval_preset.transform())
         self.classes = self.sets["train"].classes
         self.model = get_model(a.model, len(self.classes), weights=a.weights,
                                weights_file=a.weights_file, **model_options(a)).to(d.device)
-        self.head, self.backbone = split_parameters(self.model, spec.head)
+        check_input_sizes(self.model, a, d.device)
+        self.head, self.backbone = split_parameters(self.model, spec.head_of(self.model))
         # A lower rate protects pretrained features; a randomly initialised backbone has none.
         self.backbone_scale = a.backbone_lr_scale if (a.weights or a.weights_file) else 1.0
-        self.optimizer = build_optimizer(self.head, self.backbone, a, self.backbone_scale)
+        self.optimizer = build_optimizer(self.head, self.backbone, a, self.backbone_scale, self.model)
+        self.mix = BatchMix(len(self.classes), a.mixup_alpha, a.cutmix_alpha, a.mix_prob,
+                            a.mix_switch_prob, a.seed)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(a.ema_decay),
+                                  use_buffers=True) if a.ema_decay else None)
         self.scheduler = build_scheduler(self.optimizer, a)
         self.scaler = torch.amp.GradScaler("cuda", enabled=a.amp and d.device.type == "cuda")
         weights = class_weights(self.sets["train"]).to(d.device) if a.balance == "weights" else None
@@ -225,7 +330,8 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "history": self.history, "best": self.best,
                 "bad_epochs": self.bad_epochs, "rng": torch.get_rng_state(),
-                "model_name": self.a.model, "classes": list(self.classes)}
+                "model_name": self.a.model, "classes": list(self.classes),
+                "ema": self.ema.state_dict() if self.ema else None}
 
     def restore(self, path: Path) -> None:
         s = torch.load(path, map_location="cpu", weights_only=True)
@@ -236,6 +342,10 @@ class Run:
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
+        if self.ema is not None:
+            if s.get("ema") is None:
+                raise ValueError(f"{path} was written without --ema-decay; it cannot continue with it")
+            self.ema.load_state_dict(s["ema"])
         self.history, self.best, self.bad_epochs = s["history"], s["best"], s["bad_epochs"]
         torch.set_rng_state(s["rng"])
         self.start_epoch = s["epoch"] + 1
@@ -254,34 +364,63 @@ class Run:
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         tr = train_one_epoch(self.ddp, self.train_dl, self.criterion, self.optimizer, d, self.scaler,
-                             a.amp, label=f"epoch {epoch + 1}/{a.epochs}")
-        va = evaluate(self.model, self.valid_dl, self.eval_criterion, d)
+                             a.amp, label=f"epoch {epoch + 1}/{a.epochs}",
+                             mix=self.mix if self.mix.active else None, ema=self.ema, epoch=epoch)
+        raw = evaluate(self.model, self.valid_dl, self.eval_criterion, d)
+        ema = evaluate(self.ema.module, self.valid_dl, self.eval_criterion, d) if self.ema else None
+        # The weights this epoch offers: the average where it validates better.
+        weights, va = ("ema", ema) if ema and ema["loss"] < raw["loss"] else ("raw", raw)
         self.step_schedule(va["loss"])
         self.history.append({"epoch": epoch + 1, "stage": self.stage, "lr": lr, "train": tr,
-                             "valid": va, "seconds": time.perf_counter() - t0})
+                             "valid": va, "weights": weights, "valid_raw": raw, "valid_ema": ema,
+                             "seconds": time.perf_counter() - t0})
         improved = va["loss"] < self.best - a.min_delta
         self.best = min(self.best, va["loss"])
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
         stop = bool(a.patience) and self.bad_epochs >= a.patience
         if d.main:
             if improved:
-                save_atomic(checkpoint(self.model, a, self.classes, self.eval_preset, epoch + 1, va),
-                            a.out / "best.pt")
+                model = self.ema.module if weights == "ema" else self.model
+                save_atomic(checkpoint(model, a, self.classes, self.eval_preset, epoch + 1, va,
+                                       weights, self.train_preset), a.out / "best.pt")
             save_atomic(self.state(epoch, finished=stop or epoch + 1 == a.epochs), a.out / "last.pt")
             write_history(self.history, a.out)
-            print(f"Epoch {epoch + 1}: train loss {tr['loss']:.4f} acc {tr['acc']:.1%} | "
-                  f"valid loss {va['loss']:.4f} acc {va['acc']:.1%} | lr {lr:.2e} | "
-                  f"{tr['images_per_s']:.1f} img/s | {time.perf_counter() - t0:.0f}s"
-                  + ("  (saved best.pt)" if improved else ""), flush=True)
+            print(epoch_line(epoch, tr, raw, ema, lr, time.perf_counter() - t0)
+                  + (f"  (saved best.pt: {weights} weights)" if improved else ""), flush=True)
             if stop:
                 print(f"Early stopping: no better valid loss for {a.patience} epochs", flush=True)
         return not stop
 
 
+def epoch_line(epoch: int, tr: dict, raw: dict, ema: dict | None, lr: float, seconds: float) -> str:
+    """The line printed after each epoch: train, valid (and the average's valid), lr, speed."""
+    ema_part = f" | ema valid loss {ema['loss']:.4f} acc {ema['acc']:.1%}" if ema else ""
+    return (f"Epoch {epoch + 1}: train loss {tr['loss']:.4f} acc {tr['acc']:.1%} | "
+            f"valid loss {raw['loss']:.4f} acc {raw['acc']:.1%}{ema_part} | lr {lr:.2e} | "
+            f"{tr['images_per_s']:.1f} img/s | {seconds:.0f}s")
+
+
+def check_input_sizes(model: nn.Module, a: argparse.Namespace, device) -> None:
+    """Refuse, before training, crop sizes the network cannot take (scratch_cnn's fixed
+    Linear wants 224, ViT its own image size), with the flags to change."""
+    was_training = model.training
+    model.eval()
+    try:
+        for flag, size in (("--train-crop-size", a.train_crop_size), ("--crop-size", a.crop_size)):
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, 3, size, size, device=device))
+            except (RuntimeError, AssertionError, ValueError) as e:
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"{a.model} cannot take {size} px inputs ({flag} {size}): {first}") from e
+    finally:
+        model.train(was_training)
+
+
 def write_history(history: list[dict], out: Path) -> None:
     """metrics.csv, one row per epoch (metrics.json gets the same at the end)."""
     cols = ["epoch", "stage", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc",
-            "train_images_per_s", "seconds"]
+            "train_images_per_s", "seconds", "weights"]
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -289,7 +428,7 @@ def write_history(history: list[dict], out: Path) -> None:
             w.writerow([h["epoch"], h["stage"], f"{h['lr']:.6g}", f"{h['train']['loss']:.6f}",
                         f"{h['train']['acc']:.6f}", f"{h['valid']['loss']:.6f}",
                         f"{h['valid']['acc']:.6f}", f"{h['train']['images_per_s']:.2f}",
-                        f"{h['seconds']:.2f}"])
+                        f"{h['seconds']:.2f}", h.get("weights", "raw")])
 
 
 def prepare_out(a: argparse.Namespace) -> Path | None:
@@ -316,6 +455,7 @@ def test_and_analyse(run: Run) -> dict:
     test = run.sets["test"]
     te = evaluate(model.to(one.device), loader(test, a.batch_size, False, a.workers),
                   run.eval_criterion, one, collect=True)
+    print(f"best.pt: epoch {ckpt['epoch']}, {ckpt['weights']} weights")
     print(f"Test Loss: {te['loss']:.6f}")
     print(f"Test Accuracy: {te['acc']:.0%} ({te['correct']}/{te['total']})")
     files = []
@@ -323,7 +463,8 @@ def test_and_analyse(run: Run) -> dict:
         preds = from_evaluation(te, test.samples)
         files = [str(f) for f in analyse(a.out, run.history, preds, run.classes)]
     te.pop("predictions")
-    metrics = {"model": a.model, "best_epoch": ckpt["epoch"], "test": te, "history": run.history,
+    metrics = {"model": a.model, "best_epoch": ckpt["epoch"], "best_weights": ckpt["weights"],
+               "test": te, "history": run.history,
                "stopped_early": len(run.history) < a.epochs, "files": files}
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("Wrote: " + ", ".join(str(a.out / n) for n in
