@@ -27,6 +27,7 @@ def args(data, out, *extra):
                                  "--no-analysis", *extra])
 
 
+@pytest.mark.slow  # trains or exports real networks
 def test_recipe_turns_the_flip_off_and_settings_yaml_says_so(tiny_data, tmp_path):
     recipe = tmp_path / "no_flip.yaml"
     recipe.write_text("model: scratch_cnn\nweights: none\nhflip: 0\nepochs: 1\nbatch-size: 10\n")
@@ -125,6 +126,7 @@ def test_norms_and_biases_are_not_decayed(tmp_path):
     assert {g["name"] for g in opt.param_groups} == {"head", "backbone"}
 
 
+@pytest.mark.slow  # trains or exports real networks
 def test_resume_with_mixup_cutmix_and_ema_equals_an_uninterrupted_run(tiny_data, tmp_path, capsys):
     extra = ("--epochs", "2", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--ema-decay", "0.5")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
@@ -149,6 +151,7 @@ def strip_png(path, size):
     return path
 
 
+@pytest.mark.slow  # trains or exports real networks
 def test_extreme_shapes_are_skipped_by_training_and_analysis_and_reported_by_clean(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

@@ -30,6 +30,7 @@ def family(request):
     return request.param, get_model(request.param, N).eval()
 
 
+@pytest.mark.slow  # trains or exports real networks
 def test_head_is_replaced_and_output_has_the_classes(family):
     name, m = family
     head = get_spec(name).head_of(m)
@@ -44,6 +45,7 @@ def test_head_is_replaced_and_output_has_the_classes(family):
     assert not any(p is linears[-1].weight for p in backbone) and backbone
 
 
+@pytest.mark.slow  # trains or exports real networks
 def test_export_round_trip(family, tmp_path):
     """training.export as a user runs it, from a checkpoint at this model's crop size."""
     name, m = family
@@ -133,6 +135,7 @@ def test_offline_download_names_the_weights_file_flag(tiny_data, tmp_path):
     assert "cannot download resnet18 weights IMAGENET1K_V1" in r.stderr and "--weights-file" in r.stderr
 
 
+@pytest.mark.slow  # trains or exports real networks
 def test_convnext_tiny_trains_exports_and_answers_through_the_handler(tiny_data, tmp_path):
     """A torchvision family the project has no builder for, end to end as a user runs it:
     training.train --model convnext_tiny, training.export, and the served handler's answer
