@@ -31,6 +31,11 @@ SERVE_REDUCING_GAP = 2.0
 
 
 @functools.lru_cache(maxsize=8)
+def plain_dict(preset) -> dict:
+    """A preset's fields as YAML and JSON write them: tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(preset).items()}
+
+
 def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) that take 0..255 pixels to Normalize(mean, std)'s output."""
     m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
@@ -47,7 +52,7 @@ class EvalPreset:
     std: tuple[float, ...] = IMAGENET_STD
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalPreset":
@@ -164,7 +169,7 @@ class TrainPreset:
             raise ValueError(f"ratio {self.ratio}: a range of aspect ratios, 0 < min <= max")
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return plain_dict(self)
 
     def transform(self, eval_preset: EvalPreset) -> T.Compose:
         crop = self.crop_size or eval_preset.crop_size
