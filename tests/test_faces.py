@@ -157,3 +157,16 @@ def test_a_missing_or_wrong_cascade_file_is_a_clear_error(tmp_path):
     (tmp_path / "broken.xml").write_text("<?xml version=\"1.0\"?>\n<opencv_storage><cascade>")
     with pytest.raises(RuntimeError, match="not an OpenCV cascade"):
         face_detector(tmp_path / "broken.xml")
+
+
+def test_opencvs_plain_code_finds_the_same_faces(cascade):
+    """OpenCV picks SIMD code for this CPU; its plain code paths must give the same answers,
+    so that the counts above do not hold only for this machine's instruction set."""
+    images = [photo(path) for path in PHOTOS.values()] + list(no_person_photos().values())
+    optimised = [count_faces(cascade, image) for image in images]
+    cv2.setUseOptimized(False)
+    try:
+        plain = [count_faces(face_detector(), image) for image in images]
+    finally:
+        cv2.setUseOptimized(True)
+    assert plain == optimised and sum(optimised) == 2  # the two portraits, one face each
