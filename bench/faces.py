@@ -90,6 +90,10 @@ def load_cascade(kind: str) -> cv2.CascadeClassifier:
     return handler.face_detector() if kind == "lbp" else haar_cascade(kind)
 
 
+def cascade_file(kind: str) -> str:
+    return "scikit-image's data" if kind == "lbp" else "cv2.data"
+
+
 def short_name(kind: str) -> str:
     return kind.replace("haarcascade_frontalface_", "haar ").replace(".xml", "")
 
@@ -111,7 +115,7 @@ def cascade_option(kind: str, **settings) -> Option:
     return Option(name, lambda: load_cascade(kind),
                   lambda cascade, image: handler.count_faces(cascade, image, **full),
                   chosen=kind == "lbp" and full == HANDLER_SETTINGS,
-                  notes={"file": "scikit-image's data" if kind == "lbp" else "cv2.data"})
+                  notes={"file": cascade_file(kind)})
 
 
 def plain_count(cascade, image: Image.Image, max_side: int, scale: float, neighbors: int,
@@ -133,7 +137,7 @@ def plain_option(kind: str, max_side: int, scale: float, neighbors: int, share: 
     name = f"{short_name(kind)} {max_side}px sf{scale} mn{neighbors} min{share:g} (plain)"
     return Option(name, lambda: load_cascade(kind),
                   lambda cascade, image: plain_count(cascade, image, max_side, scale, neighbors, share),
-                  notes={"file": "scikit-image's data" if kind == "lbp" else "cv2.data"})
+                  notes={"file": cascade_file(kind)})
 
 
 def mtcnn_option(max_side: int = 320, share: float = 0.1) -> Option | None:

@@ -32,9 +32,9 @@ NONE_MESSAGE = "no dog or human face found"
 
 
 # The face check's settings (python -m bench.faces compares them with others, and other detectors).
-# OpenCV's LBP frontal-face cascade (24 x 24 window), as scikit-image ships it: at the same
-# settings it finds the faces OpenCV's best Haar cascade finds, in half the time (its features
-# are integer comparisons where Haar's are sums of rectangles).
+# OpenCV's LBP frontal-face cascade (24 x 24 window), as scikit-image ships it: in bench.faces it
+# finds as many faces as OpenCV's best Haar cascade at that one's best settings, in half the time
+# (its features are integer comparisons where Haar's are sums of rectangles).
 FACE_CASCADE = ("skimage", "data", "lbpcascade_frontalface_opencv.xml")
 # Smallest face looked for, as a share of the short side: portraits and a few people, not a crowd.
 # The scan's cost grows with 1 / share squared, so this is the setting that buys the speed.
