@@ -30,12 +30,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SERVE_REDUCING_GAP = 2.0
 
 
-@functools.lru_cache(maxsize=8)
 def plain_dict(preset) -> dict:
     """A preset's fields as YAML and JSON write them: tuples as lists."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(preset).items()}
 
 
+@functools.lru_cache(maxsize=8)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) that take 0..255 pixels to Normalize(mean, std)'s output."""
     m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from handlers.image_classifier import ImageClassifier, decode, request_image
-from models.presets import BadImage, EvalPreset, decode_image, open_image
+from models.presets import BadImage, EvalPreset, TrainPreset, decode_image, open_image
 from models.settings import HandlerSettings
 from tests.conftest import FLOAT_ROUNDING, ONE_GREY_LEVEL, photo_jpeg, png_bytes, split_images
 from training.data import load_splits
@@ -224,3 +224,17 @@ def test_resized_size_matches_torchvision():
     for size in ((4000, 3000), (3000, 4000), (257, 1000), (300, 300), (1025, 769)):
         img = Image.new("RGB", size)
         assert preset.resized_size(size) == T.Resize(256)(img).size
+
+
+def test_to_dict_gives_a_fresh_dict_each_call():
+    """Callers edit what to_dict returns (checkpoints, model-config.yaml): no shared copy."""
+    for preset in (EvalPreset(), TrainPreset()):
+        first = preset.to_dict()
+        first["mean" if "mean" in first else "hflip"] = "edited"
+        assert "edited" not in preset.to_dict().values()
+
+
+def test_normalisation_constants_are_computed_once_per_mean_and_std():
+    from models.presets import _affine
+    preset = EvalPreset()
+    assert _affine(preset.mean, preset.std) is _affine(preset.mean, preset.std)
