@@ -27,6 +27,7 @@ from serving.archive import build_archive
 from serving.server import LocalServer
 from training import export as export_mod
 from training import pretrained
+from training.photos import SHARED_PHOTOS
 from training import train as train_mod
 from training.demo_data import generate
 
@@ -129,6 +130,26 @@ def local_server(model_store, tmp_path_factory):
 def server(local_server):
     """The REST client of the session's server."""
     return local_server.client
+
+
+def shared_photo(*parts: str) -> Path:
+    """A file or folder of ``../shared/photos`` (the real photos beside the checkout).
+
+    Fails, naming the folder and where it comes from, when it is absent: a test that needs
+    real photos must not pass, skip or die with a KeyError without them.
+    """
+    path = SHARED_PHOTOS.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need the real photos of ../shared/photos beside "
+                    f"the checkout (a dog, a kitten, dogs/ and people/ with labels.csv; see its "
+                    f"README). Clone the project next to that shared/ folder.", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_photos() -> Path:
+    """The ``../shared/photos`` folder; fails with the message above when it is absent."""
+    return shared_photo()
 
 
 def split_images(root: Path, split: str = "test") -> list[Path]:
