@@ -64,18 +64,25 @@ class Agreement:
     decisive_rows: int  # rows whose top class the reference decides by more than the tolerance
     flipped_rows: int  # of those, rows whose top class differs
     rtol: float = RTOL
+    # Why the outputs cannot be compared value by value (another number of outputs, another
+    # shape, a NaN or an infinity): such outputs never agree.
+    mismatch: str = ""
 
     @property
     def relative(self) -> float:
+        if self.mismatch:
+            return math.inf
         if not self.scale:
             return math.inf if self.max_diff else 0.0
         return self.max_diff / self.scale
 
     @property
     def ok(self) -> bool:
-        return self.relative <= self.rtol and self.flipped_rows == 0
+        return not self.mismatch and self.relative <= self.rtol and self.flipped_rows == 0
 
     def __str__(self) -> str:
+        if self.mismatch:
+            return f"{self.mismatch} (tolerance {self.rtol:g})"
         return (f"max difference {self.max_diff:.1e}, {self.relative:.1e} of the outputs' scale "
                 f"{self.scale:.3g} (tolerance {self.rtol:g}); top class kept in "
                 f"{self.decisive_rows - self.flipped_rows}/{self.decisive_rows} decisive rows")
@@ -94,10 +101,24 @@ def _top_class_flips(got: torch.Tensor, want: torch.Tensor, tol: float) -> tuple
 
 def compare(got, want, rtol: float = RTOL) -> Agreement:
     """The agreement of two models' outputs (a tensor or a tuple of them) on one input;
-    each output tensor is measured against its own scale."""
+    each output tensor is measured against its own scale. Outputs of another count or
+    shape, and non-finite values on either side, are a mismatch: a NaN compares false with
+    everything, so it would otherwise never count as a difference."""
+    got, want = tensors(got), tensors(want)
+    if len(got) != len(want):
+        return Agreement(math.inf, 0.0, 0, 0, rtol,
+                         f"{len(got)} output tensors where the reference has {len(want)}")
     worst, decisive, flipped = (0.0, 0.0), 0, 0
-    for g, w in zip(tensors(got), tensors(want)):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            return Agreement(math.inf, 0.0, 0, 0, rtol, f"output {i} has shape {tuple(g.shape)} "
+                             f"where the reference's is {tuple(w.shape)}")
         g, w = g.detach().float(), w.detach().float()
+        for side, t in (("the output", g), ("the reference", w)):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return Agreement(math.inf, 0.0, 0, 0, rtol,
+                                 f"{side} {i} has {bad} non-finite values (NaN or infinity)")
         diff, scale = (g - w).abs().max().item(), w.abs().max().item()
         if diff * worst[1] >= worst[0] * scale:  # diff / scale >= the worst so far
             worst = (diff, scale)
