@@ -69,12 +69,25 @@ def test_impossible_augmentation_is_refused_with_what_is_allowed(tmp_path, capsy
 
 def test_every_step_of_the_preset_can_be_switched_on():
     t = TrainPreset(rotation=0, hflip=0, color_jitter=0.3, auto_augment="trivialaugment",
-                    random_erasing=0.25, crop_size=48, ratio=(0.5, 2.0)).transform(EvalPreset())
+                    random_erasing=0.25, crop_size=48, scale=(0.3, 0.9),
+                    ratio=(0.5, 2.0)).transform(EvalPreset())
     kinds = [type(s) for s in t.transforms]
     assert kinds == [T.RandomResizedCrop, T.ColorJitter, T.TrivialAugmentWide, T.ToTensor,
                      T.Normalize, T.RandomErasing]
-    assert t.transforms[0].size == (48, 48) and t.transforms[0].ratio == (0.5, 2.0)
-    assert t(Image.new("RGB", (80, 60), (90, 120, 30))).shape == (3, 48, 48)
+    crop, jitter, _, _, norm, erase = t.transforms
+    assert crop.size == (48, 48) and crop.scale == (0.3, 0.9) and crop.ratio == (0.5, 2.0)
+    # Each setting reaches its step with its value: jitter of 0.3 on brightness, contrast
+    # and saturation; erasing with probability 0.25; the eval preset's mean and std.
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.7, 1.3)
+    assert erase.p == 0.25
+    assert (tuple(norm.mean), tuple(norm.std)) == (tuple(EvalPreset().mean), tuple(EvalPreset().std))
+    # A flat picture stays flat through crop, flip and rotation; with no jitter, no
+    # TrivialAugment and no erasing, its normalised values are the colour's, exactly.
+    plain = TrainPreset(rotation=0, hflip=0, crop_size=48).transform(EvalPreset())
+    x = plain(Image.new("RGB", (80, 60), (90, 120, 30)))
+    want = (torch.tensor([90, 120, 30]) / 255 - torch.tensor(EvalPreset().mean)) / torch.tensor(EvalPreset().std)
+    assert x.shape == (3, 48, 48)
+    assert torch.allclose(x, want[:, None, None].expand(3, 48, 48), atol=1e-6)  # float rounding
 
 
 def test_train_crop_size_changes_training_resolution_only(tiny_data, tmp_path):
@@ -108,6 +121,53 @@ def test_batch_mix_depends_on_seed_epoch_and_step_only():
     assert x0 is x and y0 is y
 
 
+def mixed_by(x: torch.Tensor, out: torch.Tensor) -> str:
+    """Which of the two mixed a batch with itself rolled by one: CutMix pastes a box of the
+    other image (every pixel is one image's or the other's), Mixup blends every value. A
+    weight of 0 or 1 (no box, a full box, a Beta draw at its end) cannot be told apart."""
+    mine = (out == x).all(1).float().mean()
+    other = (out == x.roll(1, 0)).all(1).float().mean()
+    if mine == 1 or other == 1:
+        return "neither"
+    return "cutmix" if mine + other == 1 else "mixup"
+
+
+@pytest.mark.parametrize("switch_prob,want", [(0.0, {"mixup"}), (1.0, {"cutmix"}),
+                                              (0.5, {"mixup", "cutmix"})])
+def test_the_switch_picks_cutmix_with_its_probability_and_mixup_otherwise(switch_prob, want):
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0])
+    mix = BatchMix(3, mixup_alpha=0.2, cutmix_alpha=1.0, prob=1.0, switch_prob=switch_prob, seed=1)
+    picks = [mixed_by(x, mix(x, y, epoch=0, step=s)[0]) for s in range(200)]
+    assert set(picks) - {"neither"} == want and picks.count("neither") < 20
+    if switch_prob == 0.5:
+        # 200 fair draws: 100 +- 7 (one standard deviation); 65..135 is five of them.
+        assert 65 <= picks.count("cutmix") <= 135, picks.count("cutmix")
+
+
+def test_the_modern_recipe_reaches_training(tiny_data, tmp_path):
+    """Its mixup, cutmix, EMA, TrivialAugment and 176 px are what a run trains with."""
+    a = train_mod.parse_args(["--recipe", "modern", "--data", str(tiny_data), "--out", str(tmp_path),
+                              "--workers", "0"])
+    r = train_mod.Run(a, distributed.Dist())
+    assert r.mix.mixup.alpha == 0.2 and r.mix.cutmix.alpha == 1.0
+    assert (r.mix.prob, r.mix.switch_prob) == (1.0, 0.5)
+    train_steps = r.sets["train"].transform.transforms
+    assert any(isinstance(t, T.TrivialAugmentWide) for t in train_steps)
+    assert r.sets["train"][0][0].shape == (3, 176, 176)
+    assert r.sets["valid"][0][0].shape == (3, 224, 224)
+    # The EMA's decay, read off one update: the first copies, the next keeps 0.98 of it.
+    before = {k: v.clone() for k, v in r.ema.module.state_dict().items()}
+    r.ema.update_parameters(r.model)
+    with torch.no_grad():
+        for p in r.model.parameters():
+            p.add_(1.0)
+    r.ema.update_parameters(r.model)
+    name, w = next((k, v) for k, v in r.model.state_dict().items() if k.endswith("weight"))
+    # One float32 rounding of a product of weights of order 1.
+    assert torch.allclose(r.ema.module.state_dict()[name], 0.98 * before[name] + 0.02 * w, atol=1e-6)
+
+
 def test_norms_and_biases_are_not_decayed(tmp_path):
     a = train_mod.parse_args(["--model", "resnet18", "--weights", "none", "--data", "d", "--out",
                               str(tmp_path), "--weight-decay", "0.1", "--norm-bias-decay", "0", "--lr", "1"])
@@ -138,6 +198,16 @@ def test_resume_with_mixup_cutmix_and_ema_equals_an_uninterrupted_run(tiny_data,
     sa, sb = (torch.load(d / "last.pt", weights_only=True) for d in (straight, broken))
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+    # The average followed every step of both epochs (30 images, batches of 10), in both
+    # runs: it is neither the initial weights nor a copy of the last ones.
+    assert sa["ema"]["n_averaged"].item() == 2 * 3 == sb["ema"]["n_averaged"].item()
+    torch.manual_seed(0)  # the runs' own initial weights (seed 0)
+    from models.zoo import get_model
+    init = get_model("scratch_cnn", 3).state_dict()
+    for k, w in init.items():
+        if w.is_floating_point():
+            assert not torch.equal(sa["ema"][f"module.{k}"], w), k
+            assert not torch.equal(sa["ema"][f"module.{k}"], sa["model"][k]), k
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
     assert [h["valid_ema"]["loss"] for h in ma["history"]] == [h["valid_ema"]["loss"] for h in mb["history"]]
     best = min(ma["history"], key=lambda h: h["valid"]["loss"])
