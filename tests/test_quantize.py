@@ -98,6 +98,25 @@ def test_accuracy_guard_lets_the_measured_drop_itself_through(int8_export, train
     assert "quantized::" in str(torch.jit.load(str(out / "model.pt")).inlined_graph)
 
 
+def test_the_default_limit_refuses_an_int8_model_that_answers_wrong(int8_export, trained, tiny_data,
+                                                                   tmp_path, monkeypatch):
+    """An int8 model whose logits come out negated (as a sign error in a scale would make
+    them) meets the export's default --max-accuracy-drop, and nothing is written."""
+    r = json.loads((int8_export / export_mod.QUANTIZATION_FILE).read_text())
+    # Negated, the top class is fp32's lowest: right at most where fp32 is wrong, so the
+    # model loses at least 2 x fp32_correct - images test images, each 100 / images points.
+    assert 2 * r["fp32_correct"] > r["images"], f"the tiny model is too poor for this test: {r}"
+    real = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda *args, **kw: (lambda m: lambda x: -m(x))(
+        real(*args, **kw)))
+    out = tmp_path / "refused"
+    a = export_mod.parse_args(int8_args(trained, out, tiny_data))  # no --max-accuracy-drop
+    with pytest.raises(SystemExit, match="nothing written") as e:
+        export_mod.export(trained, out, a)
+    assert "--max-accuracy-drop 1.0)" in str(e.value)
+    assert not out.exists()
+
+
 def test_int8_needs_calibration_data_of_the_models_classes(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_mod.parse_args(["--checkpoint", str(trained), "--out", str(tmp_path),
