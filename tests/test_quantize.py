@@ -98,6 +98,15 @@ def test_accuracy_guard_lets_the_measured_drop_itself_through(int8_export, train
     assert "quantized::" in str(torch.jit.load(str(out / "model.pt")).inlined_graph)
 
 
+class Negated(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return -self.model(x)
+
+
 def test_the_default_limit_refuses_an_int8_model_that_answers_wrong(int8_export, trained, tiny_data,
                                                                    tmp_path, monkeypatch):
     """An int8 model whose logits come out negated (as a sign error in a scale would make
@@ -107,8 +116,7 @@ def test_the_default_limit_refuses_an_int8_model_that_answers_wrong(int8_export,
     # model loses at least 2 x fp32_correct - images test images, each 100 / images points.
     assert 2 * r["fp32_correct"] > r["images"], f"the tiny model is too poor for this test: {r}"
     real = quantize.quantize_int8
-    monkeypatch.setattr(quantize, "quantize_int8", lambda *args, **kw: (lambda m: lambda x: -m(x))(
-        real(*args, **kw)))
+    monkeypatch.setattr(quantize, "quantize_int8", lambda *args, **kw: Negated(real(*args, **kw)))
     out = tmp_path / "refused"
     a = export_mod.parse_args(int8_args(trained, out, tiny_data))  # no --max-accuracy-drop
     with pytest.raises(SystemExit, match="nothing written") as e:

@@ -101,10 +101,17 @@ def test_expired_keys_are_replaced_by_the_client(model_store, tmp_path):
     # A server whose keys live 3 seconds; the client fetches fresh ones with the API key.
     with LocalServer(model_store, tmp_path, {"token_expiration_min": "0.05"}) as client:
         old = client.keys()
-        time.sleep(4)
-        r = requests.get(f"{client.inference_url}/ping",
-                         headers={"Authorization": f"Bearer {old['inference']}"}, timeout=30)
-        assert r.status_code == 400  # expired
+
+        def ping_with_old_key() -> requests.Response:
+            return requests.get(f"{client.inference_url}/ping",
+                                headers={"Authorization": f"Bearer {old['inference']}"}, timeout=30)
+
+        # Waits for the server to refuse the key, however long its start took; a minute is
+        # twenty lifetimes of a key.
+        deadline = time.monotonic() + 60
+        while (r := ping_with_old_key()).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException", r.text
         # Concurrent callers that all hold the expired key share one fresh key.
         with ThreadPoolExecutor(8) as ex:
             assert [p["status"] for p in ex.map(lambda _: client.ping(), range(8))] == ["Healthy"] * 8
