@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,8 +176,7 @@ def test_analyse_writes_all_files(shapes, tmp_path):
     for p in written:
         assert p.parent == tmp_path / "run" and p.stat().st_size > 0
         if p.suffix == ".png":
-            w, h = png_size(p)
-            assert w >= 300 and h >= 200, (p.name, w, h)
+            assert png_size(p)  # a PNG that opens
     rows = an.per_class_report(an.confusion_matrix(y_true, y_pred, 2), CLASSES)
     with open(tmp_path / "run" / "per_class.csv", newline="") as f:
         read = list(csv.DictReader(f))
@@ -191,33 +191,80 @@ def test_analyse_writes_all_files(shapes, tmp_path):
     assert "| **accuracy** |  |  | 0.500 | 6 |" in md
 
 
-def test_misclassified_grid_grows_with_classes_and_exists_without_errors(shapes, tmp_path):
+def saved_figures(monkeypatch) -> dict:
+    """Every figure training.analysis saves, by file name: what it draws can be read back."""
+    figures = {}
+    real = an.save_png
+
+    def save(fig, path, *args, **kw):
+        figures[Path(path).name] = fig
+        return real(fig, path, *args, **kw)
+
+    monkeypatch.setattr(an, "save_png", save)
+    return figures
+
+
+def test_curves_draw_the_history(monkeypatch, tmp_path):
+    figures = saved_figures(monkeypatch)
+    h = history()
+    an.plot_curves(h, tmp_path / "curves.png")
+    loss, acc = figures["curves.png"].axes[:2]
+    drawn = {ax: [list(line.get_ydata()) for line in ax.get_lines()] for ax in (loss, acc)}
+    for split in ("train", "valid"):
+        assert [e[split]["loss"] for e in h] in drawn[loss], split
+        assert [100 * e[split]["acc"] for e in h] in drawn[acc], split
+    best = [line for line in loss.get_lines() if line.get_marker() == "*"]
+    assert [(list(b.get_xdata()), list(b.get_ydata())) for b in best] == [([2], [0.6])]  # lowest
+
+
+def test_misclassified_grid_shows_each_classs_errors_most_confident_first(shapes, tmp_path,
+                                                                          monkeypatch):
     ds = small_dataset(shapes)
     paths = [p for p, _ in ds.samples]
     y_true = [y for _, y in ds.samples]
-    conf = [0.9] * 6
-    one_row = an.plot_misclassified(an.Predictions(y_true, [1, 0, 0, 1, 1, 1], conf, paths),
-                                    CLASSES, tmp_path / "one.png")
-    two_rows = an.plot_misclassified(an.Predictions(y_true, [1, 0, 0, 0, 1, 1], conf, paths),
-                                     CLASSES, tmp_path / "two.png")
-    assert png_size(two_rows)[1] > png_size(one_row)[1]
+    assert y_true == [0, 0, 0, 1, 1, 1]
+    drawn = []
+    real = an._thumbnail
+    monkeypatch.setattr(an, "_thumbnail", lambda p: drawn.append(p) or real(p))
+    figures = saved_figures(monkeypatch)
+    # Two circles wrong (the third image more confidently), one square wrong.
+    conf = [0.6, 0.9, 0.95, 0.7, 0.9, 0.9]
+    an.plot_misclassified(an.Predictions(y_true, [1, 0, 1, 0, 1, 1], conf, paths), CLASSES,
+                          tmp_path / "grid.png")
+    assert drawn == [paths[2], paths[0], paths[3]]
+    axes = figures["grid.png"].axes
+    assert len(axes) == 2 * 2  # a row per class with errors, as many columns as the most errors
+    assert axes[0].get_title() == "true: circle / pred: square\n(p=0.95)"
+    assert axes[2].get_title() == "true: square / pred: circle\n(p=0.70)"
+    drawn.clear()
     none = an.analyse(tmp_path / "ok", history(), an.Predictions(y_true, y_true, conf, paths),
                       CLASSES)
-    assert tmp_path / "ok" / "misclassified.png" in none
-    w, h = png_size(tmp_path / "ok" / "misclassified.png")
-    assert h < png_size(one_row)[1]  # the short message, not a grid
+    assert tmp_path / "ok" / "misclassified.png" in none and drawn == []
+    assert "No misclassified images (6 of 6 correct)" in [
+        t.get_text() for t in figures["misclassified.png"].texts]
 
 
-def test_plot_confusion_133_classes(tmp_path):
+def test_plot_confusion_draws_the_row_normalised_matrix(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
     rng = random.Random(0)
     y_true = [i % 133 for i in range(1330)]
     y_pred = [y if rng.random() < 0.8 else rng.randrange(133) for y in y_true]
     cm = an.confusion_matrix(y_true, y_pred, 133)
     names = [f"Breed_number_{i:03d}" for i in range(133)]
-    big = an.plot_confusion(cm, names, tmp_path / "cm133.png")
-    small = an.plot_confusion(an.confusion_matrix(Y_TRUE, Y_PRED, 4), list("abcd"),
-                              tmp_path / "cm4.png")
-    assert png_size(big)[1] > 2 * png_size(small)[1]  # the figure is scaled to the classes
+    an.plot_confusion(cm, names, tmp_path / "cm133.png")
+    an.plot_confusion(an.confusion_matrix(Y_TRUE, Y_PRED, 4), list("abcd"), tmp_path / "cm4.png")
+    big = figures["cm133.png"].axes[0].images[0].get_array()
+    assert big.shape == (133, 133)
+    assert torch.allclose(torch.tensor(big.data), (cm / 10.0).double())  # ten images per class
+    small = figures["cm4.png"].axes[0]
+    # Y_TRUE/Y_PRED: circle 2 of 3 right, 1 as class 1; class 3 has no images (a row of 0).
+    assert small.images[0].get_array().data.tolist() == [
+        [2 / 3, 1 / 3, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    # Each count written in its cell, at (column = predicted, row = true).
+    assert sorted((t.get_position(), t.get_text()) for t in small.texts) == [
+        ((0, 0), "2"), ((0, 2), "1"), ((1, 0), "1"), ((1, 1), "2")]
+    # The figure grows with the classes, so 133 stay readable.
+    assert png_size(tmp_path / "cm133.png")[1] > 2 * png_size(tmp_path / "cm4.png")[1]
 
 
 def test_cli_recreates_analysis(shapes, tmp_path):
