@@ -54,7 +54,7 @@ MODELS := imagenet_dogs $(TRAINED)
 DOG_MODELS := imagenet_dogs dog_breeds
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test test-fast bench bench-int8 bench-flops bench-deps bench-train clean
+.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test test-fast bench bench-int8 bench-flops bench-deps test-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -286,14 +286,17 @@ bench-flops: | venv
 	$(PY) -m bench.flops $(FLOPS_ARGS)
 bench-deps: venv check-java
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+test-deps: venv
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt -r requirements-data.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 # The whole suite: real TorchServe servers (Java) and a real browser. make browser installs
-# Debian's chromium with apt-get when it is missing, and says so first.
-test: venv check-java grpc browser
+# Debian's chromium with apt-get when it is missing, and says so first. The tests also run
+# the benchmark's built-in-handler contestants (captum) and train on scikit-learn's digits.
+test: venv check-java grpc browser test-deps
 	$(PY) -m pytest -q tests
 
 # Everything that starts no TorchServe, no browser and no long run: well under a minute.
-test-fast: venv
+test-fast: venv test-deps
 	$(PY) -m pytest -q -m "not torchserve and not browser and not slow" tests
 
 clean: 
