@@ -3,8 +3,6 @@ never a 5xx, never a dead worker, never a failed neighbour in the batch."""
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,21 +10,11 @@ import pytest
 import requests
 from PIL import Image
 
+from serving import bad_input
 from tests.conftest import (MODEL_NAME, assert_answer_matches, assert_same_answer, png_bytes,
                             split_images)
 
 pytestmark = pytest.mark.torchserve
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def pixel_bomb() -> bytes:
-    """A 60-byte PNG that declares 30000x30000 grey pixels."""
-    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -47,46 +35,27 @@ def post(server, data=None, files=None, content_type=None):
                          files=files, headers=headers, timeout=60)
 
 
-def bad_payloads(jpeg: bytes) -> dict[str, dict]:
-    corrupt_header = jpeg[:2] + bytes(range(200, 240)) + jpeg[42:]
-    return {
-        "empty body": dict(data=b""),
-        "plain text": dict(data=b"hello, I am not an image", content_type="text/plain"),
-        "html": dict(data=b"<!doctype html><html><body>hi</body></html>", content_type="text/html"),
-        "truncated jpeg": dict(data=jpeg[: len(jpeg) // 3]),
-        "corrupt jpeg header": dict(data=corrupt_header),
-        "image extension, other content": dict(files={"data": ("photo.jpg", b"%PDF-1.4 not a photo", "image/jpeg")}),
-        "pixel bomb": dict(data=pixel_bomb()),
-        "multipart without a file": dict(files={"note": (None, "hello")}),
-        "json body": dict(data=b'{"image": "cat.jpg"}', content_type="application/json"),
-    }
-
-
-EXPECTED_MESSAGES = {
-    "empty body": "is empty",
-    "plain text": "got text",
-    "html": "got text",
-    "truncated jpeg": "not a decodable image",
-    "corrupt jpeg header": "not a decodable image",
-    "image extension, other content": "form field 'data': not a decodable image",
-    "pixel bomb": "over the pixel limit: Image size (900000000 pixels)",
-    "multipart without a file": "form field 'note': not a decodable image",
-    "json body": "got JSON",
-}
+def messages() -> dict[str, str]:
+    """Each refused case's message as the handler's own code computes it in-process
+    (serving/bad_input.py, which also writes docs/serving.md's table)."""
+    return {case.name: bad_input.message(case) for case in bad_input.cases()}
 
 
 def worker_pid(server) -> int:
     return server.describe(MODEL_NAME)[0]["workers"][0]["pid"]
 
 
-def test_each_bad_input_gets_a_named_400_and_the_worker_lives(server, jpeg):
+def test_each_bad_input_gets_its_documented_400_and_the_worker_lives(server, jpeg):
+    """The server answers each case with exactly the message docs/serving.md shows for it:
+    the in-process row model of serving/bad_input.py is TorchServe's."""
     pid = worker_pid(server)
-    for name, kw in bad_payloads(jpeg).items():
-        r = post(server, **kw)
-        assert r.status_code == 400, (name, r.status_code, r.text)
+    expected = messages()
+    for case in bad_input.cases():
+        r = post(server, **case.request())
+        assert r.status_code == 400, (case.name, r.status_code, r.text)
         body = r.json()
-        assert body["code"] == 400 and body["type"] == "BadImage", name
-        assert EXPECTED_MESSAGES[name] in body["message"], (name, body["message"])
+        assert body["code"] == 400 and body["type"] == "BadImage", case.name
+        assert body["message"] == expected[case.name], case.name
     assert worker_pid(server) == pid
     assert server.predict(MODEL_NAME, jpeg)["top_k"]
 
@@ -168,7 +137,7 @@ def test_exif_orientation_turns_the_picture_upright_the_right_way(server, tiny_d
 def test_every_bad_kind_in_one_batch_with_good_ones(server, tiny_data, jpeg, reference):
     goods = [p.read_bytes() for p in split_images(tiny_data)[:4]]
     alone = [server.predict(MODEL_NAME, g) for g in goods]
-    bads = list(bad_payloads(jpeg).values())
+    bads = [case.request() for case in bad_input.cases()]
     jobs = [dict(data=g) for g in goods] + bads
     pid = worker_pid(server)
     with ThreadPoolExecutor(len(jobs)) as ex:
