@@ -264,7 +264,7 @@ browser:
 # Training throughput (images/s) per model, frozen vs unfrozen backbone, per
 # data-loader worker count: build/bench/train.md.
 bench-train: | venv
-	$(PY) -m training.bench_train
+	$(PY) -m bench.train
 
 # The serving benchmark (bench/run.py): TorchServe with this project's handler vs the
 # in-process figure, TorchServe's built-in handler (which needs captum: installed here,

@@ -8,6 +8,8 @@ import os
 import platform
 import subprocess
 
+from serving.stats import percentile
+
 # Contestant keys, in table order, and how the tables name them.
 SERVED = "served"
 INPROCESS = "in_process"
@@ -23,18 +25,6 @@ CHART = "throughput.png"
 # Ratio column -> the contestant that served is divided by.
 RATIOS = {"served/in-process": INPROCESS, "served/built-in": BUILTIN,
           "served/out-of-box": DEFAULT, "served/flask": FLASK}
-
-
-def percentile(values, q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between order statistics
-    (numpy's default 'linear' method); NaN for no values."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def latency_ms(latencies_s) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.report import percentile
+from serving.stats import percentile
 from serving.client import DEFAULT_KEY_FILE, Client
 
 

@@ -1,7 +1,7 @@
 """Training throughput on this machine: images/s per model, frozen vs unfrozen backbone,
 with 0..N data-loader workers.
 
-    python -m training.bench_train            (make bench-train)
+    python -m bench.train            (make bench-train)
 
 For each model it measures three rates over the same photo-like 500x375 JPEGs:
 - loader: the data loader alone (decode + augmentation), per worker count;
