@@ -21,7 +21,10 @@ OPTIMIZERS = {
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
-SCHEDULES = ("none", "step", "plateau", "cosine")
+SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
+# Schedules stepped after every optimiser step rather than every epoch: a short fine-tuning
+# run has few epochs, and a warm-up of one whole epoch would be a large part of it.
+PER_STEP_SCHEDULES = ("onecycle",)
 
 
 def split_parameters(model: nn.Module, head: str) -> tuple[list, list]:
@@ -90,12 +93,30 @@ def lr_factor(epoch: int, a) -> float:
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, a):
-    """Stepped once per epoch; ``plateau`` is stepped with the validation loss."""
+def build_scheduler(optimizer: torch.optim.Optimizer, a, steps_per_epoch: int = 1):
+    """Stepped once per epoch; ``plateau`` is stepped with the validation loss, ``onecycle``
+    after every optimiser step (``steps_per_epoch`` of them per epoch)."""
+    if a.schedule == "onecycle":
+        return one_cycle(optimizer, a, steps_per_epoch)
     if a.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=a.gamma,
                                                           patience=a.plateau_patience)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, a))
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, a, steps_per_epoch: int):
+    """torch's OneCycleLR over the whole run: each group rises from a 25th of its rate to it
+    over the warm-up (``warmup_epochs``, else the first 30% of the steps), then falls to
+    about zero along a cosine; the momentum (Adam's beta1) cycles the other way, 0.95 to
+    0.85 and back, except for SGD without momentum, which stays without."""
+    total = max(2, a.epochs * steps_per_epoch)
+    rise = total * (a.warmup_epochs / a.epochs if a.warmup_epochs else 0.3)
+    # OneCycleLR divides by the length of each phase: both must be over one step long.
+    rise = min(max(rise, 1.5), total - 0.5)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+        pct_start=rise / total,
+        cycle_momentum=a.optimizer != "sgd" or a.momentum > 0)
 
 
 def set_backbone_trainable(backbone: list, trainable: bool) -> None:
