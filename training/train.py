@@ -12,8 +12,13 @@ the analysis PNGs (training/analysis.py).
 
 Staged fine-tuning: for ``--head-epochs`` epochs only the classifier head trains;
 then the backbone layers the model options unfreeze (resnet50: layer4, plus layer3
-with --unfreeze-layer3; mobilenet_v2: the last --unfreeze-blocks blocks) train too,
-at ``lr * backbone-lr-scale``.
+with --unfreeze-layer3; mobilenet_v2: the last --unfreeze-blocks blocks; every layer
+with --train-all-layers) train too, at ``lr * backbone-lr-scale``. ``--bn-stats``
+keeps pretrained BatchNorm statistics (training/transfer.py).
+
+A run from pretrained weights also fits a linear probe, a logistic regression on the
+frozen pretrained features (training/probe.py), and reports its test accuracy beside
+the fine-tuned one (``probe.json``, ``metrics.json``).
 
 Augmentation is a setting like any other: each flag left unset takes the architecture's
 own choice (models/presets.py TrainPreset), and settings.yaml records what was used.
@@ -44,12 +49,14 @@ from training.analysis import analyse, from_evaluation
 from training.checkpoint import checkpoint, load_checkpoint, model_options, save_atomic
 from training.data import (BALANCE, EpochSampler, class_weights, load_splits, loader,
                            training_loader)
-from training.optim import (OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler,
-                            set_backbone_trainable, split_parameters)
+from training.optim import (OPTIMIZERS, PER_STEP_SCHEDULES, SCHEDULES, build_optimizer,
+                            build_scheduler, set_backbone_trainable, split_parameters)
 from training.evaluate import class_logits, evaluate
 from training.mixing import BatchMix
+from training.probe import linear_probe, with_transform
 from training.progress import Progress
 from training.recipe import parse_with_recipe, save_settings
+from training.transfer import BN_STATS, keep_bn_statistics, train_all_layers
 
 
 def _autocast(d: distributed.Dist, amp: bool):
@@ -70,13 +77,17 @@ def _step(loss, optimizer, scaler) -> None:
 
 def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scaler=None,
                     amp: bool = False, label: str = "train", mix: BatchMix | None = None,
-                    ema: AveragedModel | None = None, epoch: int = 0) -> dict:
+                    ema: AveragedModel | None = None, epoch: int = 0, bn_stats: str = "update",
+                    after_step=None) -> dict:
     """One pass over ``data``; returns mean loss, accuracy and images/s over all processes.
 
     ``mix`` mixes each batch (its labels become probabilities; accuracy then counts the
-    class with the larger share); ``ema`` follows the weights after every step.
+    class with the larger share); ``ema`` follows the weights after every step;
+    ``bn_stats`` says which BatchNorm layers keep their statistics (training/transfer.py);
+    ``after_step`` is called after every optimiser step (a per-step schedule).
     """
     model.train()
+    keep_bn_statistics(model, bn_stats)
     loss_sum, correct, seen = 0.0, 0, 0
     progress = Progress(len(data), label) if d.main else None
     start = time.perf_counter()
@@ -89,6 +100,8 @@ def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scal
             out = class_logits(model(x))
             loss = criterion(out, y)
         _step(loss, optimizer, scaler)
+        if after_step is not None:
+            after_step()
         if ema is not None:
             ema.update_parameters(model.module if hasattr(model, "module") else model)
         loss_sum += loss.item() * len(y)
@@ -123,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight decay of normalisation layers' parameters and of every bias "
                         "(default: --weight-decay; 0 as torchvision's and timm's recipes)")
     g.add_argument("--schedule", choices=SCHEDULES, default="none",
-                   help="learning-rate schedule, stepped per epoch")
+                   help="learning-rate schedule, stepped per epoch; onecycle (torch's OneCycleLR: "
+                        "warm-up to --lr, cosine down to about 0) after every step")
     g.add_argument("--warmup-epochs", type=int, default=0,
-                   help="linear warm-up epochs before the step or cosine schedule")
+                   help="linear warm-up epochs before the step or cosine schedule; onecycle: the "
+                        "epochs of its rise (default: 30%% of the run)")
     g.add_argument("--step-size", type=int, default=5, help="step: epochs between decays")
     g.add_argument("--gamma", type=float, default=0.1, help="step and plateau: decay factor")
     g.add_argument("--plateau-patience", type=int, default=2,
@@ -146,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone-lr-scale", type=float, default=0.1,
                    help="backbone learning rate = lr x this, for pretrained weights "
                         "(a randomly initialised backbone trains at lr)")
+    s.add_argument("--train-all-layers", action=argparse.BooleanOptionalAction, default=False,
+                   help="train every layer (after --head-epochs), whatever the model freezes by "
+                        "default (resnet50: conv1..layer3; mobilenet_v2, efficientnet_lite0: the "
+                        "features but --unfreeze-blocks)")
+    s.add_argument("--bn-stats", choices=BN_STATS, default="update",
+                   help="BatchNorm statistics while training from pretrained weights: update "
+                        "(batch statistics, running ones follow the data: the original projects), "
+                        "frozen-parts (layers not trained in the stage keep their pretrained ones), "
+                        "frozen (every layer keeps them); random initialisation always updates")
+    s.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="from pretrained weights: fit a logistic regression on the frozen "
+                        "features (train split) and report its test accuracy beside the result")
     m = p.add_argument_group("model")
     m.add_argument("--weights", default="DEFAULT",
                    help="torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2), "
@@ -252,6 +279,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         BatchMix(2, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob)
     except ValueError as e:
         p.error(str(e))
+    if a.imagenet_head and a.train_all_layers:
+        p.error("--imagenet-head keeps the pretrained layers it copies: it cannot take "
+                "--train-all-layers (use --unfreeze-layer3)")
     if a.imagenet_head and not (a.weights or a.weights_file):
         p.error("--imagenet-head needs ImageNet weights (--weights DEFAULT or --weights-file): "
                 "a randomly initialised head knows no ImageNet classes")
@@ -282,15 +312,20 @@ class Run:
         self.model = get_model(a.model, len(self.classes), weights=a.weights,
                                weights_file=a.weights_file, **model_options(a)).to(d.device)
         check_input_sizes(self.model, a, d.device)
-        self.head, self.backbone = split_parameters(self.model, spec.head_of(self.model))
+        if a.train_all_layers:
+            train_all_layers(self.model)
+        self.head_name = spec.head_of(self.model)
+        self.head, self.backbone = split_parameters(self.model, self.head_name)
+        self.pretrained = bool(a.weights or a.weights_file)
         # A lower rate protects pretrained features; a randomly initialised backbone has none.
-        self.backbone_scale = a.backbone_lr_scale if (a.weights or a.weights_file) else 1.0
+        self.backbone_scale = a.backbone_lr_scale if self.pretrained else 1.0
+        # Random initialisation has no statistics worth keeping: its BatchNorm layers learn them.
+        self.bn_stats = a.bn_stats if self.pretrained else "update"
         self.optimizer = build_optimizer(self.head, self.backbone, a, self.backbone_scale, self.model)
         self.mix = BatchMix(len(self.classes), a.mixup_alpha, a.cutmix_alpha, a.mix_prob,
                             a.mix_switch_prob, a.seed)
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(a.ema_decay),
                                   use_buffers=True) if a.ema_decay else None)
-        self.scheduler = build_scheduler(self.optimizer, a)
         self.scaler = torch.amp.GradScaler("cuda", enabled=a.amp and d.device.type == "cuda")
         weights = class_weights(self.sets["train"]).to(d.device) if a.balance == "weights" else None
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=a.label_smoothing)
@@ -301,6 +336,9 @@ class Run:
         valid = self.sets["valid"]
         self.valid_dl = loader(valid, per_process, False, a.workers, sampler=EpochSampler(
             len(valid), shuffle=False, rank=d.rank, world=d.world, pad=False))
+        self.scheduler = build_scheduler(self.optimizer, a, len(self.train_dl))
+        self.per_step = a.schedule in PER_STEP_SCHEDULES
+        self.probe: dict | None = None
         self.history: list[dict] = []
         self.best, self.bad_epochs, self.start_epoch = float("inf"), 0, 0
         self.stage = None
@@ -311,7 +349,22 @@ class Run:
         return (f"{a.model}: {len(self.classes)} classes, {sizes} images, device {self.d.device}"
                 + (f", {self.d.world} processes" if self.d.active else "")
                 + f"; trains {len(self.head)} head tensors at lr {a.lr:g} and "
-                f"{len(self.backbone)} backbone tensors at lr {a.lr * self.backbone_scale:g}")
+                f"{len(self.backbone)} backbone tensors at lr {a.lr * self.backbone_scale:g}"
+                + (f"; BatchNorm statistics: {self.bn_stats}" if self.bn_stats != "update" else ""))
+
+    def fit_probe(self, resuming: bool) -> dict:
+        """The linear probe on the pretrained features (before any training step), written
+        to probe.json; a resumed run reads it back, its model being no longer pretrained."""
+        path = self.a.out / "probe.json"
+        if resuming and path.exists():
+            return json.loads(path.read_text())
+        t = self.eval_preset.transform()
+        splits = {s: with_transform(ds, t) for s, ds in self.sets.items()}
+        probe = linear_probe(self.model, self.head_name, splits, len(self.classes),
+                             self.a.batch_size, self.a.workers, self.d.device)
+        path.write_text(json.dumps(probe, indent=2))
+        print(probe_line(probe), flush=True)
+        return probe
 
     def set_stage(self, epoch: int) -> None:
         """Stage 1 (head only) for the first head-epochs, then stage 2 with the backbone."""
@@ -351,6 +404,8 @@ class Run:
         self.start_epoch = s["epoch"] + 1
 
     def step_schedule(self, valid_loss: float) -> None:
+        if self.per_step:
+            return  # stepped in train_one_epoch
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(valid_loss)
         else:
@@ -365,7 +420,9 @@ class Run:
         t0 = time.perf_counter()
         tr = train_one_epoch(self.ddp, self.train_dl, self.criterion, self.optimizer, d, self.scaler,
                              a.amp, label=f"epoch {epoch + 1}/{a.epochs}",
-                             mix=self.mix if self.mix.active else None, ema=self.ema, epoch=epoch)
+                             mix=self.mix if self.mix.active else None, ema=self.ema, epoch=epoch,
+                             bn_stats=self.bn_stats,
+                             after_step=self.scheduler.step if self.per_step else None)
         raw = evaluate(self.model, self.valid_dl, self.eval_criterion, d)
         ema = evaluate(self.ema.module, self.valid_dl, self.eval_criterion, d) if self.ema else None
         # The weights this epoch offers: the average where it validates better.
@@ -390,6 +447,13 @@ class Run:
             if stop:
                 print(f"Early stopping: no better valid loss for {a.patience} epochs", flush=True)
         return not stop
+
+
+def probe_line(probe: dict) -> str:
+    te = probe["test"]
+    return (f"Linear probe (logistic regression on the frozen pretrained features, "
+            f"{probe['features']} per image, L2 {probe['l2']:g} chosen on valid): "
+            f"test accuracy {te['acc']:.1%} ({te['correct']}/{te['total']}), {probe['seconds']:.0f}s")
 
 
 def epoch_line(epoch: int, tr: dict, raw: dict, ema: dict | None, lr: float, seconds: float) -> str:
@@ -458,6 +522,10 @@ def test_and_analyse(run: Run) -> dict:
     print(f"best.pt: epoch {ckpt['epoch']}, {ckpt['weights']} weights")
     print(f"Test Loss: {te['loss']:.6f}")
     print(f"Test Accuracy: {te['acc']:.0%} ({te['correct']}/{te['total']})")
+    if run.probe:
+        p = run.probe["test"]
+        print(f"Linear probe on the pretrained features: {p['acc']:.1%} ({p['correct']}/{p['total']}); "
+              f"fine-tuned: {te['acc']:.1%}, {100 * (te['acc'] - p['acc']):+.1f} points")
     files = []
     if a.analysis:
         preds = from_evaluation(te, test.samples)
@@ -465,10 +533,12 @@ def test_and_analyse(run: Run) -> dict:
     te.pop("predictions")
     metrics = {"model": a.model, "best_epoch": ckpt["epoch"], "best_weights": ckpt["weights"],
                "test": te, "history": run.history,
-               "stopped_early": len(run.history) < a.epochs, "files": files}
+               "stopped_early": len(run.history) < a.epochs, "files": files,
+               "linear_probe": run.probe}
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("Wrote: " + ", ".join(str(a.out / n) for n in
-                               ("best.pt", "last.pt", "settings.yaml", "metrics.csv", "metrics.json")))
+                               ("best.pt", "last.pt", "settings.yaml", "metrics.csv", "metrics.json")
+                               + (("probe.json",) if run.probe else ())))
     for f in files:
         print(f"Wrote: {f}")
     return te
@@ -490,6 +560,8 @@ def _run(a: argparse.Namespace, d: distributed.Dist) -> dict | None:
     _seed(a.seed)
     resume_from = prepare_out(a)
     r = Run(a, d)
+    if d.main and a.probe and r.pretrained:
+        r.probe = r.fit_probe(resuming=resume_from is not None)
     if resume_from:
         r.restore(resume_from)
     if d.main:
