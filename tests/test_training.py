@@ -148,13 +148,19 @@ def test_recipe_unknown_setting_is_named(tmp_path, tiny_data):
     assert r.returncode == 2 and "unknown setting 'learning-rate'" in r.stderr and "lr" in r.stderr
 
 
-def test_every_recipe_parses():
+def test_every_recipe_sets_each_of_its_values():
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    assert {"dog_breeds", "flying_objects"} <= set(names)
+    assert {"dog_breeds", "flying_objects", "modern", "finetune"} <= set(names)
     for name in names:
+        recipe = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
         a = train_mod.parse_args(["--recipe", name, "--data", "d", "--out", "o"])
-        spec = get_spec(a.model)  # a model the registry builds, and its presets resolved
-        assert a.crop_size <= a.resize_size and spec.train_preset is not None
+        get_spec(a.model)  # a model the registry builds
+        for key, value in recipe.items():
+            got = getattr(a, key.replace("-", "_"))
+            if key == "weights" and str(value).lower() == "none":
+                value = None  # the parser's spelling of random initialisation
+            assert (list(got) if isinstance(got, tuple) else got) == value, (name, key)
+        assert a.crop_size <= a.resize_size
 
 
 def test_lr_schedules_by_hand():
@@ -274,12 +280,21 @@ def test_early_stopping_and_metrics_files(tiny_data, tmp_path):
     assert yaml.safe_load((tmp_path / "settings.yaml").read_text())["patience"] == 1
 
 
-@pytest.mark.parametrize("options", [["--optimizer", "adamw", "--schedule", "plateau",
-                                      "--label-smoothing", "0.1", "--balance", "weights"],
-                                     ["--optimizer", "sgd", "--schedule", "step", "--step-size", "1",
-                                      "--balance", "sampler", "--warmup-epochs", "1"]])
-def test_option_combinations_train(tiny_data, tmp_path, options):
-    te = train_mod.run(small_args(tiny_data, tmp_path, "--epochs", "2", *options))
+@pytest.mark.parametrize("options,optimizer,lrs", [
+    # plateau: the first epoch always improves on nothing, so the rate stays.
+    (["--optimizer", "adamw", "--schedule", "plateau", "--label-smoothing", "0.1",
+      "--balance", "weights"], torch.optim.AdamW, [0.005, 0.005]),
+    # one warm-up epoch at half the rate, then the step schedule's first step at the full rate.
+    (["--optimizer", "sgd", "--schedule", "step", "--step-size", "1", "--balance", "sampler",
+      "--warmup-epochs", "1"], torch.optim.SGD, [0.0025, 0.005])], ids=["adamw", "sgd"])
+def test_option_combinations_train(tiny_data, tmp_path, options, optimizer, lrs):
+    a = small_args(tiny_data, tmp_path, "--epochs", "2", *options)
+    r = train_mod.Run(a, distributed.Dist())
+    assert type(r.optimizer) is optimizer
+    assert r.criterion.label_smoothing == (0.1 if "--label-smoothing" in options else 0.0)
+    te = train_mod.run(a)
     assert te["total"] == 6
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [h["lr"] for h in history] == pytest.approx(lrs)
     s = yaml.safe_load((tmp_path / "settings.yaml").read_text())
     assert s["optimizer"] == options[1] and s["schedule"] == options[3]
