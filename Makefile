@@ -295,7 +295,7 @@ test-deps: venv
 test: venv check-java grpc browser test-deps
 	$(PY) -m pytest -q tests
 
-# Everything that starts no TorchServe, no browser and no long run: well under a minute.
+# Everything that starts no TorchServe, no browser and nothing over about 2 s: about a minute.
 test-fast: venv test-deps
 	$(PY) -m pytest -q -m "not torchserve and not browser and not slow" tests
 

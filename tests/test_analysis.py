@@ -163,6 +163,7 @@ def png_size(path):
         return img.size
 
 
+@pytest.mark.slow
 def test_analyse_writes_all_files(shapes, tmp_path):
     ds = small_dataset(shapes)
     paths = [p for p, _ in ds.samples]
@@ -217,6 +218,7 @@ def test_curves_draw_the_history(monkeypatch, tmp_path):
     assert [(list(b.get_xdata()), list(b.get_ydata())) for b in best] == [([2], [0.6])]  # lowest
 
 
+@pytest.mark.slow
 def test_misclassified_grid_shows_each_classs_errors_most_confident_first(shapes, tmp_path,
                                                                           monkeypatch):
     ds = small_dataset(shapes)
@@ -244,6 +246,7 @@ def test_misclassified_grid_shows_each_classs_errors_most_confident_first(shapes
         t.get_text() for t in figures["misclassified.png"].texts]
 
 
+@pytest.mark.slow
 def test_plot_confusion_draws_the_row_normalised_matrix(tmp_path, monkeypatch):
     figures = saved_figures(monkeypatch)
     rng = random.Random(0)
@@ -267,6 +270,7 @@ def test_plot_confusion_draws_the_row_normalised_matrix(tmp_path, monkeypatch):
     assert png_size(tmp_path / "cm133.png")[1] > 2 * png_size(tmp_path / "cm4.png")[1]
 
 
+@pytest.mark.slow
 def test_cli_recreates_analysis(shapes, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -90,6 +90,7 @@ def test_every_step_of_the_preset_can_be_switched_on():
     assert torch.allclose(x, want[:, None, None].expand(3, 48, 48), atol=1e-6)  # float rounding
 
 
+@pytest.mark.slow
 def test_train_crop_size_changes_training_resolution_only(tiny_data, tmp_path):
     a = train_mod.parse_args(["--model", "resnet18", "--weights", "none", "--data", str(tiny_data),
                               "--out", str(tmp_path), "--workers", "0", "--resize-size", "72",
@@ -145,6 +146,7 @@ def test_the_switch_picks_cutmix_with_its_probability_and_mixup_otherwise(switch
         assert 65 <= picks.count("cutmix") <= 135, picks.count("cutmix")
 
 
+@pytest.mark.slow
 def test_the_modern_recipe_reaches_training(tiny_data, tmp_path):
     """Its mixup, cutmix, EMA, TrivialAugment and 176 px are what a run trains with."""
     a = train_mod.parse_args(["--recipe", "modern", "--data", str(tiny_data), "--out", str(tmp_path),

@@ -521,6 +521,7 @@ def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeyp
     assert "dog_app" not in results
 
 
+@pytest.mark.slow
 def test_flops_measures_each_compilation_against_a_matrix_multiply(tmp_path, capsys):
     from torch.utils.flop_counter import FlopCounterMode
 

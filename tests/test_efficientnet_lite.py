@@ -23,7 +23,7 @@ from models.zoo import get_model, get_spec
 from models.weights import WeightsUnavailable
 from training.optim import split_parameters
 
-pytestmark = pytest.mark.slow
+# Tests costing over about 2 s are marked slow one by one (make test-fast leaves them out).
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "photos"
 CATEGORIES = tvm.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
@@ -195,6 +195,7 @@ def symmetric_copy(model: lite.EfficientNetLite) -> lite.EfficientNetLite:
     return model
 
 
+@pytest.mark.slow
 def test_tf_padding_and_own_preset_are_what_the_weights_expect(pretrained, photos, probs):
     # Deterministic forward passes: the gaps between these likelihoods are orders of
     # magnitude above rounding, so each comparison is stable.
@@ -254,6 +255,7 @@ def random_lite() -> lite.EfficientNetLite:
 
 
 @pytest.mark.parametrize("size", [(224, 224), (225, 225), (230, 199), (97, 161)])
+@pytest.mark.slow
 def test_feature_map_is_ceil_of_input_over_32_at_any_size(random_lite, size):
     # Five stride-2 layers, each ceil(n / 2) under TF padding: ceil(n / 32) in all.
     with torch.no_grad():
@@ -280,6 +282,7 @@ def traced_frozen(model, example: torch.Tensor) -> torch.jit.ScriptModule:
         return reloaded(torch.jit.freeze(torch.jit.trace(model, example)))
 
 
+@pytest.mark.slow
 def test_trace_and_freeze_round_trip(pretrained, photos):
     x = batch(photos, lite.EVAL_PRESET)  # 5 photos
     frozen = traced_frozen(pretrained, x[:2])
@@ -291,6 +294,7 @@ def test_trace_and_freeze_round_trip(pretrained, photos):
         assert frozen(x).argmax(1).tolist() == pretrained(x).argmax(1).tolist()
 
 
+@pytest.mark.slow
 def test_a_trace_keeps_the_padding_of_its_own_size(random_lite):
     # 240 gives the last stride-2 layer an odd input (15 x 15), unlike 224: traced at
     # 240, a model pads as TF does at 240, as the export (which traces at the crop size) needs.
@@ -317,6 +321,7 @@ print(worst)
 """
 
 
+@pytest.mark.slow
 def test_script_and_freeze_match_eager_at_any_size():
     # In a fresh interpreter: once torch.ao.quantization is imported (tests/conftest.py
     # imports the export, which imports it), torch.jit.script now and then mistakes a

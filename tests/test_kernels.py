@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Tests costing over about 2 s are marked slow one by one (make test-fast leaves them out).
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -46,6 +46,7 @@ def probe(setting: str, out: Path) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.slow
 def test_export_and_optimisation_agree_under_each_instruction_set(setting, tmp_path):
     result, onednn_isa = probe(setting, tmp_path)
     measured = f"{setting}: ATen {result['aten']}, oneDNN {onednn_isa}; " + json.dumps(

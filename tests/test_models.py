@@ -11,7 +11,7 @@ from models.zoo import get_model, get_spec, list_models
 from tests.conftest import closed_port
 from training.export import to_torchscript
 
-pytestmark = pytest.mark.slow
+# Tests costing over about 2 s are marked slow one by one (make test-fast leaves them out).
 
 N = 3
 
@@ -43,6 +43,7 @@ def model(request):
     return request.param, m.eval()
 
 
+@pytest.mark.slow
 def test_each_image_gets_its_own_answer(model):
     """A batch answers each image as it would alone (no statistics shared across the batch,
     as a BatchNorm using the batch's would), and different images get different answers."""
@@ -60,6 +61,7 @@ def test_each_image_gets_its_own_answer(model):
             assert (out[i] - out[j]).abs().max() > tol, (name, i, j)
 
 
+@pytest.mark.slow
 def test_torchscript_matches_eager(model, tmp_path):
     name, m = model
     path = tmp_path / "m.pt"
@@ -166,6 +168,7 @@ def test_offline_download_gives_one_clear_error(tmp_path, monkeypatch):
     assert "--weights-file" in msg and "IMAGENET1K_V2" in msg and "\n" not in msg
 
 
+@pytest.mark.slow
 def test_imagenet_head_reproduces_the_pretrained_classifier(tmp_path):
     torch.manual_seed(7)
     pretrained = tvm.resnet50().eval()
@@ -197,6 +200,7 @@ def test_imagenet_head_reproduces_the_pretrained_classifier(tmp_path):
     assert agreement.ok, agreement
 
 
+@pytest.mark.slow
 def test_export_is_immune_to_the_stale_builtin_ids_that_break_scripting():
     """torch.jit.script looks Python values up in a table of builtins keyed by id(); the ids
     of operators that torch.library replaced stay in it, so an attribute allocated at such
@@ -219,6 +223,7 @@ def test_export_is_immune_to_the_stale_builtin_ids_that_break_scripting():
         assert compare(traced(x), m(x)).ok
 
 
+@pytest.mark.slow
 def test_twenty_exports_in_a_row():
     """Fresh networks, fresh addresses: scripting failed 2 of 20 in such a loop once
     training.export (which imports the quantisation stack) was imported."""

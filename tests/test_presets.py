@@ -159,6 +159,7 @@ def draft_diff(data: bytes, preset: EvalPreset, min_short: int):
     return decoded, diff.max().item(), diff.mean().item()
 
 
+@pytest.mark.slow
 def test_phone_photo_reduced_decode_is_within_tolerance():
     """3467x2601 rotated by EXIF (orientation 6): 1/8 scale, short side 326 = 1.27 x 256,
     and partial edge pixels (2601 is not a multiple of 8) on the side the rotation moves."""
@@ -209,6 +210,7 @@ def test_one_affine_pass_is_to_tensor_and_normalize():
     assert torch.allclose(got, want, rtol=0, atol=FLOAT_ROUNDING)
 
 
+@pytest.mark.slow
 def test_large_png_is_box_reduced_within_two_grey_levels():
     """2400x1800 PNG: short side over 4 x 256, so PIL box-reduces by 2 before resampling."""
     preset = EvalPreset()

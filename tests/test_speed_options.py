@@ -227,6 +227,7 @@ def test_onednn_falls_back_to_optimize_for_inference_when_nothing_fuses(exported
     assert not isinstance(h.model, OneDNNModel)
 
 
+@pytest.mark.slow
 def test_cuda_options_are_ignored_on_cpu_with_a_warning(exported, tiny_data, reference, caplog):
     with caplog.at_level(logging.WARNING):
         h = handler_with(exported, half=True, gpu_decode=True)
@@ -266,6 +267,7 @@ def test_tensor_path_is_within_tolerance_of_the_eval_tensor(tiny_data):
         assert diff.max() <= TENSOR_MAX_DIFF and diff.mean() <= TENSOR_MEAN_DIFF
 
 
+@pytest.mark.slow
 def test_gpu_decode_batch_falls_back_per_request(exported, tiny_data, reference):
     """gpu_decode forced on with a CPU device: JPEGs take the tensor path, a PNG the PIL
     path, a corrupt JPEG and text get their 400s, and the good answers are right."""
@@ -302,6 +304,7 @@ def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
                                                  abs=PREPROCESSING_ANSWER_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_initialize_moves_the_workers_objects_out_of_the_collectors_sight(exported):
     import gc
     gc.unfreeze()

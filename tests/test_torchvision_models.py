@@ -72,6 +72,7 @@ def trainable_prefixes(m) -> set[str]:
     return {n.rsplit(".", 2)[0] for n, p in m.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_unfreeze_blocks_trains_the_last_blocks_and_the_head():
     m = get_model("resnet18", N, unfreeze_blocks=1)
     trained = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
@@ -88,6 +89,7 @@ def test_unfreeze_blocks_trains_the_last_blocks_and_the_head():
         get_model("resnet18", N, unfreeze_blocks=5)
 
 
+@pytest.mark.slow
 def test_feature_blocks_per_family():
     counts = {name: len(feature_blocks(get_model(name, N))) for name in
               ("resnet18", "regnet_y_400mf", "vit_b_32", "efficientnet_v2_s")}
@@ -123,6 +125,7 @@ def test_unknown_model_and_unknown_option_say_what_is_allowed():
         get_model("squeezenet1_0", N)
 
 
+@pytest.mark.slow
 def test_offline_download_names_the_weights_file_flag(tiny_data, tmp_path):
     from tests.test_models import closed_port
     proxy = f"http://127.0.0.1:{closed_port()}"
