@@ -270,8 +270,10 @@ def test_finetune_beats_scratch_and_matches_the_probe(finetuned, digits, tmp_pat
     probe = json.loads((out / "probe.json").read_text())["test"]
     scratch = train_mod.run(train_mod.parse_args(
         FAST + ["--data", str(digits), "--out", str(tmp_path), "--weights", "none"]))
-    # Measured on an AMD EPYC: fine-tuned FT_MEASURED, probe PROBE_MEASURED, scratch
-    # SCRATCH_MEASURED. Another CPU's kernels round differently and move a run by an image
-    # or three (docs/export.md); the margins below are ten times that.
+    # Measured on the 2-core AMD EPYC: fine-tuned 228/300, probe 214/300, scratch 30/300
+    # (a randomly initialised Lite0 after 40 steps answers one class in eval mode). Another
+    # CPU's kernels round differently and move a run by an image or three (docs/export.md):
+    # the measured gaps (198 images over scratch, 14 over the probe where -3 would pass) are
+    # many times that.
     assert te["correct"] >= scratch["correct"] + 30
-    assert te["correct"] >= probe["correct"] - 3
+    assert te["correct"] >= probe["correct"] - 3  # matches: within that rounding, or beats
