@@ -27,7 +27,7 @@ from serving.archive import build_archive
 from serving.server import LocalServer
 from training import export as export_mod
 from training import pretrained
-from training.photos import SHARED_PHOTOS
+from training.photos import SHARED_PHOTOS, packaged, photos
 from training import train as train_mod
 from training.demo_data import generate
 
@@ -144,6 +144,15 @@ def shared_photo(*parts: str) -> Path:
                     f"the checkout (a dog, a kitten, dogs/ and people/ with labels.csv; see its "
                     f"README). Clone the project next to that shared/ folder.", pytrace=False)
     return path
+
+
+def photo_file(name: str) -> Path:
+    """A photo by name: one installed with a package (training.photos.packaged), else the file
+    of ``../shared/photos`` with that stem, failing as ``shared_photo`` does when absent."""
+    found = packaged().get(name) or photos().get(name)
+    if found is None or not found.exists():
+        shared_photo(f"{name}.jpg")  # fails, naming the folder
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,10 @@ from models.presets import EvalPreset, open_image
 from models.zoo import get_model, get_spec
 from models.weights import WeightsUnavailable
 from training.optim import split_parameters
+from tests.conftest import photo_file
 
 # Tests costing over about 2 s are marked slow one by one (make test-fast leaves them out).
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "photos"
 CATEGORIES = tvm.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 DOGS = range(151, 269)
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -45,8 +45,8 @@ def png_bytes(array) -> bytes:
 @pytest.fixture(scope="module")
 def photos() -> dict[str, Image.Image]:
     return {
-        "labrador": open_image(PHOTOS / "dog_labrador.jpg"),
-        "kitten": open_image(PHOTOS / "kitten.jpg"),
+        "labrador": open_image(photo_file("dog_labrador")),
+        "kitten": open_image(photo_file("kitten")),
         "chelsea": open_image(png_bytes(skdata.chelsea())),
         "coffee": open_image(png_bytes(skdata.coffee())),
         "astronaut": open_image(png_bytes(skdata.astronaut())),

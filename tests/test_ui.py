@@ -13,15 +13,14 @@ from playwright.sync_api import expect, sync_playwright
 
 from serving.archive import build_archive
 from serving.server import LocalServer, free_port
-from training.photos import photos
 from ui.app import create_app
+from tests.conftest import photo_file
 
 pytestmark = [pytest.mark.browser, pytest.mark.torchserve]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-PHOTOS = photos()
 # As the machine notes advise: no first-run, no background traffic to a closed network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -78,9 +77,9 @@ def test_the_model_that_works_out_of_the_box_is_listed_first(page, app_url):
 
 
 def test_upload_a_dog_photo_and_read_its_breed(page, app_url, ts_client):
-    expected = ts_client.predict("imagenet_dogs", PHOTOS["dog_labrador"].read_bytes())
+    expected = ts_client.predict("imagenet_dogs", photo_file("dog_labrador").read_bytes())
     assert expected["subject"] == "dog" and expected["breed"] == "Labrador retriever"
-    upload(page, app_url, "imagenet_dogs", PHOTOS["dog_labrador"])
+    upload(page, app_url, "imagenet_dogs", photo_file("dog_labrador"))
     # The answer waits on TorchServe; a cold worker on a busy 2-core machine can take a while.
     expect(page.locator("#headline")).to_have_text("A dog: Labrador retriever", timeout=60_000)
     expect(page.locator("#bars .bar")).to_have_count(len(expected["top_k"]))
@@ -89,9 +88,9 @@ def test_upload_a_dog_photo_and_read_its_breed(page, app_url, ts_client):
 
 
 def test_upload_a_face_and_read_the_breed_shown(page, app_url, ts_client):
-    expected = ts_client.predict("imagenet_dogs", PHOTOS["astronaut"].read_bytes())
+    expected = ts_client.predict("imagenet_dogs", photo_file("astronaut").read_bytes())
     assert expected["subject"] == "human"
-    upload(page, app_url, "imagenet_dogs", PHOTOS["astronaut"])
+    upload(page, app_url, "imagenet_dogs", photo_file("astronaut"))
     expect(page.locator("#headline")).to_have_text(
         f"A person. You look like a {expected['resembles']}.", timeout=60_000)
     expect(page.locator("#bars .bar")).to_have_count(len(expected["top_k"]))
@@ -115,5 +114,5 @@ def test_torchserve_down_is_a_readable_message(dog_export, tmp_path):
     dead = Client(f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", key_file=None,
                   timeout=5)
     app = create_app(dead).test_client()
-    r = app.post("/api/predict", data={"model": "x", "image": (PHOTOS["astronaut"].open("rb"), "a.png")})
+    r = app.post("/api/predict", data={"model": "x", "image": (photo_file("astronaut").open("rb"), "a.png")})
     assert r.status_code == 502 and "TorchServe is not reachable" in r.get_json()["error"]
