@@ -11,10 +11,11 @@ whole image in front of the face check. The model's second output holds ImageNet
 classes (training/export.py gives every dog-breed model one: its own ImageNet head, or a
 pretrained ImageNet network beside it); ``verdict`` sums their probabilities by groups
 (the settings in model-config.yaml's ``handler:`` section, models/settings.py explains each).
-A dog: the breeds outweigh the other animals. Not a dog but an animal: "none", whatever the
-face check would find in a cat's or a monkey's face. Otherwise a human when the face check
-finds a face: dlib's HOG frontal-face detector (its model is compiled into dlib-bin's library:
-nothing to download) on a small grey copy, made while the decoded image is at hand.
+A dog: the breeds have at least ``dog_min_share`` and, with the wild dogs, outweigh the other
+animals. Not a dog but an animal: "none", whatever the face check would find in a cat's or a
+monkey's face. Otherwise a human when the face check finds a face: dlib's HOG frontal-face
+detector (its model is compiled into dlib-bin's library: nothing to download) on a small grey
+copy, made while the decoded image is at hand.
 ``python -m bench.faces`` compares face checks on real photos; docs/performance.md says why
 this one.
 """
