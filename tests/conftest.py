@@ -39,7 +39,7 @@ MODEL_NAME = "tiny_shapes"
 # Fixtures that start a real TorchServe: a test that uses one is marked torchserve.
 SERVER_FIXTURES = {"local_server", "server", "envelope_server", "ts_client", "smoke"}
 # Fixtures that take tens of seconds to build: a test that uses one is marked slow.
-SLOW_FIXTURES = {"int8_export", "imagenet_dogs_export"}
+SLOW_FIXTURES = {"int8_export", "imagenet_dogs_export", "dog_export", "dog_app"}
 
 
 def pytest_collection_modifyitems(items):

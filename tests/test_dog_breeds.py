@@ -21,12 +21,9 @@ from models import imagenet
 from models.settings import DogBreedSettings, HandlerSettings
 from serving.archive import build_archive
 from serving.server import LocalServer
-from tests.conftest import answers, make_context, png_bytes, shared_photo, split_images
-from training.photos import photos
+from tests.conftest import answers, make_context, photo_file, png_bytes, shared_photo, split_images
 
-pytestmark = pytest.mark.slow
 
-PHOTOS = photos()  # the packaged ones, and ../shared/photos' dog and kitten
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +31,7 @@ def face() -> Image.Image:
     """Grace Hopper's portrait: the face check finds her face with a wide margin, darkened or
     brightened too (its score 1.2 or more against a threshold of -0.35; the astronaut's,
     a smaller part of her photo, scores -0.31 and -0.40 darkened)."""
-    return Image.open(PHOTOS["grace_hopper"]).convert("RGB")
+    return Image.open(photo_file("grace_hopper")).convert("RGB")
 
 
 def test_face_check_finds_the_face_in_a_real_photo(face):
@@ -82,13 +79,14 @@ def test_export_gives_a_breed_model_the_imagenet_gate(dog_export):
     assert isinstance(read.wild_dog_classes, tuple)
     model = torch.jit.load(str(dog_export / "model.pt"))
     h = handler_for(dog_export)
-    batch, errors, _, _ = h.preprocess([{"body": bytearray(PHOTOS["dog_labrador"].read_bytes())}])
+    batch, errors, _, _ = h.preprocess([{"body": bytearray(photo_file("dog_labrador").read_bytes())}])
     with torch.inference_mode():
         breeds, imagenet_logits = model(batch)
     assert breeds.shape == (1, 3) and imagenet_logits.shape == (1, 1000)
     assert imagenet.categories()[int(imagenet_logits.argmax())] == "Labrador retriever"
 
 
+@pytest.mark.slow
 def test_a_model_without_imagenet_classes_is_refused(exported, tmp_path):
     export = tmp_path / "plain"
     shutil.copytree(exported, export)
@@ -269,7 +267,7 @@ def test_real_photos_through_torchserve(imagenet_dogs_export, dog_export, tmp_pa
     assert breeds == set(imagenet.dog_breeds()) and "n02099712" not in breeds
     with LocalServer(store, tmp_path / "ts") as client:  # load_models=all
         def ask(model: str, name: str) -> dict:
-            return client.predict(model, PHOTOS[name].read_bytes())
+            return client.predict(model, photo_file(name).read_bytes())
 
         dog = ask("imagenet_dogs", "dog_labrador")
         assert dog["subject"] == "dog" and dog["breed"] == "Labrador retriever", dog

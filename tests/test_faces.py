@@ -21,10 +21,8 @@ from bench.faces import MIN_SHORT, people_photos
 from handlers.dog_breeds import (FACE_MAX_SIDE, FACE_SHORT_SIDE, count_faces, face_copy,
                                  face_copy_size, face_detector, grey_copy, hog_faces)
 from handlers.image_classifier import decode
-from tests.conftest import shared_photo
-from training.photos import photos
+from tests.conftest import photo_file, shared_photo
 
-PHOTOS = photos()  # the packaged ones, and ../shared/photos' dog and kitten
 # The astronaut's face box in skimage.data.astronaut() (512 x 512): x, y and side in pixels
 # (as OpenCV's Haar cascade draws it: a little larger than dlib's box).
 ASTRONAUT_FACE = (176, 65, 98)
@@ -86,9 +84,9 @@ def test_finds_the_people_and_no_face_in_the_animals_and_objects(check, people):
 
 def test_finds_the_face_in_each_real_portrait_and_none_in_the_cats_and_the_cup(check):
     for name in ("astronaut", "grace_hopper"):
-        assert check.count(photo(PHOTOS[name])) >= 1, name
+        assert check.count(photo(photo_file(name))) >= 1, name
     for name in ("kitten", "chelsea", "coffee"):
-        assert check.count(photo(PHOTOS[name])) == 0, name
+        assert check.count(photo(photo_file(name))) == 0, name
 
 
 def test_finds_no_face_in_photos_without_people(check):
