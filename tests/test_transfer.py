@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from tests.conftest import ROOT
 from training import distributed
 from training import probe as probe_mod
 from training import train as train_mod
@@ -230,43 +233,43 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetuned(digits, tmp_path_factory):
+    """The run folder and printed lines of the finetune recipe on the digits, by the command."""
     out = tmp_path_factory.mktemp("finetuned")
-    return out, train_mod.run(train_mod.parse_args(FAST + ["--data", str(digits), "--out", str(out)]))
+    r = subprocess.run([sys.executable, "-m", "training.train", *FAST, "--data", str(digits),
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, r.stdout
 
 
 @pytest.mark.slow
-def test_finetune_reports_the_linear_probe_beside_its_result(finetuned, capfd):
-    out, te = finetuned
+def test_finetune_reports_the_linear_probe_beside_its_result(finetuned):
+    out, printed = finetuned
     probe = json.loads((out / "probe.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
+    te = metrics["test"]
     assert metrics["linear_probe"] == probe
     assert probe["test"]["total"] == te["total"] == 300 and probe["features"] == 1280
     assert probe["l2"] in probe_mod.L2_GRID
     settings = (out / "settings.yaml").read_text()
     assert "train-all-layers: true" in settings and "bn-stats: frozen" in settings
-
-
-@pytest.mark.slow
-def test_finetune_prints_the_probe_line(digits, tmp_path, capsys):
-    # One epoch is enough to see the lines; the numbers are those of the files.
-    train_mod.run(train_mod.parse_args(FAST + ["--data", str(digits), "--out", str(tmp_path),
-                                               "--epochs", "1"]))
-    out = capsys.readouterr().out
-    probe = json.loads((tmp_path / "probe.json").read_text())["test"]
-    te = json.loads((tmp_path / "metrics.json").read_text())["test"]
+    # the printed lines carry the files' numbers: the probe first, then beside the result
     m = re.search(r"^Linear probe \(logistic regression on the frozen pretrained features, 1280 "
-                  r"per image, L2 [\d.e-]+ chosen on valid\): test accuracy [\d.]+% \((\d+)/300\)",
-                  out, re.M)
-    assert m and int(m.group(1)) == probe["correct"]
+                  r"per image, L2 ([\d.e-]+) chosen on valid\): test accuracy [\d.]+% \((\d+)/300\)",
+                  printed, re.M)
+    assert m and float(m.group(1)) == probe["l2"] and int(m.group(2)) == probe["test"]["correct"]
     m = re.search(r"^Linear probe on the pretrained features: [\d.]+% \((\d+)/300\); "
-                  r"fine-tuned: [\d.]+%, [+-][\d.]+ points$", out, re.M)
-    assert m and int(m.group(1)) == probe["correct"]
-    assert re.search(rf"^Test Accuracy: \d+% \({te['correct']}/300\)$", out, re.M)
+                  r"fine-tuned: ([\d.]+)%, ([+-][\d.]+) points$", printed, re.M)
+    assert m and int(m.group(1)) == probe["test"]["correct"]
+    assert float(m.group(2)) == pytest.approx(100 * te["acc"], abs=0.05)
+    assert float(m.group(3)) == pytest.approx(100 * (te["acc"] - probe["test"]["acc"]), abs=0.05)
+    assert re.search(rf"^Test Accuracy: \d+% \({te['correct']}/300\)$", printed, re.M)
+    assert str(out / "probe.json") in printed
 
 
 @pytest.mark.slow
 def test_finetune_beats_scratch_and_matches_the_probe(finetuned, digits, tmp_path):
-    out, te = finetuned
+    out, _ = finetuned
+    te = json.loads((out / "metrics.json").read_text())["test"]
     probe = json.loads((out / "probe.json").read_text())["test"]
     scratch = train_mod.run(train_mod.parse_args(
         FAST + ["--data", str(digits), "--out", str(tmp_path), "--weights", "none"]))
