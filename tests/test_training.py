@@ -18,7 +18,6 @@ from training import train as train_mod
 from training.checkpoint import load_checkpoint
 from training.demo_data import generate
 
-pytestmark = pytest.mark.slow
 
 
 def test_demo_data_is_deterministic_and_split(tmp_path):
@@ -34,6 +33,7 @@ def test_demo_data_is_deterministic_and_split(tmp_path):
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
 
 
+@pytest.mark.slow
 def test_training_prints_epochs_and_test_accuracy(tiny_data, tmp_path, capsys):
     a = train_mod.parse_args(["--model", "scratch_cnn", "--data", str(tiny_data), "--out",
                               str(tmp_path), "--epochs", "2", "--batch-size", "8",
@@ -52,6 +52,7 @@ def test_training_prints_epochs_and_test_accuracy(tiny_data, tmp_path, capsys):
     assert metrics["best_epoch"] == best["epoch"]
 
 
+@pytest.mark.slow
 def test_checkpoint_describes_itself(trained, tiny_data):
     ckpt = torch.load(trained, map_location="cpu", weights_only=True)
     assert ckpt["model"] == "scratch_cnn"
@@ -62,6 +63,7 @@ def test_checkpoint_describes_itself(trained, tiny_data):
     assert model.classifier[-1].out_features == 3
 
 
+@pytest.mark.slow
 def test_export_writes_torchscript_labels_and_model_config(exported, trained):
     labels = json.loads((exported / "index_to_name.json").read_text())
     assert labels == {"0": "circle", "1": "square", "2": "triangle"}
@@ -83,6 +85,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_unknown_model_lists_known_ones(tiny_data, tmp_path):
     r = run_cli("training.train", "--model", "resnet5", "--data", str(tiny_data), "--out", str(tmp_path))
     assert r.returncode != 0
@@ -90,6 +93,7 @@ def test_cli_unknown_model_lists_known_ones(tiny_data, tmp_path):
             "resnet50, scratch_cnn") in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_split_is_one_line(tmp_path, tiny_data):
     (tmp_path / "train" / "a").mkdir(parents=True)
     shutil.copy(next(tiny_data.glob("train/circle/*.jpg")), tmp_path / "train" / "a")
@@ -101,6 +105,7 @@ def test_cli_missing_split_is_one_line(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize("weights", ["DEFAULT"])
+@pytest.mark.slow
 def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weights):
     from tests.conftest import closed_port
     proxy = f"http://127.0.0.1:{closed_port()}"
@@ -141,6 +146,7 @@ def test_recipe_sets_defaults_flags_override_and_settings_reproduce(tmp_path, ti
     assert vars(b) | {"recipe": None} == vars(a) | {"recipe": None}
 
 
+@pytest.mark.slow
 def test_recipe_unknown_setting_is_named(tmp_path, tiny_data):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: scratch_cnn\nlearning-rate: 0.1\n")
@@ -220,6 +226,7 @@ def weights_of(run_dir):
     return torch.load(run_dir / "last.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_staged_fine_tuning_trains_the_head_first(tiny_data, tmp_path):
     from models.zoo import get_model
     init = get_model("scratch_cnn", 3).state_dict()
@@ -238,6 +245,7 @@ def test_staged_fine_tuning_trains_the_head_first(tiny_data, tmp_path):
     assert [h["stage"] for h in history] == [1, 2]
 
 
+@pytest.mark.slow
 def test_backbone_lr_is_scaled_for_pretrained_weights(tiny_data, tmp_path):
     import torchvision
     wf = tmp_path / "w.pt"
@@ -253,6 +261,7 @@ def test_backbone_lr_is_scaled_for_pretrained_weights(tiny_data, tmp_path):
     assert {n.split(".")[1] for n in names} == {str(i) for i in range(19 - a.unfreeze_blocks, 19)}
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path):
     straight = tmp_path / "straight"
     train_mod.run(small_args(tiny_data, straight, "--epochs", "3", "--schedule", "cosine"))
@@ -270,6 +279,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_pa
     assert [h["lr"] for h in hb] == pytest.approx([0.005, 0.005 * 0.75, 0.005 * 0.25])
 
 
+@pytest.mark.slow
 def test_early_stopping_and_metrics_files(tiny_data, tmp_path):
     # lr 0: the valid loss never improves after epoch 1, so patience 1 stops after epoch 2.
     train_mod.run(small_args(tiny_data, tmp_path, "--epochs", "5", "--lr", "0", "--patience", "1"))
@@ -287,6 +297,7 @@ def test_early_stopping_and_metrics_files(tiny_data, tmp_path):
     # one warm-up epoch at half the rate, then the step schedule's first step at the full rate.
     (["--optimizer", "sgd", "--schedule", "step", "--step-size", "1", "--balance", "sampler",
       "--warmup-epochs", "1"], torch.optim.SGD, [0.0025, 0.005])], ids=["adamw", "sgd"])
+@pytest.mark.slow
 def test_option_combinations_train(tiny_data, tmp_path, options, optimizer, lrs):
     a = small_args(tiny_data, tmp_path, "--epochs", "2", *options)
     r = train_mod.Run(a, distributed.Dist())
