@@ -49,7 +49,7 @@ from training.photos import SHARED_PHOTOS
 PEOPLE = SHARED_PHOTOS / "people"
 KINDS = ("human", "human_small", "animal", "object")
 # The dog app decodes large JPEGs reduced, keeping the short side at least this (jpeg_draft).
-MIN_SHORT = round(DogBreedSettings.jpeg_draft * EvalPreset().resize_size)
+MIN_SHORT = DogBreedSettings().min_short(EvalPreset().resize_size)
 
 
 @dataclass

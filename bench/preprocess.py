@@ -15,6 +15,7 @@ import torch
 
 from bench import report
 from models.presets import MAX_PIXELS, EvalPreset, decode_image, open_image
+from models.settings import HandlerSettings
 
 
 def paired_medians_ms(fns: dict, repeats: int) -> dict:
@@ -34,7 +35,7 @@ def measure(data: bytes, handler_cfg: dict, repeats: int = 7) -> dict:
     """{"plain_ms", "handler_ms", "ratio", "max_abs_diff", "mean_abs_diff"} for one image."""
     preset = EvalPreset.from_dict(handler_cfg)
     transform = preset.transform()
-    min_short = round(float(handler_cfg.get("jpeg_draft", 0)) * preset.resize_size)
+    min_short = HandlerSettings.read(handler_cfg).min_short(preset.resize_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

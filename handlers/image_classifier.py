@@ -144,7 +144,7 @@ class ImageClassifier(BaseHandler):
         self.max_batch = max(1, int(context.system_properties.get("batch_size") or 1))
         super().initialize(context)  # loads the model through _load_torchscript_model
         self.top_k = min(int(s.top_k), len(self.mapping))
-        self.min_short = round(float(s.jpeg_draft) * self.preset.resize_size)
+        self.min_short = s.min_short(self.preset.resize_size)
         self.half = self._cuda_option("half")
         self.gpu_decode = self._cuda_option("gpu_decode")
         if self.gpu_decode and type(self).inspect is not ImageClassifier.inspect:

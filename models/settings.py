@@ -56,6 +56,11 @@ class HandlerSettings:
     # engine it was made for, set before loading; None for a float model.
     quantized_engine: str | None = None
 
+    def min_short(self, resize_size: int) -> int:
+        """The short side a large JPEG is decoded down to, at least (``jpeg_draft`` x
+        ``resize_size``); 0: decoded in full. The handler's rule, which the benchmarks use."""
+        return round(float(self.jpeg_draft) * resize_size)
+
     def to_config(self) -> dict:
         """The section's keys; those left at None are not written."""
         out = {}
@@ -72,8 +77,6 @@ class HandlerSettings:
         values = {k: v for k, v in section.items() if k in known}
         if isinstance(values.get("onednn_batches"), list):
             values["onednn_batches"] = tuple(values["onednn_batches"])
-        if isinstance(values.get("dog_classes"), list):
-            values["dog_classes"] = tuple(values["dog_classes"])
         return cls(**values)
 
 

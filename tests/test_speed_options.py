@@ -314,3 +314,11 @@ def test_initialize_moves_the_workers_objects_out_of_the_collectors_sight(export
     gc.unfreeze()  # the rest of the test session collects as usual
     assert frozen > 10_000  # torch, the model, TorchServe's modules
     assert h.model is not None
+
+
+def test_jpeg_draft_rule_is_one_definition_read_from_the_config():
+    """The benchmarks and the handler decode large JPEGs down to the same short side: the
+    settings' rule, with the handler's default where a config leaves jpeg_draft out."""
+    assert HandlerSettings.read({}).min_short(256) == 320  # 1.25 x 256
+    assert HandlerSettings.read({"jpeg_draft": 0}).min_short(256) == 0  # always in full
+    assert HandlerSettings.read({"jpeg_draft": 2.0}).min_short(224) == 448
