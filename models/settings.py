@@ -74,9 +74,9 @@ class HandlerSettings:
         """The settings of a model-config.yaml ``handler:`` section; keys it lacks keep
         their defaults, keys of other settings (the preprocessing, the name) are ignored."""
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in section.items() if k in known}
-        if isinstance(values.get("onednn_batches"), list):
-            values["onednn_batches"] = tuple(values["onednn_batches"])
+        # YAML writes the tuple-valued settings (onednn_batches, class ranges) as lists.
+        values = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in section.items() if k in known}
         return cls(**values)
 
 
@@ -104,14 +104,6 @@ class DogBreedSettings(HandlerSettings):
     animal_min_share: float = 0.5
     # The face check's grey copy is at most this many pixels long (a bound on its work).
     face_max_side: int = 600
-
-    @classmethod
-    def read(cls, section: dict):
-        """As HandlerSettings.read; the class ranges come from YAML as lists."""
-        known = {f.name for f in fields(cls)}
-        values = {k: tuple(v) if k.endswith("_classes") and isinstance(v, list) else v
-                  for k, v in section.items() if k in known}
-        return super().read(values)
 
 
 # model-config.yaml's handler name -> the settings its handler reads.
