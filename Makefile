@@ -24,7 +24,7 @@ DOG_TRAIN_ARGS ?= --epochs 4 --batch-size 16 --optimizer adam --lr 0.001
 # the demo trains all 19 feature blocks from the start; with ImageNet weights, drop
 # these flags and the recipe's staged fine-tuning applies.
 FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 19
-# Serving settings written into each archive's model-config.yaml (models/settings.py
+# Serving settings written into each archive's model-config.yaml (handlers/settings.py
 # documents each and holds the defaults): a worker per core (one torch thread each),
 # at most 4, since every worker holds its own copies of the model.
 EXPORT_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))

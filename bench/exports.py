@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from models.presets import EvalPreset
+from handlers.preset import EvalPreset
 from serving.archive import archiver, build_archive, handler_of
 from training import export as export_mod
 

@@ -42,8 +42,8 @@ from PIL import Image
 from bench import report
 from handlers import dog_breeds as handler
 from handlers.image_classifier import decode
-from models.presets import EvalPreset
-from models.settings import DogBreedSettings
+from handlers.preset import EvalPreset
+from handlers.settings import DogBreedSettings
 from training.photos import SHARED_PHOTOS
 
 PEOPLE = SHARED_PHOTOS / "people"

@@ -20,7 +20,8 @@ import torch
 import yaml
 from flask import Flask, jsonify, request
 
-from models.presets import BadImage, EvalPreset, open_image
+from handlers.decode import BadImage, open_image
+from handlers.preset import EvalPreset
 
 
 def load(export: Path, device: str = "cpu"):

@@ -5,7 +5,7 @@ pass's FLOP rate (its FLOPs counted by torch.utils.flop_counter on the TorchScri
 as a share of it says how much any faster compilation could still win. On one thread,
 as a served worker runs: the file as exported (what the built-in handler runs), under
 ``optimize_for_inference`` (``optimize: jit``) and compiled by oneDNN Graph
-(``optimize: onednn``, the handler's default), each through models/optimize.py as the
+(``optimize: onednn``, the handler's default), each through handlers/optimize.py as the
 handler calls it; all of them and the matrix multiply take turns, round by round.
 
     python -m bench.flops [--models dog_breeds flying_objects] [--batch-sizes 1 8]
@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import report
 from bench.exports import MODELS, prepare_export
 from bench.preprocess import paired_medians_ms
-from models.optimize import optimize
+from handlers.optimize import optimize
 from training import export as export_mod
 
 MODES = ("none", "jit", "onednn")

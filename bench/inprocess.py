@@ -128,7 +128,7 @@ def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_ba
         return timed(handler, chunk)
 
     # TorchScript optimises on its first calls per shape; a oneDNN Graph model
-    # (models/optimize.py) recompiles here for this process's thread count.
+    # (handlers/optimize.py) recompiles here for this process's thread count.
     for _ in range(warmup_batches):
         one_batch()
     times = []

@@ -14,8 +14,9 @@ import time
 import torch
 
 from bench import report
-from models.presets import MAX_PIXELS, EvalPreset, decode_image, open_image
-from models.settings import HandlerSettings
+from handlers.decode import MAX_PIXELS, decode_image, open_image
+from handlers.preset import EvalPreset
+from handlers.settings import HandlerSettings
 
 
 def paired_medians_ms(fns: dict, repeats: int) -> dict:

@@ -34,7 +34,7 @@ from bench import exports as ex
 from bench.images import SIZES, make_images
 from bench.load import Target
 from bench.lone import lone_requests
-from models.settings import HandlerSettings, ServerSettings
+from handlers.settings import HandlerSettings, ServerSettings
 from serving.server import ROOT, free_port
 
 ALL = [report.SERVED, report.BUILTIN, report.DEFAULT, report.FLASK]  # plus in-process, always

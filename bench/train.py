@@ -22,7 +22,7 @@ from torch import nn
 
 from bench import report
 from bench.images import photo
-from models.presets import EvalPreset
+from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from training.data import image_folder, training_loader
 from training.progress import Progress

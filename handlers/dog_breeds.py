@@ -10,7 +10,7 @@ Decided in the original app's order, a dog first, with the ImageNet classifier's
 whole image in front of the face check. The model's second output holds ImageNet's 1000
 classes (training/export.py gives every dog-breed model one: its own ImageNet head, or a
 pretrained ImageNet network beside it); ``verdict`` sums their probabilities by groups
-(the settings in model-config.yaml's ``handler:`` section, models/settings.py explains each).
+(the settings in model-config.yaml's ``handler:`` section, handlers/settings.py explains each).
 A dog: the breeds have at least ``dog_min_share`` and, with the wild dogs, outweigh the other
 animals. Not a dog but an animal: "none", whatever the face check would find in a cat's or a
 monkey's face. Otherwise a human when the face check finds a face: dlib's HOG frontal-face
@@ -27,14 +27,14 @@ import torch
 from PIL import Image
 
 from handlers.image_classifier import ImageClassifier
-from models.settings import DogBreedSettings
+from handlers.settings import DogBreedSettings
 
 NONE_MESSAGE = "no dog or human face found"
 
 
-# The verdict and the face check live here, not in models/: the archive ships the handler
-# with models/settings.py and the preprocessing only (serving/archive.py), and a TorchServe
-# worker imports nothing else from the project. They are functions: TorchServe takes the
+# The verdict and the face check live here, in the runtime, not in models/: the archive
+# ships the handlers package only (serving/archive.py), and a TorchServe worker imports
+# nothing else from the project. They are functions: TorchServe takes the
 # one class a handler module defines as its service, and refuses a module with more.
 def share(probs: torch.Tensor, classes: tuple[int, int]) -> float:
     """The summed probability of ImageNet classes ``classes`` (first, last inclusive)."""

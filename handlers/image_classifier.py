@@ -22,7 +22,7 @@ mode): ImagesServed, ImagesRejected{Reason}, DecodeTime (ms per batch) and
 BatchSize (images per forward call).
 
 Its settings (top_k, threads, jpeg_draft, optimize, onednn_batches, quantized_engine,
-half, gpu_decode) are read from the same ``handler:`` section; models/settings.py defines
+half, gpu_decode) are read from the same ``handler:`` section; handlers/settings.py defines
 each, with its default and what it does.
 """
 from __future__ import annotations
@@ -45,10 +45,11 @@ from ts.metrics.metric_cache_errors import (MetricsCacheKeyError, MetricsCacheTy
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from models.optimize import onednn_sizes, optimize, optimize_mode
-from models.presets import (MAX_PIXELS, BadImage, Decoded, EvalPreset, decode_image,
-                            needs_colour_conversion, orient_tensor)
-from models.settings import HandlerSettings
+from handlers.optimize import onednn_sizes, optimize, optimize_mode
+from handlers.decode import (MAX_PIXELS, BadImage, Decoded, decode_image, needs_colour_conversion,
+                             orient_tensor)
+from handlers.preset import EvalPreset
+from handlers.settings import HandlerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def request_image(row: dict) -> tuple[str, bytes]:
 
 def decode(row: dict, min_short: int = 0) -> Decoded:
     """The request's image, upright RGB, large JPEGs reduced at decode to ``min_short``
-    (models.presets.decode_image); BadImage names the part and the problem."""
+    (handlers.decode.decode_image); BadImage names the part and the problem."""
     where, data = request_image(row)
     try:
         return decode_image(data, MAX_PIXELS, min_short)

@@ -1,6 +1,4 @@
-"""Model definitions and the one preprocessing definition.
-
-Kept import-light on purpose: the TorchServe archive ships this package with
-only ``presets`` and ``optimize`` in it, so nothing here may import the architectures.
-Build models with ``models.zoo.get_model``.
+"""Model definitions: every network by name (``models.zoo.get_model``), their pretrained
+weights and training's augmentation. Training and export use this package; a served
+model never does (the archive carries the TorchScript file and the ``handlers`` runtime).
 """

@@ -8,7 +8,7 @@ from torch import nn
 
 from models import efficientnet_lite
 from models.imagenet import ImageNetSubset, dog_breeds
-from models.presets import TrainPreset
+from models.augment import TrainPreset
 from models.registry import register_model
 from models.weights import torchvision_model
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.presets import EvalPreset
+from handlers.preset import EvalPreset
 from models.weights import WeightsUnavailable
 
 # (expand ratio, kernel, stride, output channels, repeats) per stage, as EfficientNet-B0.

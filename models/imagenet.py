@@ -21,8 +21,8 @@ import functools
 import torch
 from torch import nn
 
-from models.presets import EvalPreset
-from models.settings import DogBreedSettings
+from handlers.preset import EvalPreset
+from handlers.settings import DogBreedSettings
 
 # ImageNet-1k class indices of the dog breeds, first and last (inclusive).
 DOG_CLASSES = DogBreedSettings.dog_classes

@@ -13,7 +13,8 @@ from typing import Callable
 
 from torch import nn
 
-from models.presets import EvalPreset, TrainPreset
+from handlers.preset import EvalPreset
+from models.augment import TrainPreset
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ModelSpec:
     # on the built model by ``find_head`` (a model family's attribute, known once built).
     head: str | None
     # Serving (optimize: onednn): the batch sizes to compile a model copy for, when the
-    # export does not say; None: 1, 2, 4, ... up to batchSize (models/optimize.py).
+    # export does not say; None: 1, 2, 4, ... up to batchSize (handlers/optimize.py).
     onednn_batches: tuple[int, ...] | None = None
     # The eval transform its pretrained weights expect, when not ImageNet's (EvalPreset()).
     eval_preset: EvalPreset | None = None

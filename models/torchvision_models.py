@@ -24,7 +24,8 @@ import torchvision
 from torch import nn
 from torchvision import models as tvm
 
-from models.presets import EvalPreset, TrainPreset
+from handlers.preset import EvalPreset
+from models.augment import TrainPreset
 from models.registry import ModelSpec, register_fallback
 from models.weights import torchvision_model
 

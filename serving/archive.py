@@ -3,10 +3,10 @@
     python -m serving.archive --exports export --model-store model_store
 
 Each subfolder of --exports that holds a model.pt (written by training.export)
-becomes <folder name>.mar. An archive holds the TorchScript file, the handler,
-the modules the handler imports (the ``models`` package's preprocessing and
-optimisation),
-index_to_name.json and model-config.yaml: nothing pickled, no Python objects.
+becomes <folder name>.mar. An archive holds the TorchScript file, index_to_name.json,
+model-config.yaml and the runtime: the ``handlers`` package, whole (the handlers,
+decoding, the eval preset, the optimisation and the served settings; it imports nothing
+else of this project). Nothing pickled, no Python objects, nothing of training.
 """
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-# What every handler imports from this project, as paths relative to ROOT.
-HANDLER_MODULES = ("models/__init__.py", "models/presets.py", "models/optimize.py",
-                   "models/settings.py")
-# Handlers built on ImageClassifier import it from the handlers package.
-BASE_HANDLER_MODULES = ("handlers/__init__.py", "handlers/image_classifier.py")
+# The runtime every archive carries: what a TorchServe worker imports of this project.
+RUNTIME = ROOT / "handlers"
+
+
+def runtime_files() -> list[Path]:
+    """The runtime package's modules, as paths relative to ROOT."""
+    return sorted(p.relative_to(ROOT) for p in RUNTIME.glob("*.py"))
 
 
 def handler_of(export_dir: Path) -> Path:
@@ -104,11 +106,10 @@ def build_archive(export_dir: Path, name: str, model_store: Path, version: str =
         raise FileNotFoundError(f"{export_dir} lacks {', '.join(missing)}: run training.export first")
     model_store.mkdir(parents=True, exist_ok=True)
     handler = handler_of(export_dir)
-    modules = HANDLER_MODULES + (BASE_HANDLER_MODULES if handler.stem != "image_classifier" else ())
     with tempfile.TemporaryDirectory() as stage:
         # torch-model-archiver copies a folder's *contents* to the archive root,
         # so the staging folder holds the package folders themselves.
-        for rel in modules:
+        for rel in runtime_files():
             dst = Path(stage) / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst)

@@ -121,7 +121,7 @@ def cases() -> list[Case]:
 def message(case: Case) -> str:
     """The message the handler answers ``case`` with (its 400's ``message``)."""
     from handlers.image_classifier import decode
-    from models.presets import BadImage
+    from handlers.decode import BadImage
     try:
         decode(case.row())
     except BadImage as e:

@@ -21,8 +21,8 @@ from PIL import Image, ImageOps
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from models.optimize import RTOL, tensors
-from models.presets import EvalPreset
+from handlers.optimize import RTOL, tensors
+from handlers.preset import EvalPreset
 from serving.archive import build_archive
 from serving.server import LocalServer
 from training import export as export_mod
@@ -182,7 +182,7 @@ class Expected:
 
     probabilities: dict[str, float]
     # The served model's kernels (oneDNN Graph's fused copy for its batch size, another
-    # instruction set) may move each logit by models.optimize.RTOL of the logits' scale,
+    # instruction set) may move each logit by handlers.optimize.RTOL of the logits' scale,
     # and a softmax probability moves by at most half the largest change of the logits.
     # The handler's one-pass crop (within a grey level of evaluation's on at most 0.5% of
     # the values, tests/test_presets.py) moves them by far less.

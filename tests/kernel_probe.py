@@ -17,8 +17,9 @@ import skimage
 import torch
 
 from handlers.image_classifier import ImageClassifier
-from models.optimize import compare
-from models.presets import EvalPreset, open_image
+from handlers.optimize import compare
+from handlers.decode import open_image
+from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from tests.conftest import make_context
 from training import export as export_mod
@@ -96,15 +97,15 @@ class Records(logging.Handler):
 def served(export_dir: Path, eager: torch.nn.Module, photos: torch.Tensor, mode: str) -> dict:
     """The handler's model under ``mode``, its log lines, and how it agrees with eager."""
     records = Records()
-    logging.getLogger("models.optimize").addHandler(records)
-    logging.getLogger("models.optimize").setLevel(logging.INFO)
+    logging.getLogger("handlers.optimize").addHandler(records)
+    logging.getLogger("handlers.optimize").setLevel(logging.INFO)
     try:
         ctx = make_context(export_dir, 1)
         ctx.model_yaml_config["handler"]["optimize"] = mode
         handler = ImageClassifier()
         handler.initialize(ctx)
     finally:
-        logging.getLogger("models.optimize").removeHandler(records)
+        logging.getLogger("handlers.optimize").removeHandler(records)
     with torch.inference_mode():
         agreement = compare(handler.model(photos), eager(photos))
     return {"model": type(handler.model).__name__, "log": records.lines,

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from models.presets import EvalPreset
+from handlers.preset import EvalPreset
 from models.zoo import get_model
 from training import analysis as an
 from training.data import image_folder, loader

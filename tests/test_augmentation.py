@@ -12,7 +12,8 @@ import yaml
 from PIL import Image
 from torchvision import transforms as T
 
-from models.presets import EvalPreset, TrainPreset
+from handlers.preset import EvalPreset
+from models.augment import TrainPreset
 from training import analysis, clean, distributed
 from training import train as train_mod
 from training.data import MAX_ASPECT, SkippedImage, image_folder

@@ -1,4 +1,4 @@
-"""models.optimize.compare, on which the export's round-trip check, the worker's choice of
+"""handlers.optimize.compare, on which the export's round-trip check, the worker's choice of
 an optimisation and many tests rely: what agrees, and what must never agree."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.optimize import RTOL, compare, optimized
+from handlers.optimize import RTOL, compare, optimized
 
 
 def logits(rows: int = 4, classes: int = 10, seed: int = 0) -> torch.Tensor:
@@ -103,6 +103,6 @@ def test_the_worker_keeps_the_loaded_model_when_the_optimised_one_answers_nan(ca
     def build(m):
         return lambda x: m(x) * math.nan
 
-    with caplog.at_level(logging.WARNING, logger="models.optimize"):
+    with caplog.at_level(logging.WARNING, logger="handlers.optimize"):
         assert optimized(model, torch.randn(2, 8), build, "nan-maker") is model
     assert "nan-maker changed the outputs" in caplog.text and "non-finite" in caplog.text

@@ -18,7 +18,7 @@ import torch
 import torchvision.io as tvio
 from PIL import Image
 
-from models.presets import BadImage, decode_image, open_image, to_rgb
+from handlers.decode import BadImage, decode_image, open_image, to_rgb
 from tests.conftest import png_bytes
 
 ROUNDING = 1  # grey levels, see the module docstring
@@ -501,7 +501,7 @@ def test_gpu_decode_leaves_a_profile_to_convert_to_the_cpu():
     """nvJPEG ignores colour profiles: the handler's GPU path (its tensor decode, run here on
     the CPU) takes an untagged or sRGB JPEG and declines a Display P3 one."""
     from handlers.image_classifier import ImageClassifier
-    from models.presets import EvalPreset
+    from handlers.preset import EvalPreset
     h = ImageClassifier()
     h.device, h.preset = torch.device("cpu"), EvalPreset()
     img = Image.fromarray(RNG.integers(0, 256, (64, 64, 3)).astype(np.uint8))

@@ -18,7 +18,7 @@ from handlers import dog_breeds
 from handlers.dog_breeds import (NONE_MESSAGE, DogBreedClassifier, count_faces, face_detector,
                                  imagenet_shares, verdict)
 from models import imagenet
-from models.settings import DogBreedSettings, HandlerSettings
+from handlers.settings import DogBreedSettings, HandlerSettings
 from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import answers, make_context, photo_file, png_bytes, shared_photo, split_images
@@ -210,7 +210,7 @@ def test_the_dog_app_finds_the_people(dog_app, people_kinds):
     got = subjects(ask(people_kinds["human"]))
     assert len(got) == 52
     # The goal: 98% of the people (51 of 52). Answers are the same on every CPU within the
-    # margins of models/settings.py and handlers/dog_breeds.py (the ImageNet shares of
+    # margins of handlers/settings.py and handlers/dog_breeds.py (the ImageNet shares of
     # people are 0.10 at most for the breeds, 0.40 for the animals; the face scores of all
     # but one lie above the threshold by 0.22 or more), so the goal is asserted as it is.
     # The LBP cascade before found 48.

@@ -18,7 +18,8 @@ from skimage import data as skdata
 from torchvision import models as tvm
 
 from models import efficientnet_lite as lite
-from models.presets import EvalPreset, open_image
+from handlers.decode import open_image
+from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from models.weights import WeightsUnavailable
 from training.optim import split_parameters

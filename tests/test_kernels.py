@@ -7,7 +7,7 @@ tests/kernel_probe.py in a fresh process: the demo's architectures (ResNet50 and
 MobileNetV2 with BatchNorm statistics from real photos, EfficientNet-Lite0 with its real
 ImageNet weights) exported by training.export and loaded by the handler with oneDNN Graph and with
 optimize_for_inference. Everything must agree with the eager model within
-models.optimize.RTOL of the outputs' scale; where oneDNN Graph cannot be used, the
+handlers.optimize.RTOL of the outputs' scale; where oneDNN Graph cannot be used, the
 handler must serve the model as loaded and say why in its log.
 """
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""The folders' layers (docs/development.md#layout): model definitions at the bottom, the
-handlers above them, training and serving above those, the benchmarks and the page on top.
-An import that runs upward, or two folders that import each other, fails here."""
+"""The folders' layers (docs/development.md#layout): the runtime (handlers/, which every
+archive ships whole and which therefore imports nothing else of the project) at the bottom,
+model definitions above it, training and serving above those, the benchmarks and the page
+on top. An import that runs upward, or two folders that import each other, fails here."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"models": 0, "handlers": 1, "training": 2, "serving": 2, "bench": 3, "ui": 3}
+LAYERS = {"handlers": 0, "models": 1, "training": 2, "serving": 2, "bench": 3, "ui": 3}
 
 
 def imports(package: str) -> dict[str, set[str]]:
@@ -40,6 +41,11 @@ def test_no_two_folders_import_each_other():
     edges = {(p, t) for p in LAYERS for t in imports(p)}
     both = sorted({tuple(sorted(e)) for e in edges if (e[1], e[0]) in edges})
     assert not both, f"folders that import each other: {both}"
+
+
+def test_the_runtime_imports_nothing_of_the_project():
+    """A TorchServe worker has the archive only: one import of models/ would fail there."""
+    assert imports("handlers") == {}
 
 
 def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):

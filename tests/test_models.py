@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from models.optimize import RTOL, compare
+from handlers.optimize import RTOL, compare
 from models.weights import WeightsUnavailable
 from models.zoo import get_model, get_spec, list_models
 from tests.conftest import closed_port
@@ -53,7 +53,7 @@ def test_each_image_gets_its_own_answer(model):
         out = m(x)
         alone = torch.cat([m(x[i:i + 1]) for i in range(3)])
     assert out.shape == (3, N)
-    # Another batch size may pick other kernels: RTOL of the logits' scale (models.optimize).
+    # Another batch size may pick other kernels: RTOL of the logits' scale (handlers.optimize).
     assert compare(out, alone).ok, f"{name}: {compare(out, alone)}"
     tol = RTOL * out.abs().max()
     for i in range(3):

@@ -11,8 +11,10 @@ from PIL import Image
 from torchvision import transforms as T
 
 from handlers.image_classifier import ImageClassifier, decode, request_image
-from models.presets import BadImage, EvalPreset, TrainPreset, decode_image, open_image
-from models.settings import HandlerSettings
+from handlers.decode import BadImage, decode_image, open_image
+from handlers.preset import EvalPreset
+from models.augment import TrainPreset
+from handlers.settings import HandlerSettings
 from tests.conftest import FLOAT_ROUNDING, ONE_GREY_LEVEL, photo_jpeg, png_bytes, split_images
 from training.data import load_splits
 
@@ -237,6 +239,6 @@ def test_to_dict_gives_a_fresh_dict_each_call():
 
 
 def test_normalisation_constants_are_computed_once_per_mean_and_std():
-    from models.presets import _affine
+    from handlers.preset import _affine
     preset = EvalPreset()
     assert _affine(preset.mean, preset.std) is _affine(preset.mean, preset.std)

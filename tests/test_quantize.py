@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from handlers.image_classifier import ImageClassifier
-from models.optimize import compare
+from handlers.optimize import compare
 from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import (CLASSES, MODEL_NAME, Reference, answers, assert_answer_matches,

@@ -16,11 +16,12 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 from handlers.image_classifier import ImageClassifier, set_threads
-from models import optimize as optimize_mod
-from models.optimize import (OneDNNModel, chunk_sizes, compare, onednn_sizes, optimize_mode,
+from handlers import optimize as optimize_mod
+from handlers.optimize import (OneDNNModel, chunk_sizes, compare, onednn_sizes, optimize_mode,
                              optimized)
-from models.presets import EvalPreset, open_image, orient_tensor
-from models.settings import HandlerSettings
+from handlers.decode import open_image, orient_tensor
+from handlers.preset import EvalPreset
+from handlers.settings import HandlerSettings
 from tests.conftest import (ONE_GREY_LEVEL, answers, make_context, photo_jpeg, png_bytes,
                             split_images)
 from training import export as export_mod
@@ -105,7 +106,7 @@ def test_optimize_for_inference_is_checked_and_falls_back(exported, caplog):
 
 @pytest.mark.slow
 def test_handler_loads_the_optimized_model(exported, caplog):
-    with caplog.at_level(logging.INFO, logger="models.optimize"):
+    with caplog.at_level(logging.INFO, logger="handlers.optimize"):
         h = handler_with(exported, optimize=True)
     assert "optimize_for_inference applied" in caplog.text
     plain = handler_with(exported, optimize=False)
@@ -154,7 +155,7 @@ def chunks_served(model: OneDNNModel, plain, n: int) -> list[int]:
 
 @pytest.mark.slow
 def test_onednn_model_serves_every_batch_size_from_fused_copies(exported, caplog):
-    with caplog.at_level(logging.INFO, logger="models.optimize"):
+    with caplog.at_level(logging.INFO, logger="handlers.optimize"):
         h = handler_with(exported, optimize="onednn")  # batch size 8 (make_context)
     assert "oneDNN Graph applied" in caplog.text
     assert isinstance(h.model, OneDNNModel) and sorted(h.model.copies) == [1, 2, 4, 8]
@@ -220,7 +221,7 @@ def test_onednn_falls_back_to_optimize_for_inference_when_nothing_fuses(exported
     export = tmp_path / "export"
     shutil.copytree(exported, export)
     torch.jit.freeze(torch.jit.script(NoConv().eval())).save(str(export / "model.pt"))
-    with caplog.at_level(logging.INFO, logger="models.optimize"):
+    with caplog.at_level(logging.INFO, logger="handlers.optimize"):
         h = handler_with(export, optimize="onednn")
     assert "oneDNN Graph failed, not used: oneDNN Graph fused nothing" in caplog.text
     assert "optimize_for_inference applied" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from models.presets import EvalPreset
+from handlers.preset import EvalPreset
 from models.torchvision_models import feature_blocks
 from models.zoo import get_model, get_spec
 from training import export as export_mod
@@ -61,7 +61,7 @@ def test_export_round_trip(family, tmp_path):
     with torch.inference_mode():
         expected, got = m(x), traced(x)
     # Traced and frozen graphs fuse and reorder float operations: 1e-3 of the outputs' scale,
-    # the bound training.export itself checks (models/optimize.py RTOL).
+    # the bound training.export itself checks (handlers/optimize.py RTOL).
     assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
     cfg = yaml.safe_load((out / "model-config.yaml").read_text())["handler"]
     assert (cfg["model"], cfg["crop_size"]) == (name, size)

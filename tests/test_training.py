@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from models.optimize import compare
+from handlers.optimize import compare
 from models.zoo import get_spec
 from tests.conftest import CLASSES, ctrl_c_in_epoch
 from training import train as train_mod
@@ -212,7 +212,7 @@ def test_balanced_sampler_and_class_weights_on_imbalanced_data(tmp_path):
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(tiny_data):
-    from models.presets import EvalPreset
+    from handlers.preset import EvalPreset
     t = get_spec("scratch_cnn").train_preset.transform(EvalPreset())
     ds = SeededSamples(image_folder(tiny_data, "train", t), seed=0)
     x1, _ = ds[(3, 1)]

@@ -26,7 +26,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import SequentialSampler
 
-from models.presets import BadImage, EvalPreset, open_image
+from handlers.decode import BadImage, open_image
+from handlers.preset import EvalPreset
 from training.checkpoint import load_checkpoint
 from training.data import image_folder, loader
 from training.distributed import Dist

@@ -1,7 +1,7 @@
 """Find the files of an image dataset that would hurt training (split or unsplit layout).
 
 Every visible file in a class folder is decoded in full with the project's own
-decoder (models.presets.open_image, truncated data not tolerated), whatever its
+decoder (handlers.decode.open_image, truncated data not tolerated), whatever its
 extension. Problem kinds:
 
   not_image       not an image format at all (a text file named .jpg)
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
-from models.presets import BadImage, open_image
+from handlers.decode import BadImage, open_image
 from serving.archive import sha256
 from training.data import shape_problem
 from training.imagefiles import (check_apart, class_dirs, format_table, list_files, rel,

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
-from models.presets import open_image
+from handlers.decode import open_image
 
 SPLITS = ("train", "valid", "test")
 BALANCE = ("none", "weights", "sampler")

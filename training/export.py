@@ -27,9 +27,9 @@ import torch
 import yaml
 
 from models import imagenet
-from models.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, tensors
-from models.presets import EvalPreset
-from models.settings import SETTINGS, HandlerSettings, ServerSettings
+from handlers.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, tensors
+from handlers.preset import EvalPreset
+from handlers.settings import SETTINGS, HandlerSettings, ServerSettings
 from models.zoo import get_model, get_spec
 from training import quantize
 from training.checkpoint import load_checkpoint
@@ -62,7 +62,7 @@ def to_torchscript(model: torch.nn.Module, crop: int = 224) -> torch.jit.ScriptM
 
 
 def handler_settings(a: argparse.Namespace, ckpt: dict) -> HandlerSettings:
-    """The handler's settings from the flags (models/settings.py documents each); the
+    """The handler's settings from the flags (handlers/settings.py documents each); the
     model's registry entry gives the oneDNN Graph batch sizes unless the flags do."""
     batches = a.onednn_batches or get_spec(ckpt["model"]).onednn_batches
     return SETTINGS[a.handler](

@@ -27,7 +27,7 @@ import torch
 from torch.ao.quantization import get_default_qconfig_mapping, quantize_fx
 from torch.utils.data import DataLoader, Subset
 
-from models.presets import EvalPreset
+from handlers.preset import EvalPreset
 from training.data import image_folder
 from training.evaluate import class_logits
 from training.progress import Progress

@@ -2,7 +2,7 @@
 
 Works on both layouts (ROOT/CLASS/* and ROOT/{train,valid,test}/CLASS/*) and
 reads the files ImageFolder would (by extension). Each image is decoded with
-models.presets.open_image (EXIF orientation applied, RGB, truncated data
+handlers.decode.open_image (EXIF orientation applied, RGB, truncated data
 refused), resized, and saved as OUT/<same path>.jpg. The default is what the
 original project did: stretch to exactly 300x300. --keep-aspect instead scales
 the short side to --size and keeps the proportions. Files that do not decode are
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from models.presets import BadImage, open_image
+from handlers.decode import BadImage, open_image
 from training.imagefiles import (check_apart, class_dirs, list_images, prepare_out, rel,
                                  strict_decoding, tool_parser)
 from training.progress import Progress

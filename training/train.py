@@ -21,7 +21,7 @@ frozen pretrained features (training/probe.py), and reports its test accuracy be
 the fine-tuned one (``probe.json``, ``metrics.json``).
 
 Augmentation is a setting like any other: each flag left unset takes the architecture's
-own choice (models/presets.py TrainPreset), and settings.yaml records what was used.
+own choice (models/augment.py TrainPreset), and settings.yaml records what was used.
 Mixup/CutMix (training/mixing.py) mix whole batches; with ``--ema-decay`` an exponential
 moving average of the weights is validated beside them every epoch, and whichever has
 the lower valid loss is what best.pt holds.
@@ -41,7 +41,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from models.presets import AUTO_AUGMENT, EvalPreset, TrainPreset
+from handlers.preset import EvalPreset
+from models.augment import AUTO_AUGMENT, TrainPreset
 from models.zoo import get_model, get_spec, known_models
 from models.weights import WeightsUnavailable
 from training import distributed

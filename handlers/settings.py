@@ -35,7 +35,7 @@ class ServerSettings:
 @dataclass(frozen=True)
 class HandlerSettings:
     """The image classifier's settings (model-config.yaml, ``handler:`` section), beside
-    the eval preprocessing (models/presets.py) and the model's name."""
+    the eval preprocessing (handlers/preset.py) and the model's name."""
 
     top_k: int = 5  # labels returned per image (at most the number of classes)
     # torch threads of each worker (torch.set_num_threads; None: torch's own choice, every
@@ -45,7 +45,7 @@ class HandlerSettings:
     # at least jpeg_draft x resize_size; 0: always in full. Most of a phone photo's
     # decoding time goes, within the tolerance tests/test_presets.py states.
     jpeg_draft: float = 1.25
-    # How the worker optimises the model it loads: onednn, jit or none (models/optimize.py).
+    # How the worker optimises the model it loads: onednn, jit or none (handlers/optimize.py).
     optimize: str = "onednn"
     # optimize onednn: the batch sizes to compile a copy of the model for, 1 among them;
     # None: 1, 2, 4, ... up to batchSize.
