@@ -16,7 +16,7 @@ RUN    := run
 
 # Training from random weights: no pretrained weights can be downloaded on every
 # machine. On an online machine, WEIGHTS=DEFAULT uses torchvision's ImageNet weights.
-# Each model starts from its recipe (training/recipes/); the demo shortens it for
+# Each model starts from its recipe (training/fit/recipes/); the demo shortens it for
 # the small demo data. On real data: DOG_TRAIN_ARGS= FLY_TRAIN_ARGS= WEIGHTS=DEFAULT.
 WEIGHTS ?= none
 DOG_TRAIN_ARGS ?= --epochs 4 --batch-size 16 --optimizer adam --lr 0.001
@@ -29,7 +29,7 @@ FLY_TRAIN_ARGS ?= --epochs 5 --batch-size 16 --head-epochs 0 --unfreeze-blocks 1
 # at most 4, since every worker holds its own copies of the model.
 EXPORT_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 EXPORT_ARGS ?= --workers $(EXPORT_WORKERS)
-# QUANTIZE=int8: int8 models for x86 CPUs (training/quantize.py), a faster forward pass
+# QUANTIZE=int8: int8 models for x86 CPUs (training/export/quantize.py), a faster forward pass
 # (`make archive QUANTIZE=int8`; plain `make archive` goes back to fp32),
 # calibrated on $(DATA)/train; the export stops, writing nothing, if test accuracy drops
 # by more than 1 point. Off by default: fp32 answers exactly what evaluation measured.
@@ -48,7 +48,7 @@ TS_ENV := cd $(RUN) && env -u PYTHONPATH TMPDIR=$(CURDIR)/$(RUN)/tmp
 CLIENT := $(PY) -m serving.client --key-file $(RUN)/key_file.json
 
 # imagenet_dogs needs no training: EfficientNet-Lite0's ImageNet classifier, its 118 dog
-# breeds as answers (training/pretrained.py). The other two train on DATA.
+# breeds as answers (training/export/pretrained.py). The other two train on DATA.
 TRAINED := dog_breeds flying_objects
 MODELS := imagenet_dogs $(TRAINED)
 DOG_MODELS := imagenet_dogs dog_breeds
@@ -60,7 +60,7 @@ help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
 	@echo "make test      run the test suite (installs first);  make test-fast  the tests that start no server or browser"
 	@echo "steps:         venv data train export archive serve register predict stop"
-	@echo "make check-data  data problems and class counts (training.clean, training.stats; DATA=...)"
+	@echo "make check-data  data problems and class counts (training.data.clean, training.data.stats; DATA=...)"
 	@echo "make bench-train training throughput table;  make bench   serving benchmark (bench-int8: on int8 exports; bench-flops: forward pass vs matmul)"
 	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
 	@echo "make rollout|rollback|retire MODEL=name VERSION=x   model versions through the management API"
@@ -86,27 +86,27 @@ check-java:
 	  exit 1; fi
 
 data: $(DATA)/.done
-$(DATA)/.done: training/demo_data.py | venv
+$(DATA)/.done: training/demo/shapes.py | venv
 	rm -rf $(DATA)
-	$(PY) -m training.demo_data --out $(DATA)
+	$(PY) -m training.demo.shapes --out $(DATA)
 	touch $@
 
 # metrics.json is written when a run ends. An interrupted run continues with
 # make train RESUME=1 (from its last.pt); RESUME=0 starts it over.
 RESUME_ARG = $(if $(filter 1,$(RESUME)),--resume,$(if $(filter 0,$(RESUME)),--restart))
 train: $(TRAINED:%=$(RUNS)/%/metrics.json)
-$(RUNS)/imagenet_dogs/metrics.json: training/pretrained.py | venv
-	$(PY) -m training.pretrained --model imagenet_dogs --out $(RUNS)/imagenet_dogs
+$(RUNS)/imagenet_dogs/metrics.json: training/export/pretrained.py | venv
+	$(PY) -m training.export.pretrained --model imagenet_dogs --out $(RUNS)/imagenet_dogs
 $(RUNS)/dog_breeds/metrics.json: $(DATA)/.done
-	$(PY) -m training.train --recipe dog_breeds $(DOG_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/dog_breeds --workers 1 $(RESUME_ARG)
+	$(PY) -m training.fit.train --recipe dog_breeds $(DOG_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/dog_breeds --workers 1 $(RESUME_ARG)
 $(RUNS)/flying_objects/metrics.json: $(DATA)/.done
-	$(PY) -m training.train --recipe flying_objects $(FLY_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/flying_objects --workers 1 $(RESUME_ARG)
+	$(PY) -m training.fit.train --recipe flying_objects $(FLY_TRAIN_ARGS) --weights $(WEIGHTS) --data $(DATA) --out $(RUNS)/flying_objects --workers 1 $(RESUME_ARG)
 
 # The data tools on a dataset: problems (not images, corrupt, tiny, duplicates,
 # label conflicts) and class counts, with a chart beside the dataset folder.
 check-data: | venv
-	$(PY) -m training.clean --data $(DATA) || test $$? = 3
-	$(PY) -m training.stats --data $(DATA)
+	$(PY) -m training.data.clean --data $(DATA) || test $$? = 3
+	$(PY) -m training.data.stats --data $(DATA)
 
 export: $(MODELS:%=$(EXPORT)/%/model.pt)
 # The settings of the last export, rewritten only when they change, so that
@@ -118,7 +118,7 @@ $(EXPORT_SETTINGS): FORCE
 	@mkdir -p $(EXPORT)
 	@echo '$(EXPORT_SETTINGS_LINE)' | cmp -s - $@ || echo '$(EXPORT_SETTINGS_LINE)' > $@
 FORCE:
-$(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export.py $(EXPORT_SETTINGS)
+$(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export/torchscript.py $(EXPORT_SETTINGS)
 	$(PY) -m training.export --checkpoint $(RUNS)/$*/best.pt --out $(EXPORT)/$* $(EXPORT_ARGS) \
 	  $(if $(filter $(DOG_MODELS),$*),--handler dog_breeds) \
 	  $(if $(and $(QUANTIZE),$(filter $(TRAINED),$*)),--quantize $(QUANTIZE) --calibration-data $(DATA))
@@ -222,10 +222,10 @@ demo-answers:
 	  printf '%s ' "$$m:"; $(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['test']; print(f\"Test Accuracy: {t['acc']:.0%} ({t['correct']}/{t['total']})\")" $(RUNS)/$$m/metrics.json; \
 	done
 	@echo "imagenet_dogs answers real photos (raw body):"
-	@$(CLIENT) predict --brief --model imagenet_dogs $$($(PY) -m training.photos --folder $(PHOTOS))
+	@$(CLIENT) predict --brief --model imagenet_dogs $$($(PY) -m training.demo.photos --folder $(PHOTOS))
 	@echo "dog_breeds, trained on the demo's shapes, answers the same photos (its dog detector is"
 	@echo "EfficientNet-Lite0's ImageNet classes; the breeds it knows are shapes):"
-	@$(CLIENT) predict --brief --model dog_breeds $$($(PY) -m training.photos --folder $(PHOTOS))
+	@$(CLIENT) predict --brief --model dog_breeds $$($(PY) -m training.demo.photos --folder $(PHOTOS))
 	@echo "flying_objects answers (multipart upload):"
 	@$(CLIENT) predict --brief --multipart --model flying_objects $(DATA)/test/*/*_0098.jpg
 	@echo "A file that is not an image gets a 400 with a reason:"

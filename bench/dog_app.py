@@ -1,7 +1,7 @@
 """The dog-breed app as deployed, in the benchmark: handlers/dog_breeds.py with its dog
 detector, served by TorchServe with the settings under test, on real photos.
 
-Two sets of photos (training/photos.py): the dog photo, which the handler answers from
+Two sets of photos (training/demo/photos.py): the dog photo, which the handler answers from
 the model alone, and photos with no dog (two portraits and a cup), for which it also
 searches its small grey copy for a face. For each set, the served cell at the benchmark's
 highest concurrency and the in-process figure for the same export (bench.inprocess: the
@@ -22,10 +22,10 @@ from bench import exports as ex
 from bench import harness, report
 from bench.load import one
 from serving.archive import build_archive
-from training.photos import photos
+from training.demo.photos import photos
 
 NAME = "dog_breeds"
-# What each set of photos is, by the names training/photos.py gives them.
+# What each set of photos is, by the names training/demo/photos.py gives them.
 GROUPS = {"dog photos": ("dog_labrador",), "non-dog photos": ("astronaut", "grace_hopper", "coffee")}
 SERVED, IN_PROCESS = "served", "in_process"
 
@@ -38,7 +38,7 @@ def photo_sets(found: dict[str, Path]) -> tuple[dict[str, dict[str, Path]], dict
         if present:
             sets[group] = present
         else:
-            missing[group] = f"none of {', '.join(names)} among the photos (training/photos.py)"
+            missing[group] = f"none of {', '.join(names)} among the photos (training/demo/photos.py)"
     return sets, missing
 
 

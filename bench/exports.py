@@ -8,12 +8,12 @@ measured: the project's base handler (handlers/image_classifier.py), which the o
 contestants are compared with, or the dog app's (handlers/dog_breeds.py).
 
 The dog app's stand-in is a random ResNet50 beside the real, pretrained EfficientNet-Lite0
-dog detector, as training/export.py builds the deployed dog_breeds model: the same two
+dog detector, as training/export/torchscript.py builds the deployed dog_breeds model: the same two
 networks, so the same forward cost, and a detector whose answers on real photos are
 real, so that each photo takes the handler's path it takes when deployed (a dog: no face
 check; anything else: the face check).
 
-An int8 export (training/export.py --quantize int8, e.g. `make bench-int8`) keeps its
+An int8 export (training/export/torchscript.py --quantize int8, e.g. `make bench-int8`) keeps its
 quantized engine; the built-in handler's archive then sets the same engine before
 loading, so both handlers run the same int8 kernels.
 """
@@ -30,7 +30,7 @@ import yaml
 
 from handlers.preset import EvalPreset
 from serving.archive import archiver, build_archive, handler_of
-from training import export as export_mod
+from training.export import torchscript as export_mod
 
 # Served name -> architecture and classes of its random stand-in.
 MODELS = {"dog_breeds": ("resnet50", 133), "flying_objects": ("mobilenet_v2", 4)}
@@ -82,7 +82,7 @@ def random_export(name: str, out: Path, dog_gate: bool = False) -> None:
 
 def bench_config(handler: dict, arch: str, classes: int, settings: dict, export_args: list[str],
                  handler_name: str = "image_classifier") -> dict:
-    """model-config.yaml for the settings under test, written by training/export.py's own
+    """model-config.yaml for the settings under test, written by training/export/torchscript.py's own
     model_config (the handler's speed settings at their export defaults unless
     ``export_args`` say otherwise, e.g. ["--jpeg-draft", "0"]), for handlers/<handler_name>.py."""
     ckpt = {"eval_preset": EvalPreset.from_dict(handler).to_dict(), "num_classes": classes, "model": arch}

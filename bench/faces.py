@@ -44,7 +44,7 @@ from handlers import dog_breeds as handler
 from handlers.image_classifier import decode
 from handlers.preset import EvalPreset
 from handlers.settings import DogBreedSettings
-from training.photos import SHARED_PHOTOS
+from training.demo.photos import SHARED_PHOTOS
 
 PEOPLE = SHARED_PHOTOS / "people"
 KINDS = ("human", "human_small", "animal", "object")
@@ -198,14 +198,14 @@ def verdicts(export: Path, photos: dict[str, tuple[str, bytes]]) -> dict[str, st
 
 def dog_export(export: Path | None, out: Path) -> Path:
     """``export`` if given, else export/imagenet_dogs when `make` wrote it, else one written
-    under ``out`` (training.pretrained and training.export, as `make` does)."""
+    under ``out`` (training.export.pretrained and training.export, as `make` does)."""
     if export is not None:
         return export
     made = Path("export/imagenet_dogs")
     if (made / "model.pt").exists():
         return made
-    from training import export as export_mod
-    from training import pretrained
+    from training.export import torchscript as export_mod
+    from training.export import pretrained
     target = out / "imagenet_dogs_export"
     if not (target / "model.pt").exists():
         checkpoint = pretrained.write("imagenet_dogs", out / "imagenet_dogs_run")

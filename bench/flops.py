@@ -26,7 +26,7 @@ from bench import report
 from bench.exports import MODELS, prepare_export
 from bench.preprocess import paired_medians_ms
 from handlers.optimize import optimize
-from training import export as export_mod
+from training.export import torchscript as export_mod
 
 MODES = ("none", "jit", "onednn")
 MATMUL = 2048  # the matrix multiply's side: large enough to run at its best rate

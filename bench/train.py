@@ -6,7 +6,7 @@ with 0..N data-loader workers.
 For each model it measures three rates over the same photo-like 500x375 JPEGs:
 - loader: the data loader alone (decode + augmentation), per worker count;
 - compute: training steps on tensors already in memory (the model's ceiling);
-- end to end: the training loop as training.train runs it.
+- end to end: the training loop as training.fit.train runs it.
 Loading is the bottleneck when end to end stays near the loader's rate, well below
 compute. Results go to build/bench/train.json and train.md.
 """
@@ -24,7 +24,7 @@ from bench import report
 from bench.images import photo
 from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
-from training.data import image_folder, training_loader
+from training.data.datasets import image_folder, training_loader
 from training.progress import Progress
 
 MODELS = {"resnet50": 133, "mobilenet_v2": 4}

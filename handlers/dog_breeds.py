@@ -8,7 +8,7 @@ Answers, per image (the README documents them):
 
 Decided in the original app's order, a dog first, with the ImageNet classifier's view of the
 whole image in front of the face check. The model's second output holds ImageNet's 1000
-classes (training/export.py gives every dog-breed model one: its own ImageNet head, or a
+classes (training/export/torchscript.py gives every dog-breed model one: its own ImageNet head, or a
 pretrained ImageNet network beside it); ``verdict`` sums their probabilities by groups
 (the settings in model-config.yaml's ``handler:`` section, handlers/settings.py explains each).
 A dog: the breeds have at least ``dog_min_share`` and, with the wild dogs, outweigh the other

@@ -1,6 +1,6 @@
 """The settings of a served model, each defined once: its default and what it does.
 
-training/export.py writes them into the archive's model-config.yaml: TorchServe's own
+training/export/torchscript.py writes them into the archive's model-config.yaml: TorchServe's own
 keys (workers, batching) at the top, the handler's in its ``handler:`` section, where the
 handler reads them (``HandlerSettings.read``). Edit model-config.yaml to change a served
 model without exporting it again. The archive ships this module with the handler.
@@ -52,7 +52,7 @@ class HandlerSettings:
     onednn_batches: tuple[int, ...] | None = None
     half: bool = False  # CUDA workers: the forward pass under fp16 autocast
     gpu_decode: bool = False  # CUDA workers: JPEGs decoded by nvJPEG, preprocessed on the GPU
-    # An int8 model (training/export.py --quantize int8): the torch.backends.quantized
+    # An int8 model (training/export/torchscript.py --quantize int8): the torch.backends.quantized
     # engine it was made for, set before loading; None for a float model.
     quantized_engine: str | None = None
 

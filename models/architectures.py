@@ -130,7 +130,7 @@ def imagenet_dogs(num_classes: int = 118, weights: str | None = "DEFAULT",
                   weights_file: str | None = None, unfreeze_blocks: int = 0) -> nn.Module:
     """EfficientNet-Lite0's ImageNet classifier answering ImageNet's 118 dog breeds, with
     all 1000 classes as its second output (the dog detector): a dog-breed model that
-    needs no training (training/pretrained.py writes its checkpoint)."""
+    needs no training (training/export/pretrained.py writes its checkpoint)."""
     breeds = len(dog_breeds())
     if num_classes != breeds:
         raise ValueError(f"imagenet_dogs answers ImageNet's {breeds} dog breeds, not {num_classes} "

@@ -25,11 +25,11 @@ from handlers.optimize import RTOL, tensors
 from handlers.preset import EvalPreset
 from serving.archive import build_archive
 from serving.server import LocalServer
-from training import export as export_mod
-from training import pretrained
-from training.photos import SHARED_PHOTOS, packaged, photos
-from training import train as train_mod
-from training.demo_data import generate
+from training.export import torchscript as export_mod
+from training.export import pretrained
+from training.demo.photos import SHARED_PHOTOS, packaged, photos
+from training.fit import train as train_mod
+from training.demo.shapes import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("circle", "square", "triangle")
@@ -97,7 +97,7 @@ def dog_export(trained, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def imagenet_dogs_export(tmp_path_factory) -> Path:
-    """The dog-breed model that needs no training (training/pretrained.py), exported as
+    """The dog-breed model that needs no training (training/export/pretrained.py), exported as
     `make export` does."""
     run = tmp_path_factory.mktemp("imagenet_dogs_run")
     checkpoint = pretrained.write("imagenet_dogs", run)
@@ -147,7 +147,7 @@ def shared_photo(*parts: str) -> Path:
 
 
 def photo_file(name: str) -> Path:
-    """A photo by name: one installed with a package (training.photos.packaged), else the file
+    """A photo by name: one installed with a package (training.demo.photos.packaged), else the file
     of ``../shared/photos`` with that stem, failing as ``shared_photo`` does when absent."""
     found = packaged().get(name) or photos().get(name)
     if found is None or not found.exists():
@@ -314,7 +314,7 @@ def answers(out: list) -> list:
 
 @contextlib.contextmanager
 def ctrl_c_in_epoch(n: int):
-    """Within the block, training.train's ``n``-th epoch is interrupted as by Ctrl-C as it starts."""
+    """Within the block, training.fit.train's ``n``-th epoch is interrupted as by Ctrl-C as it starts."""
     real, calls = train_mod.train_one_epoch, []
 
     def interrupted(*args, **kw):

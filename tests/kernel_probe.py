@@ -22,10 +22,10 @@ from handlers.decode import open_image
 from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from tests.conftest import make_context
-from training import export as export_mod
-from training import pretrained
-from training import train as train_mod
-from training.checkpoint import checkpoint, load_checkpoint, model_options
+from training.export import torchscript as export_mod
+from training.export import pretrained
+from training.fit import train as train_mod
+from training.fit.checkpoint import checkpoint, load_checkpoint, model_options
 
 # The demo's two trained architectures, as `make demo` trains them, and its pretrained
 # EfficientNet-Lite0 with its real ImageNet weights (imagenet_dogs, also the dog detector).

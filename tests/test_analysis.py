@@ -1,4 +1,4 @@
-"""Tests of training/analysis.py: metrics on hand-made examples, predict() on a tiny
+"""Tests of training/evaluation/analysis.py: metrics on hand-made examples, predict() on a tiny
 model and a tiny generated ImageFolder, and the files analyse() writes."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from torchvision import transforms as T
 
 from handlers.preset import EvalPreset
 from models.zoo import get_model
-from training import analysis as an
-from training.data import image_folder, loader
-from training.demo_data import generate
+from training.evaluation import analysis as an
+from training.data.datasets import image_folder, loader
+from training.demo.shapes import generate
 
 CLASSES = ["circle", "square"]
 
@@ -193,7 +193,7 @@ def test_analyse_writes_all_files(shapes, tmp_path):
 
 
 def saved_figures(monkeypatch) -> dict:
-    """Every figure training.analysis saves, by file name: what it draws can be read back."""
+    """Every figure training.evaluation.analysis saves, by file name: what it draws can be read back."""
     figures = {}
     real = an.save_png
 

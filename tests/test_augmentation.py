@@ -14,11 +14,13 @@ from torchvision import transforms as T
 
 from handlers.preset import EvalPreset
 from models.augment import TrainPreset
-from training import analysis, clean, distributed
-from training import train as train_mod
-from training.data import MAX_ASPECT, SkippedImage, image_folder
-from training.mixing import BatchMix
-from training.optim import build_optimizer, split_parameters
+from training.evaluation import analysis
+from training.data import clean
+from training.fit import distributed
+from training.fit import train as train_mod
+from training.data.datasets import MAX_ASPECT, SkippedImage, image_folder
+from training.fit.mixing import BatchMix
+from training.fit.optim import build_optimizer, split_parameters
 from tests.conftest import ctrl_c_in_epoch
 
 

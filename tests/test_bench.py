@@ -3,7 +3,7 @@
 The smoke run is real: TorchServe on loopback, the Flask-style server as a subprocess,
 the in-process figure as a subprocess, on a randomly initialised MobileNetV2; then the dog
 app (a random ResNet50 beside the pretrained EfficientNet-Lite0 dog detector, under
-handlers/dog_breeds.py) on the real photos of training/photos.py and ../shared/photos. It
+handlers/dog_breeds.py) on the real photos of training/demo/photos.py and ../shared/photos. It
 checks that the harness works and what it writes, not speed. The built-in-handler contestants
 need captum (requirements-bench.txt, which `make test` installs): the smoke run requires it,
 so that they really run; without it they are reported as skipped, with that reason (the

@@ -1,4 +1,4 @@
-"""The data tools (training.split, clean, resize, stats) on small generated images."""
+"""The data tools (training.data.split, clean, resize, stats) on small generated images."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import clean, resize, split, stats
-from training.data import SPLITS
+from training.data import clean
+
+from training.data import resize
+
+from training.data import split
+
+from training.data import stats
+from training.data.datasets import SPLITS
 
 
 def write_image(path: Path, seed: int, size=(40, 40), fmt="JPEG") -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models.zoo import get_model
-from training import train as train_mod
+from training.fit import train as train_mod
 
 ARGS = ["--model", "scratch_cnn", "--dropout", "0", "--batch-size", "10", "--epochs", "2",
         "--optimizer", "sgd", "--lr", "0.005", "--workers", "0", "--no-analysis", "--weights", "none"]
@@ -54,13 +54,13 @@ def _signal(pids: list[int], sig: int) -> None:
 
 
 def torchrun(processes: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """training.train under torchrun. A run that outlives ``timeout`` (it takes ~15 s)
+    """training.fit.train under torchrun. A run that outlives ``timeout`` (it takes ~15 s)
     fails the test with every process's Python stack (faulthandler on SIGABRT), and
     leaves no process behind."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONFAULTHANDLER": "1"}
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node", str(processes), "-m", "training.train", *args],
+                          "--nproc-per-node", str(processes), "-m", "training.fit.train", *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     pids = [p.pid]
     try:

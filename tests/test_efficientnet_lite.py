@@ -22,7 +22,7 @@ from handlers.decode import open_image
 from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from models.weights import WeightsUnavailable
-from training.optim import split_parameters
+from training.fit.optim import split_parameters
 from tests.conftest import photo_file
 
 # Tests costing over about 2 s are marked slow one by one (make test-fast leaves them out).

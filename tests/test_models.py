@@ -9,7 +9,7 @@ from handlers.optimize import RTOL, compare
 from models.weights import WeightsUnavailable
 from models.zoo import get_model, get_spec, list_models
 from tests.conftest import closed_port
-from training.export import to_torchscript
+from training.export.torchscript import to_torchscript
 
 # Tests costing over about 2 s are marked slow one by one (make test-fast leaves them out).
 
@@ -227,7 +227,7 @@ def test_export_is_immune_to_the_stale_builtin_ids_that_break_scripting():
 def test_twenty_exports_in_a_row():
     """Fresh networks, fresh addresses: scripting failed 2 of 20 in such a loop once
     training.export (which imports the quantisation stack) was imported."""
-    import training.quantize  # noqa: F401 - registers the operators whose ids go stale
+    import training.export.quantize  # noqa: F401 - registers the operators whose ids go stale
     x = torch.randn(1, 3, 224, 224)
     for i in range(20):
         m = get_model("mobilenet_v2", N).eval()

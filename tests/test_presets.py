@@ -16,7 +16,7 @@ from handlers.preset import EvalPreset
 from models.augment import TrainPreset
 from handlers.settings import HandlerSettings
 from tests.conftest import FLOAT_ROUNDING, ONE_GREY_LEVEL, photo_jpeg, png_bytes, split_images
-from training.data import load_splits
+from training.data.datasets import load_splits
 
 
 

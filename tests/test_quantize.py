@@ -1,4 +1,4 @@
-"""int8 export (training/quantize.py, training/export.py --quantize int8) and serving it:
+"""int8 export (training/export/quantize.py, training/export/torchscript.py --quantize int8) and serving it:
 the accuracy guard, the handler's engine and device handling, and a real TorchServe."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import (CLASSES, MODEL_NAME, Reference, answers, assert_answer_matches,
                             make_context, split_images)
-from training import export as export_mod
-from training import quantize
+from training.export import torchscript as export_mod
+from training.export import quantize
 
 # int8 against fp32, relative to the logits' scale: 8-bit activations hold each layer's
 # values in 256 steps of its observed range, a rounding of a fraction of a percent per
@@ -130,7 +130,7 @@ def test_int8_needs_calibration_data_of_the_models_classes(trained, tmp_path, ca
         export_mod.parse_args(["--checkpoint", str(trained), "--out", str(tmp_path),
                                "--quantize", "int8"])
     assert "--calibration-data" in capsys.readouterr().err
-    from training.demo_data import generate
+    from training.demo.shapes import generate
     other = tmp_path / "other"
     generate(other, per_class=6, classes=CLASSES[:2], seed=2, quiet=True)
     a = export_mod.parse_args(int8_args(trained, tmp_path / "out", other))

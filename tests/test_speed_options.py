@@ -24,7 +24,7 @@ from handlers.preset import EvalPreset
 from handlers.settings import HandlerSettings
 from tests.conftest import (ONE_GREY_LEVEL, answers, make_context, photo_jpeg, png_bytes,
                             split_images)
-from training import export as export_mod
+from training.export import torchscript as export_mod
 
 # The tensor path (decode_jpeg, antialiased resize in float, crop, normalise) against the
 # eval tensor, in grey levels: PIL rounds to 8 bits between its two resampling passes and

@@ -13,10 +13,10 @@ import yaml
 from handlers.preset import EvalPreset
 from models.torchvision_models import feature_blocks
 from models.zoo import get_model, get_spec
-from training import export as export_mod
-from training import train as train_mod
-from training.checkpoint import checkpoint
-from training.optim import split_parameters
+from training.export import torchscript as export_mod
+from training.fit import train as train_mod
+from training.fit.checkpoint import checkpoint
+from training.fit.optim import split_parameters
 
 N = 3
 # One per family, at the smallest input each takes (ViT's patch grid fixes 224).
@@ -131,7 +131,7 @@ def test_offline_download_names_the_weights_file_flag(tiny_data, tmp_path):
     proxy = f"http://127.0.0.1:{closed_port()}"
     env = {"TORCH_HOME": str(tmp_path), "HTTPS_PROXY": proxy, "https_proxy": proxy,
            "HTTP_PROXY": proxy, "http_proxy": proxy, "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "training.train", "--model", "resnet18", "--data",
+    r = subprocess.run([sys.executable, "-m", "training.fit.train", "--model", "resnet18", "--data",
                         str(tiny_data), "--out", str(tmp_path / "o"), "--weights", "DEFAULT",
                         "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr
@@ -141,7 +141,7 @@ def test_offline_download_names_the_weights_file_flag(tiny_data, tmp_path):
 @pytest.mark.slow  # trains or exports real networks
 def test_convnext_tiny_trains_exports_and_answers_through_the_handler(tiny_data, tmp_path):
     """A torchvision family the project has no builder for, end to end as a user runs it:
-    training.train --model convnext_tiny, training.export, and the served handler's answer
+    training.fit.train --model convnext_tiny, training.export, and the served handler's answer
     (the same handler TorchServe loads) agreeing with the exported model in process."""
     from handlers.image_classifier import ImageClassifier
     from tests.conftest import Reference, answers, assert_answer_matches, make_context, split_images

@@ -14,9 +14,9 @@ import yaml
 from handlers.optimize import compare
 from models.zoo import get_spec
 from tests.conftest import CLASSES, ctrl_c_in_epoch
-from training import train as train_mod
-from training.checkpoint import load_checkpoint
-from training.demo_data import generate
+from training.fit import train as train_mod
+from training.fit.checkpoint import load_checkpoint
+from training.demo.shapes import generate
 
 
 
@@ -87,7 +87,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_unknown_model_lists_known_ones(tiny_data, tmp_path):
-    r = run_cli("training.train", "--model", "resnet5", "--data", str(tiny_data), "--out", str(tmp_path))
+    r = run_cli("training.fit.train", "--model", "resnet5", "--data", str(tiny_data), "--out", str(tmp_path))
     assert r.returncode != 0
     assert ("unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, "
             "resnet50, scratch_cnn") in r.stderr
@@ -97,7 +97,7 @@ def test_cli_unknown_model_lists_known_ones(tiny_data, tmp_path):
 def test_cli_missing_split_is_one_line(tmp_path, tiny_data):
     (tmp_path / "train" / "a").mkdir(parents=True)
     shutil.copy(next(tiny_data.glob("train/circle/*.jpg")), tmp_path / "train" / "a")
-    r = run_cli("training.train", "--model", "scratch_cnn", "--data", str(tmp_path),
+    r = run_cli("training.fit.train", "--model", "scratch_cnn", "--data", str(tmp_path),
                 "--out", str(tmp_path / "out"))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
@@ -111,7 +111,7 @@ def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weigh
     proxy = f"http://127.0.0.1:{closed_port()}"
     env = {"TORCH_HOME": str(tmp_path), "HTTPS_PROXY": proxy, "https_proxy": proxy,
            "HTTP_PROXY": proxy, "http_proxy": proxy, "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "training.train", "--model", "mobilenet_v2",
+    r = subprocess.run([sys.executable, "-m", "training.fit.train", "--model", "mobilenet_v2",
                         "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--weights", weights,
                         "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1
@@ -121,10 +121,10 @@ def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weigh
 
 # --- The workbench: recipes, schedules, staged fine-tuning, resume, early stopping ---------
 
-from training import distributed  # noqa: E402
-from training.data import EpochSampler, SeededSamples, class_weights, image_folder  # noqa: E402
-from training.optim import lr_factor  # noqa: E402
-from training.recipe import RECIPES  # noqa: E402
+from training.fit import distributed  # noqa: E402
+from training.data.datasets import EpochSampler, SeededSamples, class_weights, image_folder  # noqa: E402
+from training.fit.optim import lr_factor  # noqa: E402
+from training.fit.recipe import RECIPES  # noqa: E402
 
 
 def small_args(data, out, *extra):
@@ -140,7 +140,7 @@ def test_recipe_sets_defaults_flags_override_and_settings_reproduce(tmp_path, ti
     assert a.model == recipe["model"] == "resnet50"
     assert a.batch_size == recipe["batch-size"] and a.optimizer == recipe["optimizer"]
     assert a.lr == 0.05 != recipe["lr"]
-    from training.recipe import save_settings
+    from training.fit.recipe import save_settings
     save_settings(a, tmp_path / "settings.yaml")
     b = train_mod.parse_args(["--recipe", str(tmp_path / "settings.yaml")])
     assert vars(b) | {"recipe": None} == vars(a) | {"recipe": None}
@@ -150,7 +150,7 @@ def test_recipe_sets_defaults_flags_override_and_settings_reproduce(tmp_path, ti
 def test_recipe_unknown_setting_is_named(tmp_path, tiny_data):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: scratch_cnn\nlearning-rate: 0.1\n")
-    r = run_cli("training.train", "--recipe", str(bad), "--data", str(tiny_data), "--out", str(tmp_path))
+    r = run_cli("training.fit.train", "--recipe", str(bad), "--data", str(tiny_data), "--out", str(tmp_path))
     assert r.returncode == 2 and "unknown setting 'learning-rate'" in r.stderr and "lr" in r.stderr
 
 
@@ -201,7 +201,7 @@ def test_balanced_sampler_and_class_weights_on_imbalanced_data(tmp_path):
         f.unlink()  # 7 circles, 2 stars
     ds = image_folder(tmp_path, "train", None)
     assert [round(w, 4) for w in class_weights(ds).tolist()] == [round(9 / 14, 4), round(9 / 4, 4)]
-    from training.data import sample_weights
+    from training.data.datasets import sample_weights
     s = EpochSampler(len(ds), shuffle=True, weights=sample_weights(ds))
     drawn = []
     for e in range(200):

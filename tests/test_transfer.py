@@ -1,5 +1,5 @@
-"""Fine-tuning a pretrained backbone: the linear probe (training/probe.py), the BatchNorm
-statistics and trainable layers (training/transfer.py), and the finetune recipe on real
+"""Fine-tuning a pretrained backbone: the linear probe (training/evaluation/probe.py), the BatchNorm
+statistics and trainable layers (training/fit/transfer.py), and the finetune recipe on real
 handwritten digits against the same settings from scratch and against the probe."""
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tests.conftest import ROOT
-from training import distributed
-from training import probe as probe_mod
-from training import train as train_mod
-from training.transfer import keep_bn_statistics, train_all_layers
+from training.fit import distributed
+from training.evaluation import probe as probe_mod
+from training.fit import train as train_mod
+from training.fit.transfer import keep_bn_statistics, train_all_layers
 
 
 # --- the linear probe -------------------------------------------------------------------
@@ -226,7 +226,7 @@ FAST = ["--recipe", "finetune", "--hflip", "0", "--resize-size", "64", "--crop-s
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from training.digits import write_split_digits
+    from training.demo.digits import write_split_digits
     root = tmp_path_factory.mktemp("digits")
     assert write_split_digits(root, SPLITS, size=32) == {"train": 300, "valid": 100, "test": 300}
     return root
@@ -236,7 +236,7 @@ def digits(tmp_path_factory):
 def finetuned(digits, tmp_path_factory):
     """The run folder and printed lines of the finetune recipe on the digits, by the command."""
     out = tmp_path_factory.mktemp("finetuned")
-    r = subprocess.run([sys.executable, "-m", "training.train", *FAST, "--data", str(digits),
+    r = subprocess.run([sys.executable, "-m", "training.fit.train", *FAST, "--data", str(digits),
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r.stdout

@@ -5,11 +5,11 @@ the class proportions. The order is the sorted file list shuffled with a
 random.Random seeded by --seed and the class name: the same seed gives the same
 split, and adding a class does not change the others. Rounding is half-up, and
 valid and test get at least one image of every class (taken from train) when
-their ratio is above zero, because training.data needs every class folder in
+their ratio is above zero, because training.data.datasets needs every class folder in
 every split. A class with fewer images than that (one per non-empty split) is an
 error naming it, unless --skip-small leaves it out. The source is never modified.
 
-    python -m training.split --data raw_images --out data/mine --ratios 0.8 0.1 0.1
+    python -m training.data.split --data raw_images --out data/mine --ratios 0.8 0.1 0.1
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from training.data import SPLITS
-from training.imagefiles import (check_apart, class_dirs, format_table, is_split_layout,
+from training.data.datasets import SPLITS
+from training.data.files import (check_apart, class_dirs, format_table, is_split_layout,
                                  list_images, prepare_out, tool_parser)
 from training.progress import Progress
 
@@ -90,7 +90,7 @@ def count_table(plan: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = tool_parser("training.split", __doc__)
+    p = tool_parser("training.data.split", __doc__)
     p.add_argument("--data", type=Path, required=True,
                    help="unsplit dataset: one folder per class of images (ROOT/CLASS/*.jpg)")
     p.add_argument("--out", type=Path, required=True,

@@ -1,6 +1,6 @@
 """Real photos that arrive with installed packages, for the demo, the tests and the benchmark.
 
-    python -m training.photos            # one path per line
+    python -m training.demo.photos            # one path per line
 
 No photo is committed to the project. scikit-image and matplotlib ship a few real
 photographs (public domain or free to use, see their packages); a folder of more can be
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_PHOTOS = ROOT.parent / "shared" / "photos"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -1,8 +1,8 @@
 """A checkpoint for a pretrained model that needs no training, in the format export reads.
 
-    python -m training.pretrained --model imagenet_dogs --out runs/imagenet_dogs
+    python -m training.export.pretrained --model imagenet_dogs --out runs/imagenet_dogs
 
-Writes ``best.pt`` (the self-describing checkpoint training.train writes: model name,
+Writes ``best.pt`` (the self-describing checkpoint training.fit.train writes: model name,
 classes, eval preprocessing, weights) and ``metrics.json`` (no test on your data: the
 model's classes are ImageNet's), so that ``training.export`` and the rest of the
 pipeline treat it as any trained run.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from models import imagenet
 from models.zoo import get_model, get_spec
-from training import train as train_mod
-from training.checkpoint import checkpoint, save_atomic
+from training.fit import train as train_mod
+from training.fit.checkpoint import checkpoint, save_atomic
 
 # The pretrained models this command knows, with their class names.
 CLASSES = {"imagenet_dogs": imagenet.dog_breeds}

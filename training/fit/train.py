@@ -1,28 +1,28 @@
 """Train a registered model on an ImageFolder dataset and keep the best checkpoint.
 
-    python -m training.train --recipe training/recipes/dog_breeds.yaml --data DIR --out runs/dog_breeds
-    torchrun --nproc-per-node 2 -m training.train --recipe ... (distributed data parallel)
+    python -m training.fit.train --recipe training/fit/recipes/dog_breeds.yaml --data DIR --out runs/dog_breeds
+    torchrun --nproc-per-node 2 -m training.fit.train --recipe ... (distributed data parallel)
 
 Each epoch prints train/valid loss and accuracy; the checkpoint with the lowest
 validation loss is ``best.pt`` (what export reads), and ``last.pt`` holds the whole
 training state after every epoch, so ``--resume`` continues an interrupted run
 where it stopped. At the end the best checkpoint is tested (``Test Loss``,
 ``Test Accuracy``) and the run folder gets metrics.csv/json, settings.yaml and
-the analysis PNGs (training/analysis.py).
+the analysis PNGs (training/evaluation/analysis.py).
 
 Staged fine-tuning: for ``--head-epochs`` epochs only the classifier head trains;
 then the backbone layers the model options unfreeze (resnet50: layer4, plus layer3
 with --unfreeze-layer3; mobilenet_v2: the last --unfreeze-blocks blocks; every layer
 with --train-all-layers) train too, at ``lr * backbone-lr-scale``. ``--bn-stats``
-keeps pretrained BatchNorm statistics (training/transfer.py).
+keeps pretrained BatchNorm statistics (training/fit/transfer.py).
 
 A run from pretrained weights also fits a linear probe, a logistic regression on the
-frozen pretrained features (training/probe.py), and reports its test accuracy beside
+frozen pretrained features (training/evaluation/probe.py), and reports its test accuracy beside
 the fine-tuned one (``probe.json``, ``metrics.json``).
 
 Augmentation is a setting like any other: each flag left unset takes the architecture's
 own choice (models/augment.py TrainPreset), and settings.yaml records what was used.
-Mixup/CutMix (training/mixing.py) mix whole batches; with ``--ema-decay`` an exponential
+Mixup/CutMix (training/fit/mixing.py) mix whole batches; with ``--ema-decay`` an exponential
 moving average of the weights is validated beside them every epoch, and whichever has
 the lower valid loss is what best.pt holds.
 """
@@ -45,19 +45,19 @@ from handlers.preset import EvalPreset
 from models.augment import AUTO_AUGMENT, TrainPreset
 from models.zoo import get_model, get_spec, known_models
 from models.weights import WeightsUnavailable
-from training import distributed
-from training.analysis import analyse, from_evaluation
-from training.checkpoint import checkpoint, load_checkpoint, model_options, save_atomic
-from training.data import (BALANCE, EpochSampler, class_weights, load_splits, loader,
+from training.fit import distributed
+from training.evaluation.analysis import analyse, from_evaluation
+from training.fit.checkpoint import checkpoint, load_checkpoint, model_options, save_atomic
+from training.data.datasets import (BALANCE, EpochSampler, class_weights, load_splits, loader,
                            training_loader)
-from training.optim import (OPTIMIZERS, PER_STEP_SCHEDULES, SCHEDULES, build_optimizer,
+from training.fit.optim import (OPTIMIZERS, PER_STEP_SCHEDULES, SCHEDULES, build_optimizer,
                             build_scheduler, set_backbone_trainable, split_parameters)
-from training.evaluate import class_logits, evaluate
-from training.mixing import BatchMix
-from training.probe import linear_probe, with_transform
+from training.evaluation.evaluate import class_logits, evaluate
+from training.fit.mixing import BatchMix
+from training.evaluation.probe import linear_probe, with_transform
 from training.progress import Progress
-from training.recipe import parse_with_recipe, save_settings
-from training.transfer import BN_STATS, keep_bn_statistics, train_all_layers
+from training.fit.recipe import parse_with_recipe, save_settings
+from training.fit.transfer import BN_STATS, keep_bn_statistics, train_all_layers
 
 
 def _autocast(d: distributed.Dist, amp: bool):
@@ -84,7 +84,7 @@ def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scal
 
     ``mix`` mixes each batch (its labels become probabilities; accuracy then counts the
     class with the larger share); ``ema`` follows the weights after every step;
-    ``bn_stats`` says which BatchNorm layers keep their statistics (training/transfer.py);
+    ``bn_stats`` says which BatchNorm layers keep their statistics (training/fit/transfer.py);
     ``after_step`` is called after every optimiser step (a per-step schedule).
     """
     model.train()
@@ -120,8 +120,8 @@ def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scal
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train an image classifier on an ImageFolder dataset (train/ valid/ test/).",
-        epilog="Recipes in training/recipes/ set the defaults (--recipe dog_breeds); flags override.")
-    p.add_argument("--recipe", help="YAML file of settings (or the name of one in training/recipes/)")
+        epilog="Recipes in training/fit/recipes/ set the defaults (--recipe dog_breeds); flags override.")
+    p.add_argument("--recipe", help="YAML file of settings (or the name of one in training/fit/recipes/)")
     p.add_argument("--model", required=True, help=f"one of: {known_models()}")
     p.add_argument("--data", required=True, type=Path, help="dataset root with train/ valid/ test/")
     p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and metrics")

@@ -19,8 +19,8 @@ import time
 import torch
 from torch import nn
 
-from training.data import loader
-from training.evaluate import class_logits
+from training.data.datasets import loader
+from training.evaluation.evaluate import class_logits
 
 # L2 strengths (on the mean loss) tried on the valid split; 1 / (C n) in scikit-learn's
 # terms, so for 1,000-10,000 images this spans C of about 0.01 to 100.

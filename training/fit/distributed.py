@@ -1,6 +1,6 @@
 """Distributed data parallel under torchrun, and a no-op when run as one process.
 
-    torchrun --nproc-per-node 2 -m training.train --recipe training/recipes/flying_objects.yaml ...
+    torchrun --nproc-per-node 2 -m training.fit.train --recipe training/fit/recipes/flying_objects.yaml ...
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on GPUs and
 gloo on CPUs. Only rank 0 prints, writes files and saves checkpoints.

@@ -11,7 +11,7 @@ but not shape (measured: a linear probe on random ResNet50/MobileNetV2 features
 reached chance level on shapes of random colours). With ImageNet weights the
 shapes alone would do.
 
-    python -m training.demo_data --out data/demo
+    python -m training.demo.shapes --out data/demo
 """
 from __future__ import annotations
 

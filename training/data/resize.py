@@ -8,7 +8,7 @@ original project did: stretch to exactly 300x300. --keep-aspect instead scales
 the short side to --size and keeps the proportions. Files that do not decode are
 listed and skipped, never copied.
 
-    python -m training.resize --data data/mine --out data/mine-300
+    python -m training.data.resize --data data/mine --out data/mine-300
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from handlers.decode import BadImage, open_image
-from training.imagefiles import (check_apart, class_dirs, list_images, prepare_out, rel,
+from training.data.files import (check_apart, class_dirs, list_images, prepare_out, rel,
                                  strict_decoding, tool_parser)
 from training.progress import Progress
 
@@ -74,7 +74,7 @@ def resize_dataset(root: Path, out: Path, size: int, keep_aspect: bool,
 
 
 def parse_args(argv=None):
-    p = tool_parser("training.resize", __doc__)
+    p = tool_parser("training.data.resize", __doc__)
     p.add_argument("--data", type=Path, required=True,
                    help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*")
     p.add_argument("--out", type=Path, required=True,

@@ -8,7 +8,7 @@ batching settings plus a ``handler:`` section with the preprocessing and top-k,
 which the handler reads from ``context.model_yaml_config``).
 
 With ``--quantize int8 --calibration-data DATASET`` the model is quantised to int8 for
-x86 CPUs first (training/quantize.py; docs/export.md says what it gains and costs); the
+x86 CPUs first (training/export/quantize.py; docs/export.md says what it gains and costs); the
 export then also writes ``quantization.json`` and fails, writing nothing, if test
 accuracy drops by more than ``--max-accuracy-drop`` points.
 
@@ -31,8 +31,8 @@ from handlers.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, 
 from handlers.preset import EvalPreset
 from handlers.settings import SETTINGS, HandlerSettings, ServerSettings
 from models.zoo import get_model, get_spec
-from training import quantize
-from training.checkpoint import load_checkpoint
+from training.export import quantize
+from training.fit.checkpoint import load_checkpoint
 
 MODEL_FILE = "model.pt"
 # The dog detector a dog-breed model without ImageNet classes of its own is exported with:
@@ -150,7 +150,7 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
         (out / QUANTIZATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     labels = {str(i): display_name(name) for i, name in enumerate(ckpt["classes"])}
     (out / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
-    header = (f"# TorchServe settings for {ckpt['model']}, written by training/export.py from "
+    header = (f"# TorchServe settings for {ckpt['model']}, written by training/export/torchscript.py from "
               f"{checkpoint}.\n# Worker/batching keys are TorchServe's; 'handler' is read by "
               f"handlers/{a.handler}.py.\n")
     (out / CONFIG_FILE).write_text(header + yaml.safe_dump(model_config(ckpt, a), sort_keys=False))
@@ -160,8 +160,9 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Export a training checkpoint for TorchServe.")
-    p.add_argument("--checkpoint", required=True, type=Path, help="best.pt from training.train")
+    p = argparse.ArgumentParser(prog="python -m training.export",
+                                description="Export a training checkpoint for TorchServe.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="best.pt from training.fit.train")
     p.add_argument("--out", required=True, type=Path, help="folder to write the export into")
     p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size,
                    help="TorchServe batchSize")
@@ -192,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-decode", action="store_true",
                    help="CUDA workers: decode JPEGs with nvJPEG and preprocess on the GPU")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: quantise for x86 CPUs (needs --calibration-data); see training/quantize.py")
+                   help="int8: quantise for x86 CPUs (needs --calibration-data); see training/export/quantize.py")
     p.add_argument("--calibration-data", type=Path,
                    help="dataset root (train/ valid/ test/) the model was trained on: int8 ranges "
                         "come from train/, the accuracy check from test/")

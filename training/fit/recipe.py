@@ -1,6 +1,6 @@
-"""Training recipes: YAML files of argument defaults, one per model (training/recipes/).
+"""Training recipes: YAML files of argument defaults, one per model (training/fit/recipes/).
 
-    python -m training.train --recipe training/recipes/dog_breeds.yaml --data DIR --out runs/x --lr 0.01
+    python -m training.fit.train --recipe training/fit/recipes/dog_breeds.yaml --data DIR --out runs/x --lr 0.01
 
 A recipe's keys are the trainer's flags (``batch-size`` or ``batch_size``); the
 recipe sets the defaults and flags given on the command line override them

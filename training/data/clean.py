@@ -8,7 +8,7 @@ extension. Problem kinds:
   corrupt         an image format, but it does not decode to the end (truncated, damaged)
   too_large       over the decoder's pixel limit, so training would refuse it
   too_small       short side under --min-size pixels
-  extreme_aspect  long side over 20 times the short one (training.data.MAX_ASPECT):
+  extreme_aspect  long side over 20 times the short one (training.data.datasets.MAX_ASPECT):
                   resizing the short side to the eval size would blow the long side up
                   (a 1 x 100000 PNG of a few hundred bytes to 25.6 gigapixels), so
                   training and analysis skip it with a warning
@@ -27,8 +27,8 @@ Exit status: 0 when no problem was found, 3 when problems were found (moved or
 not; a second run after --move-to gives 0), 2 for a wrong flag, 1 for other
 errors (no such folder, a --move-to target that already exists).
 
-    python -m training.clean --data data/mine
-    python -m training.clean --data data/mine --move-to data/mine-flagged
+    python -m training.data.clean --data data/mine
+    python -m training.data.clean --data data/mine --move-to data/mine-flagged
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from PIL import UnidentifiedImageError
 
 from handlers.decode import BadImage, open_image
 from serving.archive import sha256
-from training.data import shape_problem
-from training.imagefiles import (check_apart, class_dirs, format_table, list_files, rel,
+from training.data.datasets import shape_problem
+from training.data.files import (check_apart, class_dirs, format_table, list_files, rel,
                                  strict_decoding, tool_parser)
 from training.progress import Progress
 
@@ -178,7 +178,7 @@ def write_report(path: Path, root: Path, min_size: int, scanned: int,
 
 
 def parse_args(argv=None):
-    p = tool_parser("training.clean", __doc__)
+    p = tool_parser("training.data.clean", __doc__)
     p.add_argument("--data", type=Path, required=True,
                    help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*")
     p.add_argument("--min-size", type=int, default=32,

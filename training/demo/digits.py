@@ -1,7 +1,7 @@
 """Write scikit-learn's handwritten digits as a folder of class folders, as a user's own data.
 
-    python -m training.digits --out data/digits-raw
-    python -m training.split --data data/digits-raw --out data/digits --ratios 0.7 0.15 0.15
+    python -m training.demo.digits --out data/digits-raw
+    python -m training.data.split --data data/digits-raw --out data/digits --ratios 0.7 0.15 0.15
 
 A real labelled dataset that installs offline: ``sklearn.datasets.load_digits`` ships
 the 1,797 8x8 images (ten classes, 0-9, about 180 each) of the UCI "Optical Recognition
@@ -15,7 +15,7 @@ project does not.
 that many images per class, the first of each class in the file's order): a real
 dataset that trains in seconds, for tests and quick comparisons.
 
-    python -m training.digits --out data/digits-small --size 32 --splits 30 10 30
+    python -m training.demo.digits --out data/digits-small --size 32 --splits 30 10 30
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _load_digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("error: training.digits needs scikit-learn: "
+        raise SystemExit("error: training.demo.digits needs scikit-learn: "
                          ".venv/bin/pip install -r requirements-data.txt") from None
     return load_digits()
 

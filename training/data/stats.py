@@ -2,7 +2,7 @@
 
 Works on both layouts; an unsplit dataset (ROOT/CLASS/*) shows as one split
 named "all". Counts are the files ImageFolder would load (by extension): run
-training.clean to find the ones that would not decode.
+training.data.clean to find the ones that would not decode.
 
 Imbalance: within a split, when the largest class has more than
 --imbalance-ratio times the images of the smallest, a WARNING names both. The
@@ -11,7 +11,7 @@ alone (2 images against 3) warns on datasets that are balanced, while at 2x the
 smallest class already gets half the updates of the largest in every epoch; the
 trainer's --balance sampler (or weights) evens that out.
 
-    python -m training.stats --data data/mine
+    python -m training.data.stats --data data/mine
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.imagefiles import class_dirs, format_table, list_images, tool_parser
+from training.data.files import class_dirs, format_table, list_images, tool_parser
 from training.progress import Progress
 
 ALL = "all"  # the one split of an unsplit dataset
@@ -102,7 +102,7 @@ def default_chart(root: Path) -> Path:
 
 
 def parse_args(argv=None):
-    p = tool_parser("training.stats", __doc__)
+    p = tool_parser("training.data.stats", __doc__)
     p.add_argument("--data", type=Path, required=True,
                    help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*")
     p.add_argument("--chart", type=Path, default=None,
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     for w in warnings:
         print(w)
     if warnings:
-        print("  to compensate in training: python -m training.train ... --balance sampler "
+        print("  to compensate in training: python -m training.fit.train ... --balance sampler "
               "(or --balance weights for class-weighted loss)")
     chart = a.chart or default_chart(a.data)
     draw_chart(counts, chart, f"images per class: {Path(a.data).resolve().name}")

@@ -5,7 +5,7 @@ curves, a confusion matrix, per-class precision/recall/F1 (CSV, markdown, bar
 chart) and a grid of misclassified images. The trainer calls ``analyse()`` at
 the end of training; the CLI re-creates the files afterwards from a run folder:
 
-    python -m training.analysis --run runs/dog_breeds --data data/demo --split test
+    python -m training.evaluation.analysis --run runs/dog_breeds --data data/demo --split test
 
 Figures use matplotlib's object API (training/figures.py), not pyplot.
 """
@@ -28,10 +28,10 @@ from torch.utils.data import SequentialSampler
 
 from handlers.decode import BadImage, open_image
 from handlers.preset import EvalPreset
-from training.checkpoint import load_checkpoint
-from training.data import image_folder, loader
-from training.distributed import Dist
-from training.evaluate import evaluate
+from training.fit.checkpoint import load_checkpoint
+from training.data.datasets import image_folder, loader
+from training.fit.distributed import Dist
+from training.evaluation.evaluate import evaluate
 from training.figures import Figure, save_png
 # The trainer imports this module only inside a function, so this is not circular.
 
@@ -61,7 +61,7 @@ class Predictions:
 # ---------------------------------------------------------------- predictions
 
 def from_evaluation(result: dict, samples) -> Predictions:
-    """The Predictions of ``training.evaluate.evaluate(..., collect=True)`` over a dataset
+    """The Predictions of ``training.evaluation.evaluate.evaluate(..., collect=True)`` over a dataset
     read in order; ``samples`` is its ImageFolder's (path, label) list."""
     y_true, y_pred, conf = result["predictions"]
     if len(y_true) != len(samples) or any(t != s[1] for t, s in zip(y_true, samples)):

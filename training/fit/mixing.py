@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-# Keeps the batches' seeds apart from the images' (training.data.SeededSamples), which
+# Keeps the batches' seeds apart from the images' (training.data.datasets.SeededSamples), which
 # are built from the same (seed, epoch) and an image index that can equal a step.
 STREAM = 1 << 48
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from training import distributed
+from training.fit import distributed
 
 
 def class_logits(out):

@@ -66,7 +66,7 @@ def skip_extreme_shapes(ds: ImageFolder) -> ImageFolder:
         size = header_size(path)
         problem = shape_problem(size) if size else None
         if problem:
-            warnings.warn(f"skipped {path}: {problem} (training.clean reports it as extreme_aspect)",
+            warnings.warn(f"skipped {path}: {problem} (training.data.clean reports it as extreme_aspect)",
                           SkippedImage, stacklevel=3)
         else:
             kept.append((path, target))

@@ -28,8 +28,8 @@ from torch.ao.quantization import get_default_qconfig_mapping, quantize_fx
 from torch.utils.data import DataLoader, Subset
 
 from handlers.preset import EvalPreset
-from training.data import image_folder
-from training.evaluate import class_logits
+from training.data.datasets import image_folder
+from training.evaluation.evaluate import class_logits
 from training.progress import Progress
 
 # onednn: faster than x86/fbgemm on the machines measured and, with its full 8-bit

@@ -2,7 +2,7 @@
 strict decoding, output-folder checks and plain-text tables.
 
 A dataset is ImageFolder-style, either unsplit (ROOT/CLASS/*.jpg, "flat") or
-split (ROOT/{train,valid,test}/CLASS/*.jpg, as training.data reads it).
+split (ROOT/{train,valid,test}/CLASS/*.jpg, as training.data.datasets reads it).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import ImageFile
 # The extensions ImageFolder loads, so the tools see the files training will read.
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from training.data import SPLITS
+from training.data.datasets import SPLITS
 
 FLAT = None  # the "split" of an unsplit dataset's class folders
 
