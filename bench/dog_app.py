@@ -13,6 +13,7 @@ search, as the handler runs them) comes from the in-process runs.
 The dog app is held to: served >= 0.85 of the in-process figure for dog photos, and a face
 check costing <= 10 ms per photo for the rest. The report gives the ratio and the time.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -49,15 +50,19 @@ def subject(target, data: bytes) -> str:
 
 def start(a, work: Path, images: dict[str, list[bytes]]):
     """TorchServe with the dog app's archive loaded at start: (server, startup facts)."""
-    ts = harness.BenchServer(work / "model_store", work / "ts",
-                             {"load_models": f"{NAME}.mar", "number_of_gpu": str(a.gpus)},
-                             omp_threads=a.threads)
+    ts = harness.BenchServer(
+        work / "model_store",
+        work / "ts",
+        {"load_models": f"{NAME}.mar", "number_of_gpu": str(a.gpus)},
+        omp_threads=a.threads,
+    )
     print(f"  starting TorchServe with the dog app (OMP_NUM_THREADS={a.threads})", flush=True)
     return ts, harness.start(ts, NAME, next(iter(images.values()))[0], "dog")
 
 
-def take_turns(a, target, export: Path, files: dict[str, list[Path]],
-               images: dict[str, list[bytes]], work: Path) -> dict:
+def take_turns(
+    a, target, export: Path, files: dict[str, list[Path]], images: dict[str, list[bytes]], work: Path
+) -> dict:
     """Each set's served cells and in-process runs, taking turns: {set: {cells, in_process,
     order (the sides in the order they ran)}}."""
     c = max(a.concurrency)
@@ -70,8 +75,11 @@ def take_turns(a, target, export: Path, files: dict[str, list[Path]],
             rate = runs["in_process"][-1]["sizes"][g]["best_images_per_s"] if runs["in_process"] else None
             runs["cells"].append(harness.run_cell(a, "dog app", target, g, images[g], c, rate))
         else:
-            runs["in_process"].append(harness.in_process(
-                a, export, {g: files[g]}, work / f"inprocess_{g.replace(' ', '_')}_{r}.json"))
+            runs["in_process"].append(
+                harness.in_process(
+                    a, export, {g: files[g]}, work / f"inprocess_{g.replace(' ', '_')}_{r}.json"
+                )
+            )
     return out
 
 
@@ -79,25 +87,40 @@ def summary(group: str, names: list[str], runs: dict, served_answers: list[str])
     """A set's figures: the medians of its rounds, the face check per photo, the answers."""
     served = report.median(x["images_per_s"] for x in runs["cells"])
     ip = report.median(r["sizes"][group]["best_images_per_s"] for r in runs["in_process"])
-    checks = {n: round(report.median(r["checks_ms"][group][i] for r in runs["in_process"]), 2)
-              for i, n in enumerate(names)}
+    checks = {
+        n: round(report.median(r["checks_ms"][group][i] for r in runs["in_process"]), 2)
+        for i, n in enumerate(names)
+    }
     first = runs["in_process"][0]["answers"][group]
-    return {"photos": names, "served_images_per_s": served, "in_process_images_per_s": ip,
-            "served/in-process": report.ratio(served, ip),
-            "face_check_ms": checks, "face_check_ms_mean": round(sum(checks.values()) / len(checks), 2),
-            "answers": {n: {"served": s, "in_process": a["subject"]}
-                        for n, s, a in zip(names, served_answers, first)},
-            "served_first": [side == SERVED for side in runs["order"][::2]], **runs}
+    return {
+        "photos": names,
+        "served_images_per_s": served,
+        "in_process_images_per_s": ip,
+        "served/in-process": report.ratio(served, ip),
+        "face_check_ms": checks,
+        "face_check_ms_mean": round(sum(checks.values()) / len(checks), 2),
+        "answers": {
+            n: {"served": s, "in_process": a["subject"]} for n, s, a in zip(names, served_answers, first)
+        },
+        "served_first": [side == SERVED for side in runs["order"][::2]],
+        **runs,
+    }
 
 
 def run(a, work: Path, settings: dict) -> dict:
     """The dog app's part of the results."""
     sets, missing = photo_sets(photos())
     meta = ex.prepare_export(NAME, a.exports, work, settings, shlex.split(a.export_args), "dog_breeds")
-    out = {"name": NAME, "origin": meta["origin"], "export": meta["export"],
-           "model_config": meta["model_config"], "concurrency": max(a.concurrency),
-           "photos": {g: {n: str(p) for n, p in ps.items()} for g, ps in sets.items()},
-           "missing": missing, "groups": {}}
+    out = {
+        "name": NAME,
+        "origin": meta["origin"],
+        "export": meta["export"],
+        "model_config": meta["model_config"],
+        "concurrency": max(a.concurrency),
+        "photos": {g: {n: str(p) for n, p in ps.items()} for g, ps in sets.items()},
+        "missing": missing,
+        "groups": {},
+    }
     if not sets:
         return out
     export = Path(meta["export"])

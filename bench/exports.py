@@ -17,6 +17,7 @@ An int8 export (training/export/torchscript.py --quantize int8, e.g. `make bench
 quantized engine; the built-in handler's archive then sets the same engine before
 loading, so both handlers run the same int8 kernels.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,11 @@ from ts.torch_handler.image_classifier import ImageClassifier
 class BuiltinAdjusted(ImageClassifier):
     topk = {k}
 {initialize}'''
-SET_ENGINE = '''
+SET_ENGINE = """
     def initialize(self, context):
         torch.backends.quantized.engine = {engine!r}
         super().initialize(context)
-'''
+"""
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -68,6 +69,7 @@ def random_export(name: str, out: Path, dog_gate: bool = False) -> None:
     import torch
 
     from models.zoo import get_model
+
     arch, classes = MODELS[name]
     torch.manual_seed(0)
     model = get_model(arch, classes, weights=None).eval()
@@ -80,18 +82,39 @@ def random_export(name: str, out: Path, dog_gate: bool = False) -> None:
     (out / export_mod.LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
 
 
-def bench_config(handler: dict, arch: str, classes: int, settings: dict, export_args: list[str],
-                 handler_name: str = "image_classifier") -> dict:
+def bench_config(
+    handler: dict,
+    arch: str,
+    classes: int,
+    settings: dict,
+    export_args: list[str],
+    handler_name: str = "image_classifier",
+) -> dict:
     """model-config.yaml for the settings under test, written by training/export/torchscript.py's own
     model_config (the handler's speed settings at their export defaults unless
     ``export_args`` say otherwise, e.g. ["--jpeg-draft", "0"]), for handlers/<handler_name>.py."""
     ckpt = {"eval_preset": EvalPreset.from_dict(handler).to_dict(), "num_classes": classes, "model": arch}
-    a = export_mod.parse_args([
-        "--checkpoint", "-", "--out", "-", "--handler", handler_name,
-        "--workers", str(settings["workers"]), "--threads", str(settings["threads"]),
-        "--batch-size", str(settings["batch_size"]),
-        "--max-batch-delay", str(settings["max_batch_delay"]),
-        "--top-k", str(handler.get("top_k", 5)), *export_args])
+    a = export_mod.parse_args(
+        [
+            "--checkpoint",
+            "-",
+            "--out",
+            "-",
+            "--handler",
+            handler_name,
+            "--workers",
+            str(settings["workers"]),
+            "--threads",
+            str(settings["threads"]),
+            "--batch-size",
+            str(settings["batch_size"]),
+            "--max-batch-delay",
+            str(settings["max_batch_delay"]),
+            "--top-k",
+            str(handler.get("top_k", 5)),
+            *export_args,
+        ]
+    )
     return export_mod.model_config(ckpt, a)
 
 
@@ -103,8 +126,14 @@ def usable(src: Path, handler_name: str) -> bool:
     return handler_name != "dog_breeds" or handler_of(src).stem == "dog_breeds"
 
 
-def prepare_export(name: str, exports: Path, work: Path, settings: dict,
-                   export_args: list[str] = (), handler_name: str = "image_classifier") -> dict:
+def prepare_export(
+    name: str,
+    exports: Path,
+    work: Path,
+    settings: dict,
+    export_args: list[str] = (),
+    handler_name: str = "image_classifier",
+) -> dict:
     """work/exports/<name>/ with the benchmark's model-config.yaml for
     handlers/<handler_name>.py; returns what it holds."""
     out = work / "exports" / name
@@ -121,7 +150,8 @@ def prepare_export(name: str, exports: Path, work: Path, settings: dict,
     else:
         arch, _ = MODELS[name]
         origin = f"random {arch}, {MODELS[name][1]} classes" + (
-            f", beside the pretrained {export_mod.DEFAULT_DOG_GATE} dog detector" if dog_gate else "")
+            f", beside the pretrained {export_mod.DEFAULT_DOG_GATE} dog detector" if dog_gate else ""
+        )
         if not (out / "random.stamp").exists():
             print(f"  {name}: no usable {src}/model.pt; exporting a {origin}", flush=True)
             random_export(name, out, dog_gate)
@@ -134,9 +164,15 @@ def prepare_export(name: str, exports: Path, work: Path, settings: dict,
         origin += f", int8 ({handler['quantized_engine']})"
     (out / export_mod.CONFIG_FILE).write_text(
         "# Written by bench/exports.py (training.export.model_config) for the serving benchmark.\n"
-        + yaml.safe_dump(cfg, sort_keys=False))
-    return {"export": str(out), "origin": origin, "architecture": arch, "classes": classes,
-            "model_config": cfg}
+        + yaml.safe_dump(cfg, sort_keys=False)
+    )
+    return {
+        "export": str(out),
+        "origin": origin,
+        "architecture": arch,
+        "classes": classes,
+        "model_config": cfg,
+    }
 
 
 def build_archives(name: str, export: Path, store: Path) -> dict:
@@ -149,17 +185,36 @@ def build_archives(name: str, export: Path, store: Path) -> dict:
     builtin = name + BUILTIN_SUFFIX
     with tempfile.TemporaryDirectory() as stage:
         handler, note = "image_classifier", "image_classifier (built-in)"
-        changes = ([f"topk={classes} (its fixed top 5 fails on {classes} classes)"] if classes < 5 else []) \
-            + ([f"quantized engine {engine} set before loading (int8 model)"] if engine else [])
+        changes = (
+            [f"topk={classes} (its fixed top 5 fails on {classes} classes)"] if classes < 5 else []
+        ) + ([f"quantized engine {engine} set before loading (int8 model)"] if engine else [])
         if changes:
             handler = str(Path(stage) / "builtin_adjusted.py")
-            Path(handler).write_text(BUILTIN_SUBCLASS.format(
-                k=min(classes, 5), what="; ".join(changes),
-                initialize=SET_ENGINE.format(engine=engine) if engine else ""))
+            Path(handler).write_text(
+                BUILTIN_SUBCLASS.format(
+                    k=min(classes, 5),
+                    what="; ".join(changes),
+                    initialize=SET_ENGINE.format(engine=engine) if engine else "",
+                )
+            )
             note = "image_classifier (built-in) with " + "; ".join(changes)
-        subprocess.run([archiver(), "--model-name", builtin, "--version", "1.0",
-                        "--serialized-file", str(export / export_mod.MODEL_FILE),
-                        "--handler", handler,
-                        "--extra-files", str(export / export_mod.LABELS_FILE),
-                        "--export-path", str(store), "--force"], check=True)
+        subprocess.run(
+            [
+                archiver(),
+                "--model-name",
+                builtin,
+                "--version",
+                "1.0",
+                "--serialized-file",
+                str(export / export_mod.MODEL_FILE),
+                "--handler",
+                handler,
+                "--extra-files",
+                str(export / export_mod.LABELS_FILE),
+                "--export-path",
+                str(store),
+                "--force",
+            ],
+            check=True,
+        )
     return {"custom": f"{name}.mar", "builtin": f"{builtin}.mar", "builtin_handler": note}

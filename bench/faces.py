@@ -22,6 +22,7 @@ their models at run time). The time is that of this machine while it runs, share
 the fastest round's median (each photo's quickest round, then the median over the photos)
 shows the cost with the least of other processes' work in it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import dlib
@@ -55,6 +56,7 @@ MIN_SHORT = DogBreedSettings().min_short(EvalPreset().resize_size)
 @dataclass
 class Option:
     """A face check: ``make()`` builds its detectors once, ``count(detectors, image)`` counts."""
+
     name: str
     make: Callable[[], object]
     count: Callable[[object, Image.Image], int]
@@ -64,28 +66,35 @@ class Option:
 
 # ---- the candidates ----
 
+
 def lbp_cascade() -> cv2.CascadeClassifier:
     """OpenCV's LBP frontal-face cascade as scikit-image ships it (the face check before HOG),
     its one misspelt tag (featuhreParams) mended so that OpenCV reads it."""
     import skimage
+
     text = (Path(skimage.__file__).parent / "data" / "lbpcascade_frontalface_opencv.xml").read_text()
     cascade = cv2.CascadeClassifier()
-    storage = cv2.FileStorage(text.replace("featuhreParams", "featureParams"),
-                              cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
+    storage = cv2.FileStorage(
+        text.replace("featuhreParams", "featureParams"), cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY
+    )
     if not cascade.read(storage.getFirstTopLevelNode()):
         raise RuntimeError("cannot read scikit-image's LBP face cascade")
     return cascade
 
 
-def cascade_faces(cascade, grey: np.ndarray, min_share: float, scale_factor: float,
-                  min_neighbors: int) -> int:
+def cascade_faces(
+    cascade, grey: np.ndarray, min_share: float, scale_factor: float, min_neighbors: int
+) -> int:
     """Faces at least ``min_share`` of the short side of ``grey`` that ``cascade`` finds."""
     window = max(cascade.getOriginalWindowSize())
     smallest = max(window, int(min_share * min(grey.shape)))
     if smallest > min(grey.shape):
         return 0
-    return len(cascade.detectMultiScale(grey, scaleFactor=scale_factor, minNeighbors=min_neighbors,
-                                        minSize=(smallest, smallest)))
+    return len(
+        cascade.detectMultiScale(
+            grey, scaleFactor=scale_factor, minNeighbors=min_neighbors, minSize=(smallest, smallest)
+        )
+    )
 
 
 def haar_cascade(name: str) -> cv2.CascadeClassifier:
@@ -101,47 +110,72 @@ def long_side_copy(image: Image.Image, max_side: int) -> np.ndarray:
     return handler.grey_copy(image, handler.face_copy_size(image.size, max_side, max_side))
 
 
-def cascade_option(name: str, cascade: Callable[[], cv2.CascadeClassifier], copy: Callable,
-                   min_share: float, scale_factor: float, min_neighbors: int, **notes) -> Option:
+def cascade_option(
+    name: str,
+    cascade: Callable[[], cv2.CascadeClassifier],
+    copy: Callable,
+    min_share: float,
+    scale_factor: float,
+    min_neighbors: int,
+    **notes,
+) -> Option:
     """A cascade on ``copy(image)``, faces from ``min_share`` of its short side."""
-    return Option(name, cascade,
-                  lambda c, image: cascade_faces(c, copy(image), min_share, scale_factor, min_neighbors),
-                  notes=notes)
+    return Option(
+        name,
+        cascade,
+        lambda c, image: cascade_faces(c, copy(image), min_share, scale_factor, min_neighbors),
+        notes=notes,
+    )
 
 
 def lbp_before(image: Image.Image) -> np.ndarray:
     """The copy the LBP check searched before HOG: sized so that a face of 0.15 of the short
     side measured the cascade's 24 px window times 1.15 ** 4 (42 px), at most 512 px long."""
-    smallest = 24 * 1.15 ** 4
+    smallest = 24 * 1.15**4
     scale = min(1.0, 512 / max(image.size), smallest / (0.15 * min(image.size)))
     return handler.grey_copy(image, (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
 
 
-def hog_option(short_side: int, threshold: float, max_side: int = handler.FACE_MAX_SIDE,
-               name: str | None = None) -> Option:
+def hog_option(
+    short_side: int, threshold: float, max_side: int = handler.FACE_MAX_SIDE, name: str | None = None
+) -> Option:
     """dlib's HOG detector on a copy with ``short_side`` (at most ``max_side`` long)."""
+
     def count(hog, image):
         return handler.count_faces(hog, image, short_side, max_side, threshold)
-    return Option(name or f"dlib HOG, short side {short_side}, threshold {threshold:g}",
-                  dlib.get_frontal_face_detector, count)
+
+    return Option(
+        name or f"dlib HOG, short side {short_side}, threshold {threshold:g}",
+        dlib.get_frontal_face_detector,
+        count,
+    )
 
 
 def chosen_option() -> Option:
     """The handler's check as it runs it (count_faces with its defaults)."""
-    return Option(f"dlib HOG, short side {handler.FACE_SHORT_SIDE}, threshold "
-                  f"{handler.FACE_HOG_THRESHOLD:g} (the handler's)",
-                  handler.face_detector, handler.count_faces, chosen=True)
+    return Option(
+        f"dlib HOG, short side {handler.FACE_SHORT_SIDE}, threshold "
+        f"{handler.FACE_HOG_THRESHOLD:g} (the handler's)",
+        handler.face_detector,
+        handler.count_faces,
+        chosen=True,
+    )
 
 
 def hog_then_lbp_option() -> Option:
     """The handler's check, and the LBP cascade on the same copy (faces from 0.15 of its short
     side, under HOG's window) when HOG finds none: a second opinion for small faces."""
+
     def count(detectors, image):
         hog, cascade = detectors
         grey = handler.face_copy(image)
         return handler.hog_faces(hog, grey) or cascade_faces(cascade, grey, 0.15, 1.15, 3)
-    return Option("the handler's HOG; else LBP on its copy, from 0.15",
-                  lambda: (handler.face_detector(), lbp_cascade()), count)
+
+    return Option(
+        "the handler's HOG; else LBP on its copy, from 0.15",
+        lambda: (handler.face_detector(), lbp_cascade()),
+        count,
+    )
 
 
 def options() -> list[Option]:
@@ -149,16 +183,46 @@ def options() -> list[Option]:
     default, alt2 = "haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"
     short = handler.FACE_SHORT_SIDE
     return [
-        cascade_option("LBP, 0.15 of the short side at 42 px, steps 1.15, 3 hits (the check before)",
-                       lbp_cascade, lbp_before, 0.15, 1.15, 3),
-        cascade_option("LBP, short side 420, from 0.10, steps 1.15, 3 hits", lbp_cascade,
-                       lambda image: handler.face_copy(image, 420, 840), 0.10, 1.15, 3),
-        cascade_option("Haar default, 640 px long, from 0.08, steps 1.1, 5 hits",
-                       lambda: haar_cascade(default), lambda image: long_side_copy(image, 640), 0.08, 1.1, 5),
-        cascade_option("Haar alt2, short side 200, from 0.10, steps 1.1, 3 hits",
-                       lambda: haar_cascade(alt2), lambda image: handler.face_copy(image, 200, 400), 0.10, 1.1, 3),
-        cascade_option("Haar alt2, 400 px long, from 0.10, steps 1.1, 3 hits",
-                       lambda: haar_cascade(alt2), lambda image: long_side_copy(image, 400), 0.10, 1.1, 3),
+        cascade_option(
+            "LBP, 0.15 of the short side at 42 px, steps 1.15, 3 hits (the check before)",
+            lbp_cascade,
+            lbp_before,
+            0.15,
+            1.15,
+            3,
+        ),
+        cascade_option(
+            "LBP, short side 420, from 0.10, steps 1.15, 3 hits",
+            lbp_cascade,
+            lambda image: handler.face_copy(image, 420, 840),
+            0.10,
+            1.15,
+            3,
+        ),
+        cascade_option(
+            "Haar default, 640 px long, from 0.08, steps 1.1, 5 hits",
+            lambda: haar_cascade(default),
+            lambda image: long_side_copy(image, 640),
+            0.08,
+            1.1,
+            5,
+        ),
+        cascade_option(
+            "Haar alt2, short side 200, from 0.10, steps 1.1, 3 hits",
+            lambda: haar_cascade(alt2),
+            lambda image: handler.face_copy(image, 200, 400),
+            0.10,
+            1.1,
+            3,
+        ),
+        cascade_option(
+            "Haar alt2, 400 px long, from 0.10, steps 1.1, 3 hits",
+            lambda: haar_cascade(alt2),
+            lambda image: long_side_copy(image, 400),
+            0.10,
+            1.1,
+            3,
+        ),
         hog_option(640, 0.0, 640, name="dlib HOG, 640 px long, threshold 0"),
         hog_option(320, 0.0, 320, name="dlib HOG, 320 px long, threshold 0"),
         hog_option(240, handler.FACE_HOG_THRESHOLD),
@@ -173,12 +237,15 @@ def options() -> list[Option]:
 
 # ---- the photos ----
 
+
 def people_photos(folder: Path = PEOPLE) -> dict[str, tuple[str, bytes]]:
     """{file: (kind, bytes)} of labels.csv's photos of the kinds measured."""
     labels = folder / "labels.csv"
     if not labels.exists():
-        raise SystemExit(f"{labels} is missing: bench.faces needs the real photos of "
-                         f"../shared/photos/people beside the checkout (see its README)")
+        raise SystemExit(
+            f"{labels} is missing: bench.faces needs the real photos of "
+            f"../shared/photos/people beside the checkout (see its README)"
+        )
     with labels.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] in KINDS]
     return {r["file"]: (r["kind"], (folder / r["file"]).read_bytes()) for r in rows}
@@ -187,6 +254,7 @@ def people_photos(folder: Path = PEOPLE) -> dict[str, tuple[str, bytes]]:
 def verdicts(export: Path, photos: dict[str, tuple[str, bytes]]) -> dict[str, str]:
     """{file: "dog", "animal" or "-"}: the ImageNet classifier's verdict, as the dog app reads it."""
     from bench.inprocess import load_handler
+
     h = load_handler(export, threads=1)
     out = {}
     for name, (_, data) in photos.items():
@@ -204,21 +272,25 @@ def dog_export(export: Path | None, out: Path) -> Path:
     made = Path("export/imagenet_dogs")
     if (made / "model.pt").exists():
         return made
-    from training.export import torchscript as export_mod
     from training.export import pretrained
+    from training.export import torchscript as export_mod
+
     target = out / "imagenet_dogs_export"
     if not (target / "model.pt").exists():
         checkpoint = pretrained.write("imagenet_dogs", out / "imagenet_dogs_run")
-        a = export_mod.parse_args(["--checkpoint", str(checkpoint), "--out", str(target),
-                                   "--handler", "dog_breeds"])
+        a = export_mod.parse_args(
+            ["--checkpoint", str(checkpoint), "--out", str(target), "--handler", "dog_breeds"]
+        )
         export_mod.export(checkpoint, target, a)
     return target
 
 
 # ---- measuring ----
 
-def time_per_photo(built: list[tuple[Option, object]], images: dict[str, Image.Image],
-                   rounds: int) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+
+def time_per_photo(
+    built: list[tuple[Option, object]], images: dict[str, Image.Image], rounds: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """{option: {photo: median ms over the rounds}} and the same with the fastest round;
     the options take turns, the order flipping."""
     times = {o.name: {name: [] for name in images} for o, _ in built}
@@ -231,22 +303,29 @@ def time_per_photo(built: list[tuple[Option, object]], images: dict[str, Image.I
             t0 = time.perf_counter()
             option.count(detector, image)
             times[name][photo].append(1000 * (time.perf_counter() - t0))
-    return ({o: {p: statistics.median(t) for p, t in per.items()} for o, per in times.items()},
-            {o: {p: min(t) for p, t in per.items()} for o, per in times.items()})
+    return (
+        {o: {p: statistics.median(t) for p, t in per.items()} for o, per in times.items()},
+        {o: {p: min(t) for p, t in per.items()} for o, per in times.items()},
+    )
 
 
-def findings(option: Option, detector, images: dict[str, Image.Image], kinds: dict[str, str],
-             verdict: dict[str, str]) -> dict:
+def findings(
+    option: Option, detector, images: dict[str, Image.Image], kinds: dict[str, str], verdict: dict[str, str]
+) -> dict:
     """Photos with a face found, by kind; the misses and the false faces by file."""
     found = {name: option.count(detector, image) > 0 for name, image in images.items()}
     of = lambda kind: [n for n in images if kinds[n] == kind]  # noqa: E731
     false = [n for n in images if kinds[n] in ("animal", "object") and found[n]]
-    return {"human": sum(found[n] for n in of("human")), "human_photos": len(of("human")),
-            "human_missed": [n for n in of("human") if not found[n]],
-            "false_faces": false, "no_person_photos": len(of("animal")) + len(of("object")),
-            "false_after_verdict": [n for n in false if verdict[n] == "-"],
-            "human_small": sum(found[n] for n in of("human_small")),
-            "human_small_photos": len(of("human_small"))}
+    return {
+        "human": sum(found[n] for n in of("human")),
+        "human_photos": len(of("human")),
+        "human_missed": [n for n in of("human") if not found[n]],
+        "false_faces": false,
+        "no_person_photos": len(of("animal")) + len(of("object")),
+        "false_after_verdict": [n for n in false if verdict[n] == "-"],
+        "human_small": sum(found[n] for n in of("human_small")),
+        "human_small_photos": len(of("human_small")),
+    }
 
 
 def machine() -> dict:
@@ -259,18 +338,31 @@ def machine() -> dict:
 
 # ---- output ----
 
+
 def table(results: dict) -> str:
     first = next(iter(results["options"].values()))
-    head = ["candidate", f"`human` with a face (of {first['human_photos']})",
-            f"false faces, `animal` + `object` (of {first['no_person_photos']})",
-            "false faces left after the classifier's verdict",
-            f"`human_small` with a face (of {first['human_small_photos']})",
-            "ms/photo, median", "ms/photo, mean", "ms/photo, fastest round"]
+    head = [
+        "candidate",
+        f"`human` with a face (of {first['human_photos']})",
+        f"false faces, `animal` + `object` (of {first['no_person_photos']})",
+        "false faces left after the classifier's verdict",
+        f"`human_small` with a face (of {first['human_small_photos']})",
+        "ms/photo, median",
+        "ms/photo, mean",
+        "ms/photo, fastest round",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in results["options"].items():
-        row = [f"**{name}**" if r["chosen"] else name, str(r["human"]), str(len(r["false_faces"])),
-               str(len(r["false_after_verdict"])), str(r["human_small"]),
-               f"{r['ms_median']:.1f}", f"{r['ms_mean']:.1f}", f"{r['ms_fastest_round_median']:.1f}"]
+        row = [
+            f"**{name}**" if r["chosen"] else name,
+            str(r["human"]),
+            str(len(r["false_faces"])),
+            str(len(r["false_after_verdict"])),
+            str(r["human_small"]),
+            f"{r['ms_median']:.1f}",
+            f"{r['ms_mean']:.1f}",
+            f"{r['ms_fastest_round_median']:.1f}",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -279,12 +371,17 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="timed rounds, the candidates taking turns")
     p.add_argument("--out", type=Path, default=Path("build/bench"))
-    p.add_argument("--export", type=Path, default=None,
-                   help="an imagenet_dogs export for the classifier's verdicts (default: "
-                        "export/imagenet_dogs, else one written under --out)")
+    p.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="an imagenet_dogs export for the classifier's verdicts (default: "
+        "export/imagenet_dogs, else one written under --out)",
+    )
     a = p.parse_args(argv)
     cv2.setNumThreads(1)
     import torch
+
     torch.set_num_threads(1)
     photos = people_photos()
     kinds = {name: kind for name, (kind, _) in photos.items()}
@@ -292,21 +389,33 @@ def main(argv=None) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     verdict = verdicts(dog_export(a.export, a.out), photos)
     built = [(o, o.make()) for o in options()]
-    results = {"machine": machine(), "rounds": a.rounds, "threads": 1, "photos": str(PEOPLE),
-               "verdicts": verdict, "options": {}}
+    results = {
+        "machine": machine(),
+        "rounds": a.rounds,
+        "threads": 1,
+        "photos": str(PEOPLE),
+        "verdicts": verdict,
+        "options": {},
+    }
     cpu_start = report.cpu_snapshot()
     ms, fastest = time_per_photo(built, images, a.rounds)
     results["steal_during_timing"] = report.steal_share(cpu_start, report.cpu_snapshot())
     for option, detector in built:
         per = ms[option.name]
         results["options"][option.name] = {
-            "chosen": option.chosen, **option.notes, **findings(option, detector, images, kinds, verdict),
+            "chosen": option.chosen,
+            **option.notes,
+            **findings(option, detector, images, kinds, verdict),
             "ms_median": round(statistics.median(per.values()), 2),
             "ms_fastest_round_median": round(statistics.median(fastest[option.name].values()), 2),
-            "ms_mean": round(statistics.fmean(per.values()), 2), "ms_per_photo": per}
-    print(f"{results['machine']['lscpu_model_name']}, one thread, median of {a.rounds} rounds, "
-          f"{results['machine'].get('date', '')}, load average at start "
-          f"{results['machine'].get('load_average_1_5_15_at_start')}\n")
+            "ms_mean": round(statistics.fmean(per.values()), 2),
+            "ms_per_photo": per,
+        }
+    print(
+        f"{results['machine']['lscpu_model_name']}, one thread, median of {a.rounds} rounds, "
+        f"{results['machine'].get('date', '')}, load average at start "
+        f"{results['machine'].get('load_average_1_5_15_at_start')}\n"
+    )
     print(table(results))
     (a.out / "faces.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {a.out / 'faces.json'}")

@@ -9,6 +9,7 @@ with its default thread count unless --threads is given, on the CPU unless --dev
 /predictions/<anything>; the answer is {"top_k": [...]} like the project's handler's.
 GET /info tells the settings it runs with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,25 @@ def create_app(export: Path, device: str = "cpu") -> Flask:
             out = model(x)
         logits = out[0] if isinstance(out, (tuple, list)) else out
         p, k = logits.softmax(dim=1).topk(top_k, dim=1)
-        return jsonify({"top_k": [{"label": labels[str(i)], "index": i, "probability": round(v, 6)}
-                                  for v, i in zip(p[0].tolist(), k[0].tolist())]})
+        return jsonify(
+            {
+                "top_k": [
+                    {"label": labels[str(i)], "index": i, "probability": round(v, 6)}
+                    for v, i in zip(p[0].tolist(), k[0].tolist())
+                ]
+            }
+        )
 
     @app.get("/info")
     def info():
-        return jsonify({"torch_threads": torch.get_num_threads(), "threaded": True, "device": str(device),
-                        "server": "flask development server (werkzeug)"})
+        return jsonify(
+            {
+                "torch_threads": torch.get_num_threads(),
+                "threaded": True,
+                "device": str(device),
+                "server": "flask development server (werkzeug)",
+            }
+        )
 
     return app
 

@@ -13,6 +13,7 @@ handler calls it; all of them and the matrix multiply take turns, round by round
 The models are ``export/<name>`` when they exist, otherwise randomly initialised, as in
 ``make bench``. Prints a table and writes build/bench/flops.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,10 @@ def measure(model_pt: Path, batch_sizes: list[int], rounds: int, crop: int = 224
     torch.set_num_threads(1)
     try:
         load = lambda: torch.jit.load(str(model_pt), map_location="cpu").eval()  # noqa: E731
-        models = {mode: optimize(load(), mode, load, crop, torch.device("cpu"),
-                                 sorted({1, *batch_sizes}))
-                  for mode in MODES}
+        models = {
+            mode: optimize(load(), mode, load, crop, torch.device("cpu"), sorted({1, *batch_sizes}))
+            for mode in MODES
+        }
         inputs = {b: torch.randn(b, 3, crop, crop) for b in batch_sizes}
         flops = {b: forward_flops(models["none"], x) for b, x in inputs.items()}
         a, m = torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL)
@@ -59,24 +61,35 @@ def measure(model_pt: Path, batch_sizes: list[int], rounds: int, crop: int = 224
             ms = paired_medians_ms(fns, rounds)
     finally:
         torch.set_num_threads(threads)
-    peak = 2 * MATMUL ** 3 / ms.pop("matmul") / 1e6
+    peak = 2 * MATMUL**3 / ms.pop("matmul") / 1e6
     rows = []
     for key, t in ms.items():
         mode, b = key.split("/")
         rate = flops[int(b)] / t / 1e6
-        rows.append({"optimize": mode, "batch": int(b), "ms_per_image": t / int(b),
-                     "gflop_per_image": flops[int(b)] / int(b) / 1e9,
-                     "gflops": rate, "of_matmul": rate / peak})
+        rows.append(
+            {
+                "optimize": mode,
+                "batch": int(b),
+                "ms_per_image": t / int(b),
+                "gflop_per_image": flops[int(b)] / int(b) / 1e9,
+                "gflops": rate,
+                "of_matmul": rate / peak,
+            }
+        )
     return {"matmul_gflops": peak, "rows": rows}  # unrounded: the table rounds
 
 
 def table(name: str, result: dict) -> str:
-    lines = [f"{name}: one thread; a {MATMUL}x{MATMUL} matrix multiply ran at "
-             f"{result['matmul_gflops']:.1f} GFLOP/s",
-             f"  {'optimize':9s} {'batch':>5s} {'ms/image':>9s} {'GFLOP/s':>8s} {'of matmul':>10s}"]
+    lines = [
+        f"{name}: one thread; a {MATMUL}x{MATMUL} matrix multiply ran at "
+        f"{result['matmul_gflops']:.1f} GFLOP/s",
+        f"  {'optimize':9s} {'batch':>5s} {'ms/image':>9s} {'GFLOP/s':>8s} {'of matmul':>10s}",
+    ]
     for r in result["rows"]:
-        lines.append(f"  {r['optimize']:9s} {r['batch']:5d} {r['ms_per_image']:9.1f} "
-                     f"{r['gflops']:8.1f} {report.percent(r['of_matmul']):>10s}")
+        lines.append(
+            f"  {r['optimize']:9s} {r['batch']:5d} {r['ms_per_image']:9.1f} "
+            f"{r['gflops']:8.1f} {report.percent(r['of_matmul']):>10s}"
+        )
     return "\n".join(lines)
 
 

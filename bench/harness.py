@@ -8,6 +8,7 @@ contestant as fast as the in-process figure takes about --cell-seconds), within 
 budget per cell (--max-cell-seconds). The requests in flight at the end are waited for,
 and their latencies counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,15 +60,20 @@ class BenchServer(LocalServer):
 def inference_target(ts: LocalServer, model: str) -> Target:
     """The load generator's target for ``model`` on ``ts``, with its inference key."""
     key = ts.client.keys().get("inference")
-    return Target(f"http://127.0.0.1:{ts.ports['inference']}/predictions/{model}",
-                  {"Authorization": f"Bearer {key}"} if key else {})
+    return Target(
+        f"http://127.0.0.1:{ts.ports['inference']}/predictions/{model}",
+        {"Authorization": f"Bearer {key}"} if key else {},
+    )
 
 
 def server_settings(client, model: str) -> dict:
     """What the server reports for a registered model: the settings actually in force."""
     d = client.describe(model)[0]
-    return {"batch_size": d.get("batchSize"), "max_batch_delay_ms": d.get("maxBatchDelay"),
-            "workers": len(d.get("workers", []))}
+    return {
+        "batch_size": d.get("batchSize"),
+        "max_batch_delay_ms": d.get("maxBatchDelay"),
+        "workers": len(d.get("workers", [])),
+    }
 
 
 def first_answer(target: Target, image: bytes, t0: float, kind: str, wait_s: float = 120) -> float:
@@ -108,9 +114,15 @@ def check_answer(kind: str, status: int, body: bytes) -> dict:
         data = json.loads(body)
     except ValueError:
         data = None
-    ok = status == 200 and isinstance(data, dict) and (
-        all(isinstance(v, float) for v in data.values()) if kind == "builtin"
-        else ANSWER_KEYS[kind] in data)
+    ok = (
+        status == 200
+        and isinstance(data, dict)
+        and (
+            all(isinstance(v, float) for v in data.values())
+            if kind == "builtin"
+            else ANSWER_KEYS[kind] in data
+        )
+    )
     if not ok:
         raise RuntimeError(f"unexpected {kind} answer: HTTP {status}: {body[:300]!r}")
     return data
@@ -125,8 +137,15 @@ def warm(a, target: Target, images: dict[str, list[bytes]], kind: str, burst: in
             status, body = one(target, imgs[i % len(imgs)])
             check_answer(kind, status, body)
         c = max(1, min(burst, max(a.concurrency)))
-        run_load(target, imgs, c, c, warmup_requests=0, max_seconds=a.max_cell_seconds,
-                 processes=a.client_processes)
+        run_load(
+            target,
+            imgs,
+            c,
+            c,
+            warmup_requests=0,
+            max_seconds=a.max_cell_seconds,
+            processes=a.client_processes,
+        )
 
 
 # -- cells ------------------------------------------------------------------------------
@@ -138,27 +157,40 @@ def requests_for(a, ip_rate: float | None, c: int) -> int:
     return max(2 * c, 16, round(a.cell_seconds * (ip_rate or 10)))
 
 
-def run_cell(a, label: str, target: Target, size: str, imgs: list[bytes], c: int,
-             ip_rate: float | None) -> dict:
+def run_cell(
+    a, label: str, target: Target, size: str, imgs: list[bytes], c: int, ip_rate: float | None
+) -> dict:
     """One set of photos x concurrency for one contestant: its summary, with the CPU steal."""
     n = requests_for(a, ip_rate, c)
     warmup = max(2, c // 2)
     print(f"  {label} {size} c={c}: {warmup} warm-up + {n} measured requests ...", end="", flush=True)
     cpu0 = report.cpu_snapshot()
-    cell = report.summarize(run_load(target, imgs, c, n, warmup_requests=warmup,
-                                     max_seconds=a.max_cell_seconds, processes=a.client_processes))
+    cell = report.summarize(
+        run_load(
+            target,
+            imgs,
+            c,
+            n,
+            warmup_requests=warmup,
+            max_seconds=a.max_cell_seconds,
+            processes=a.client_processes,
+        )
+    )
     cell["cpu_steal"] = report.steal_share(cpu0, report.cpu_snapshot())
     lat = cell["latency_ms"]
-    print(f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
-          f"p99 {lat['p99']:.0f} ms, {cell['measured_requests']} measured, "
-          f"errors {cell['errors']}, CPU steal {report.percent(cell['cpu_steal'])}"
-          + (" (window closed by --max-cell-seconds)" if cell["window_closed_by"] == "time" else ""),
-          flush=True)
+    print(
+        f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
+        f"p99 {lat['p99']:.0f} ms, {cell['measured_requests']} measured, "
+        f"errors {cell['errors']}, CPU steal {report.percent(cell['cpu_steal'])}"
+        + (" (window closed by --max-cell-seconds)" if cell["window_closed_by"] == "time" else ""),
+        flush=True,
+    )
     return cell
 
 
-def run_cells(a, contestants: dict[str, tuple[str, Target]], images: dict[str, list[bytes]],
-              ip_rates: dict[str, float]) -> dict:
+def run_cells(
+    a, contestants: dict[str, tuple[str, Target]], images: dict[str, list[bytes]], ip_rates: dict[str, float]
+) -> dict:
     """Every size x concurrency, each cell run by every contestant one after the other
     ({key: (label, target)}; the order flips from cell to cell), so that contestants
     compared with each other are measured minutes apart at most, not a whole run apart:
@@ -168,7 +200,8 @@ def run_cells(a, contestants: dict[str, tuple[str, Target]], images: dict[str, l
     for (size, c), key in report.take_turns(contestants, cells):
         label, target = contestants[key]
         out[key].setdefault(size, []).append(
-            run_cell(a, label, target, size, images[size], c, ip_rates.get(size)))
+            run_cell(a, label, target, size, images[size], c, ip_rates.get(size))
+        )
     return out
 
 
@@ -180,10 +213,23 @@ def inprocess_gpu(a) -> int | None:
 
 def inprocess_command(a, export: Path, image_files: dict[str, list[Path]], out: Path) -> list[str]:
     """One bench.inprocess process with a served worker's settings: its threads, its device."""
-    cmd = [sys.executable, "-m", "bench.inprocess", "--export", str(export),
-           "--threads", str(a.threads), "--seconds", str(a.inprocess_seconds),
-           "--min-batches", str(a.inprocess_min_batches), "--out", str(out),
-           "--batch-sizes", *map(str, a.inprocess_batch_sizes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.inprocess",
+        "--export",
+        str(export),
+        "--threads",
+        str(a.threads),
+        "--seconds",
+        str(a.inprocess_seconds),
+        "--min-batches",
+        str(a.inprocess_min_batches),
+        "--out",
+        str(out),
+        "--batch-sizes",
+        *map(str, a.inprocess_batch_sizes),
+    ]
     if inprocess_gpu(a) is not None:
         cmd += ["--gpu", str(inprocess_gpu(a))]
     return cmd + image_args(image_files)
@@ -201,8 +247,9 @@ def side_by_side(a, export: Path, image_files: dict[str, list[Path]], out: Path)
     for i, (f, r) in enumerate(zip(files, ready)):
         r.unlink(missing_ok=True)
         cmd = inprocess_command(a, export, image_files, f) + ["--ready-file", str(r), "--go-file", str(go)]
-        procs.append(subprocess.Popen(cmd + (["--checks"] if i == 0 else []), cwd=ROOT,
-                                      env=child_env(a.threads)))
+        procs.append(
+            subprocess.Popen(cmd + (["--checks"] if i == 0 else []), cwd=ROOT, env=child_env(a.threads))
+        )
     try:
         while not all(r.exists() for r in ready):
             if any(p.poll() is not None for p in procs):
@@ -224,8 +271,11 @@ def in_process(a, export: Path, image_files: dict[str, list[Path]], out: Path) -
     run it but without the server: one process per worker with its threads, side by side.
     Images/s by batch size (the processes' sum) per set of photos, the best of them, and
     what the first process recorded beside (answers, per-image checks)."""
-    print(f"  in-process: {a.workers} process(es) x {a.threads} torch thread(s) side by side, batch "
-          f"sizes {a.inprocess_batch_sizes}, on {a.device}, {', '.join(image_files)}", flush=True)
+    print(
+        f"  in-process: {a.workers} process(es) x {a.threads} torch thread(s) side by side, batch "
+        f"sizes {a.inprocess_batch_sizes}, on {a.device}, {', '.join(image_files)}",
+        flush=True,
+    )
     cpu0 = report.cpu_snapshot()
     raws = side_by_side(a, export, image_files, out)
     first = raws[0]
@@ -236,10 +286,22 @@ def in_process(a, export: Path, image_files: dict[str, list[Path]], out: Path) -
         single = next((r for r in runs if r["batch_size"] == 1), None)
         sizes[size] = {
             "images_per_s_by_batch": [round(r, 2) for r in rates],
-            "best_images_per_s": round(rates[best], 2), "best_batch_size": runs[best]["batch_size"],
+            "best_images_per_s": round(rates[best], 2),
+            "best_batch_size": runs[best]["batch_size"],
             "single_image_latency_ms": report.latency_ms(single["batch_times_s"]) if single else None,
-            "batches_timed": [sum(raw["sizes"][size][i]["batches"] for raw in raws) for i in range(len(runs))]}
-    return {"processes": len(raws), "threads": first["threads"], "interop_threads": first["interop_threads"],
-            "device": first["device"], "outputs": first["outputs"], "batch_sizes": a.inprocess_batch_sizes,
-            "sizes": sizes, "answers": first.get("answers", {}), "checks_ms": first.get("checks_ms", {}),
-            "cpu_steal": report.steal_share(cpu0, report.cpu_snapshot())}
+            "batches_timed": [
+                sum(raw["sizes"][size][i]["batches"] for raw in raws) for i in range(len(runs))
+            ],
+        }
+    return {
+        "processes": len(raws),
+        "threads": first["threads"],
+        "interop_threads": first["interop_threads"],
+        "device": first["device"],
+        "outputs": first["outputs"],
+        "batch_sizes": a.inprocess_batch_sizes,
+        "sizes": sizes,
+        "answers": first.get("answers", {}),
+        "checks_ms": first.get("checks_ms", {}),
+        "cpu_steal": report.steal_share(cpu0, report.cpu_snapshot()),
+    }

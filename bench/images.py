@@ -7,6 +7,7 @@ saved at quality 90: a 500x375 one is ~100 KB and a 4000x3000 one several MB, as
 photos are. The phone photo carries EXIF with orientation 1 (upright), as a phone held
 in landscape writes it: decoders still read the tag, but no rotation is needed.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,7 +46,7 @@ def _phone_exif() -> Image.Exif:
     exif = Image.Exif()
     exif[0x010F] = "BenchPhone"  # Make
     exif[0x0110] = "Model 12MP"  # Model
-    exif[0x0112] = 1             # Orientation: upright
+    exif[0x0112] = 1  # Orientation: upright
     exif[0x0131] = "bench.images"  # Software
     return exif
 

@@ -30,6 +30,7 @@ With --timer it times single images on request instead (``SingleImageTimer``): b
 interleaves them with lone requests to the server, so that the served latency at
 concurrency 1 is compared with in-process timings of the same minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,16 @@ def load_handler(export: Path, threads: int, gpu: int | None = None) -> ImageCla
     """The handler as a worker initialises it; ``gpu``: the GPU id TorchServe would give
     the worker (the handler stays on the CPU where torch has no CUDA)."""
     config = yaml.safe_load((export / "model-config.yaml").read_text())
-    ctx = Context(export.name, str(export), {"model": {"serializedFile": "model.pt"}},
-                  batch_size=int(config.get("batchSize", 1)), gpu=gpu, mms_version="0.12.0",
-                  metrics=None, model_yaml_config=config)
+    ctx = Context(
+        export.name,
+        str(export),
+        {"model": {"serializedFile": "model.pt"}},
+        batch_size=int(config.get("batchSize", 1)),
+        gpu=gpu,
+        mms_version="0.12.0",
+        metrics=None,
+        model_yaml_config=config,
+    )
     handler = HANDLERS[config.get("handler", {}).get("name", "image_classifier")]()
     handler.initialize(ctx)
     handler.context = ctx  # TorchServe sets it per batch in handle(); postprocess reads it
@@ -116,8 +124,9 @@ def checks_ms(handler: ImageClassifier, data: bytes, repeats: int = 9) -> float:
     return statistics.median(times)
 
 
-def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_batches: int,
-                warmup_batches: int = 2) -> dict:
+def run_batches(
+    handler, images: list[bytes], batch: int, seconds: float, min_batches: int, warmup_batches: int = 2
+) -> dict:
     """Images/s over whole batches, and the time of each batch."""
     n = 0
 
@@ -136,8 +145,13 @@ def run_batches(handler, images: list[bytes], batch: int, seconds: float, min_ba
     while len(times) < min_batches or time.perf_counter() - start < seconds:
         times.append(one_batch())
     total = sum(times)
-    return {"batch_size": batch, "batches": len(times), "images": batch * len(times),
-            "images_per_s": batch * len(times) / total, "batch_times_s": times}
+    return {
+        "batch_size": batch,
+        "batches": len(times),
+        "images": batch * len(times),
+        "images_per_s": batch * len(times) / total,
+        "batch_times_s": times,
+    }
 
 
 def serve_timings(handler, images: dict[str, list[bytes]], commands, replies) -> None:
@@ -158,14 +172,30 @@ class SingleImageTimer:
     """A bench.inprocess --timer process: ``ms(size, i)`` times image ``i`` of ``size``
     through the handler, one image on ``threads`` threads, as one request in a worker."""
 
-    def __init__(self, export: Path, threads: int, image_files: dict[str, list[Path]],
-                 env: dict, cwd: Path, gpu: int | None = None):
-        cmd = [sys.executable, "-m", "bench.inprocess", "--timer", "--export", str(export),
-               "--threads", str(threads)]
+    def __init__(
+        self,
+        export: Path,
+        threads: int,
+        image_files: dict[str, list[Path]],
+        env: dict,
+        cwd: Path,
+        gpu: int | None = None,
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.inprocess",
+            "--timer",
+            "--export",
+            str(export),
+            "--threads",
+            str(threads),
+        ]
         cmd += ["--gpu", str(gpu)] if gpu is not None else []
         cmd += image_args(image_files)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env, cwd=cwd)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd
+        )
         for line in self.proc.stdout:  # what imports print before it starts, then "ready"
             if line.strip() == "ready":
                 return
@@ -193,7 +223,7 @@ class SingleImageTimer:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "SingleImageTimer":
+    def __enter__(self) -> SingleImageTimer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -219,10 +249,14 @@ def wait_for_go(ready: Path, go: Path, images: dict[str, list[bytes]], handler) 
 
 
 def measure(a, handler, images: dict[str, list[bytes]]) -> dict:
-    result = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-              "device": str(handler.device),
-              "outputs": outputs(handler.model, handler.preset.crop_size, handler.device),
-              "handler_settings": handler.settings.to_config(), "sizes": {}}
+    result = {
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "device": str(handler.device),
+        "outputs": outputs(handler.model, handler.preset.crop_size, handler.device),
+        "handler_settings": handler.settings.to_config(),
+        "sizes": {},
+    }
     for size, imgs in images.items():
         runs = []
         for b in a.batch_sizes:
@@ -233,31 +267,41 @@ def measure(a, handler, images: dict[str, list[bytes]]) -> dict:
     if a.checks:
         result["answers"] = {size: answers_of(handler, imgs) for size, imgs in images.items()}
         if has_checks(handler):
-            result["checks_ms"] = {size: [round(checks_ms(handler, data), 3) for data in imgs]
-                                   for size, imgs in images.items()}
+            result["checks_ms"] = {
+                size: [round(checks_ms(handler, data), 3) for data in imgs] for size, imgs in images.items()
+            }
     return result
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="In-process decode + preprocess + forward speed.")
-    p.add_argument("--export", type=Path, required=True,
-                   help="folder with model.pt, index_to_name.json and model-config.yaml")
-    p.add_argument("--images", action="append", required=True,
-                   help="SIZE=file1,file2,... (repeat per size)")
+    p.add_argument(
+        "--export",
+        type=Path,
+        required=True,
+        help="folder with model.pt, index_to_name.json and model-config.yaml",
+    )
+    p.add_argument("--images", action="append", required=True, help="SIZE=file1,file2,... (repeat per size)")
     p.add_argument("--threads", type=int, required=True, help="torch intra-op threads")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--seconds", type=float, default=3.0, help="time per batch size and image size")
     p.add_argument("--min-batches", type=int, default=3, help="at least this many timed batches")
     p.add_argument("--gpu", type=int, help="run the handler on this GPU, as a worker given it does")
     p.add_argument("--out", type=Path, help="JSON result (required without --timer)")
-    p.add_argument("--checks", action="store_true",
-                   help="after the timing, also record each image's answer and time the "
-                        "handler's per-image checks (the dog app's face check)")
+    p.add_argument(
+        "--checks",
+        action="store_true",
+        help="after the timing, also record each image's answer and time the "
+        "handler's per-image checks (the dog app's face check)",
+    )
     p.add_argument("--ready-file", type=Path, help="touched once warmed up (with --go-file)")
     p.add_argument("--go-file", type=Path, help="start timing once this file exists")
-    p.add_argument("--timer", action="store_true",
-                   help="time single images on request: read 'SIZE INDEX' lines on stdin, answer "
-                        "each with milliseconds on stdout (after a line 'ready')")
+    p.add_argument(
+        "--timer",
+        action="store_true",
+        help="time single images on request: read 'SIZE INDEX' lines on stdin, answer "
+        "each with milliseconds on stdout (after a line 'ready')",
+    )
     a = p.parse_args(argv)
     if not a.timer and a.out is None:
         p.error("--out is required without --timer")

@@ -13,6 +13,7 @@ batch at a time is not over- or under-counted by a partial batch); throughput is
 answers inside it divided by its length. Latencies are those of every request *started*
 inside the window (each is waited for), so slow requests at the end are not dropped.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -50,8 +51,7 @@ def post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict
 
 
 def request_headers(target: Target, body: bytes) -> dict:
-    return {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)),
-            **target.headers}
+    return {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)), **target.headers}
 
 
 def one(target: Target, body: bytes) -> tuple[int, bytes]:
@@ -70,8 +70,9 @@ class _Clients:
     shared ``count`` (a multiprocessing.Value, so that the process running the cell can
     read it whichever process the client lives in); ``stop`` ends every loop."""
 
-    def __init__(self, target: Target, images: list[bytes], ks: list[int], concurrency: int,
-                 count, stop) -> None:
+    def __init__(
+        self, target: Target, images: list[bytes], ks: list[int], concurrency: int, count, stop
+    ) -> None:
         self.records: list[list[tuple[float, float, int]]] = [[] for _ in ks]
         self.failures: list[str] = []
         lock = threading.Lock()
@@ -95,8 +96,9 @@ class _Clients:
             conn.close()
 
         self.timeout = target.timeout
-        self.threads = [threading.Thread(target=client, args=(k, mine), daemon=True)
-                        for k, mine in zip(ks, self.records)]
+        self.threads = [
+            threading.Thread(target=client, args=(k, mine), daemon=True) for k, mine in zip(ks, self.records)
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -117,8 +119,15 @@ def _client_process(target, images, ks, concurrency, count, stop, go, results) -
     results.put(clients.join())
 
 
-def run_load(target: Target, images: list[bytes], concurrency: int, requests: int,
-             warmup_requests: int, max_seconds: float, processes: int = 1) -> dict:
+def run_load(
+    target: Target,
+    images: list[bytes],
+    concurrency: int,
+    requests: int,
+    warmup_requests: int,
+    max_seconds: float,
+    processes: int = 1,
+) -> dict:
     """Drive ``target`` with ``concurrency`` clients; returns the cell's raw numbers.
 
     The window opens after ``warmup_requests`` answers and closes after ``requests``
@@ -141,9 +150,14 @@ def run_load(target: Target, images: list[bytes], concurrency: int, requests: in
         local.start()
     else:
         go, results = ctx.Event(), ctx.Queue()
-        children = [ctx.Process(target=_client_process, daemon=True,
-                                args=(target, images, ks, concurrency, count, stop, go, results))
-                    for ks in groups]
+        children = [
+            ctx.Process(
+                target=_client_process,
+                daemon=True,
+                args=(target, images, ks, concurrency, count, stop, go, results),
+            )
+            for ks in groups
+        ]
         for child in children:
             child.start()
         go.set()

@@ -1,5 +1,6 @@
 """Lone requests: one at a time to a served model, each read against the worker's own
 HandlerTime for it, and optionally paired with the same image timed in-process."""
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,15 @@ def new_handler_time(client, model: str, before: float | None, wait_s: float) ->
         time.sleep(0.005)
 
 
-def lone_requests(client, target: Target, model: str, images: dict[str, list[bytes]],
-                  count: int, timer=None, wait_s: float = 1.0) -> dict:
+def lone_requests(
+    client,
+    target: Target,
+    model: str,
+    images: dict[str, list[bytes]],
+    count: int,
+    timer=None,
+    wait_s: float = 1.0,
+) -> dict:
     """One request at a time on a keep-alive connection, reading after each the worker's own
     HandlerTime for it: {size: {client, handler, outside: p50 ms, requests}}.
 
@@ -44,6 +52,7 @@ def lone_requests(client, target: Target, model: str, images: dict[str, list[byt
     client_minus_in_process: the served latency at concurrency 1 over the in-process one,
     both of the same minutes}.
     """
+
     def p50(values: list[float]) -> float | None:
         return round(report.percentile(values, 50), 2) if values else None
 
@@ -67,10 +76,16 @@ def lone_requests(client, target: Target, model: str, images: dict[str, list[byt
                     rows.append((ms, h))
                 if timer and not i % 2:
                     inproc.append(timer.ms(size, i))
-            d = out[size] = {"client_ms": p50([c for c, _ in rows]), "handler_ms": p50([h for _, h in rows]),
-                             "outside_ms": p50([c - h for c, h in rows]), "requests": len(rows)}
-            line = (f"    lone requests {size}: client p50 {d['client_ms']} ms, in the handler "
-                    f"{d['handler_ms']} ms, outside it {d['outside_ms']} ms ({len(rows)} of {count} read)")
+            d = out[size] = {
+                "client_ms": p50([c for c, _ in rows]),
+                "handler_ms": p50([h for _, h in rows]),
+                "outside_ms": p50([c - h for c, h in rows]),
+                "requests": len(rows),
+            }
+            line = (
+                f"    lone requests {size}: client p50 {d['client_ms']} ms, in the handler "
+                f"{d['handler_ms']} ms, outside it {d['outside_ms']} ms ({len(rows)} of {count} read)"
+            )
             if inproc and d["client_ms"] is not None:
                 d["in_process_ms"] = p50(inproc)
                 d["client_minus_in_process_ms"] = round(d["client_ms"] - d["in_process_ms"], 2)

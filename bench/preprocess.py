@@ -7,6 +7,7 @@ Handler: ``decode_image`` with the handler's reduced JPEG decoding (``jpeg_draft
 the issue's target (phone photos: <= 0.25). The tensors' difference is reported beside
 it (tests/test_presets.py holds the tolerance).
 """
+
 from __future__ import annotations
 
 import time
@@ -48,6 +49,12 @@ def measure(data: bytes, handler_cfg: dict, repeats: int = 7) -> dict:
         diff = (plain() - served()).abs()
     finally:
         torch.set_num_threads(threads)
-    return {"plain_ms": round(ms["plain"], 2), "handler_ms": round(ms["handler"], 2),
-            "ratio": round(ms["handler"] / ms["plain"], 3), "max_abs_diff": round(diff.max().item(), 4),
-            "mean_abs_diff": round(diff.mean().item(), 5), "repeats": repeats, "steal": steal}
+    return {
+        "plain_ms": round(ms["plain"], 2),
+        "handler_ms": round(ms["handler"], 2),
+        "ratio": round(ms["handler"] / ms["plain"], 3),
+        "max_abs_diff": round(diff.max().item(), 4),
+        "mean_abs_diff": round(diff.mean().item(), 5),
+        "repeats": repeats,
+        "steal": steal,
+    }

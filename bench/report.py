@@ -1,5 +1,6 @@
 """Numbers to tables: percentiles, per-cell summaries, the ratio table, machine facts,
 and the markdown written next to results.json (its tables made by ``table`` from rows)."""
+
 from __future__ import annotations
 
 import datetime
@@ -16,15 +17,22 @@ INPROCESS = "in_process"
 BUILTIN = "builtin"
 DEFAULT = "builtin_default"
 FLASK = "flask"
-NAMES = {SERVED: "TorchServe, project handler", INPROCESS: "in-process, no server",
-         BUILTIN: "TorchServe, built-in handler, same settings",
-         DEFAULT: "TorchServe out of the box (built-in handler, defaults)",
-         FLASK: "Flask-style, per request"}
+NAMES = {
+    SERVED: "TorchServe, project handler",
+    INPROCESS: "in-process, no server",
+    BUILTIN: "TorchServe, built-in handler, same settings",
+    DEFAULT: "TorchServe out of the box (built-in handler, defaults)",
+    FLASK: "Flask-style, per request",
+}
 # The chart (bench/chart.py), written beside results.md, which shows it.
 CHART = "throughput.png"
 # Ratio column -> the contestant that served is divided by.
-RATIOS = {"served/in-process": INPROCESS, "served/built-in": BUILTIN,
-          "served/out-of-box": DEFAULT, "served/flask": FLASK}
+RATIOS = {
+    "served/in-process": INPROCESS,
+    "served/built-in": BUILTIN,
+    "served/out-of-box": DEFAULT,
+    "served/flask": FLASK,
+}
 
 
 def latency_ms(latencies_s) -> dict:
@@ -114,33 +122,45 @@ def lscpu_model() -> str | None:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name:")), None)
+    return next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")), None
+    )
 
 
 def cpuinfo_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        "unknown")
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown"
+            )
     except OSError:
         return "unknown"
 
 
 def machine() -> dict:
     import torch
+
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else [])
-    return {"cpu": lscpu_model() or cpuinfo_model(), "cores": os.cpu_count(), "usable_cores": affinity,
-            "gpus": gpus, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(),
-            # Other processes' load makes the numbers noisy: a quiet machine reads ~0 here.
-            "load_average_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+    return {
+        "cpu": lscpu_model() or cpuinfo_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "gpus": gpus,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        # Other processes' load makes the numbers noisy: a quiet machine reads ~0 here.
+        "load_average_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 # -- markdown ---------------------------------------------------------------------------
@@ -193,58 +213,117 @@ def summary_rows(results: dict) -> list[dict]:
     for name, model in results["models"].items():
         for size, ip in model["in_process"]["sizes"].items():
             served = served_rate(model, size, c)
-            rows.append({"app": name, "handler": "image_classifier", "photos": f"generated {size} JPEGs",
-                         served_col: served, "in-process img/s": ip["best_images_per_s"],
-                         "served ÷ in-process": ratio(served, ip["best_images_per_s"]),
-                         "face check ms/photo": None})
+            rows.append(
+                {
+                    "app": name,
+                    "handler": "image_classifier",
+                    "photos": f"generated {size} JPEGs",
+                    served_col: served,
+                    "in-process img/s": ip["best_images_per_s"],
+                    "served ÷ in-process": ratio(served, ip["best_images_per_s"]),
+                    "face check ms/photo": None,
+                }
+            )
     dog = results.get("dog_app") or {}
     for group, g in dog.get("groups", {}).items():
-        rows.append({"app": f"dog app ({dog['name']})", "handler": "dog_breeds",
-                     "photos": f"{group}: {', '.join(g['photos'])}", served_col: g["served_images_per_s"],
-                     "in-process img/s": g["in_process_images_per_s"],
-                     "served ÷ in-process": g["served/in-process"],
-                     "face check ms/photo": g["face_check_ms_mean"]})
+        rows.append(
+            {
+                "app": f"dog app ({dog['name']})",
+                "handler": "dog_breeds",
+                "photos": f"{group}: {', '.join(g['photos'])}",
+                served_col: g["served_images_per_s"],
+                "in-process img/s": g["in_process_images_per_s"],
+                "served ÷ in-process": g["served/in-process"],
+                "face check ms/photo": g["face_check_ms_mean"],
+            }
+        )
     return rows
 
 
 def contestant_rows(results: dict) -> list[dict]:
-    return [{"contestant": NAMES[key], "key": key,
-             "settings": f"skipped: {c['skipped']}" if c.get("skipped") else c["settings"]}
-            for key, c in results["contestants"].items()]
+    return [
+        {
+            "contestant": NAMES[key],
+            "key": key,
+            "settings": f"skipped: {c['skipped']}" if c.get("skipped") else c["settings"],
+        }
+        for key, c in results["contestants"].items()
+    ]
 
 
 def server_rows(model: dict) -> list[dict]:
-    return [{"contestant": key, "workers": s["workers"], "batch size": s["batch_size"],
-             "max batch delay ms": s["max_batch_delay_ms"]}
-            for key, s in (model.get("server_settings") or {}).items()]
+    return [
+        {
+            "contestant": key,
+            "workers": s["workers"],
+            "batch size": s["batch_size"],
+            "max batch delay ms": s["max_batch_delay_ms"],
+        }
+        for key, s in (model.get("server_settings") or {}).items()
+    ]
 
 
 def ratio_rows(model: dict) -> list[dict]:
-    return [{"size": r["size"], "concurrency": r["concurrency"], "served img/s": r["served_images_per_s"],
-             **{col: r[col] for col in RATIOS}} for r in model["ratios"]]
+    return [
+        {
+            "size": r["size"],
+            "concurrency": r["concurrency"],
+            "served img/s": r["served_images_per_s"],
+            **{col: r[col] for col in RATIOS},
+        }
+        for r in model["ratios"]
+    ]
 
 
 def cell_rows(cells: dict) -> list[dict]:
     """{contestant: {size: [cell]}} as one row per cell."""
-    return [{"contestant": key, "photos": size, "concurrency": x["concurrency"], "img/s": x["images_per_s"],
-             "p50 ms": x["latency_ms"]["p50"], "p90 ms": x["latency_ms"]["p90"],
-             "p99 ms": x["latency_ms"]["p99"], "measured": x["measured_requests"], "errors": x["errors"],
-             "CPU steal": percent(x.get("cpu_steal"))}
-            for key, sizes in cells.items() for size, xs in sizes.items() for x in xs]
+    return [
+        {
+            "contestant": key,
+            "photos": size,
+            "concurrency": x["concurrency"],
+            "img/s": x["images_per_s"],
+            "p50 ms": x["latency_ms"]["p50"],
+            "p90 ms": x["latency_ms"]["p90"],
+            "p99 ms": x["latency_ms"]["p99"],
+            "measured": x["measured_requests"],
+            "errors": x["errors"],
+            "CPU steal": percent(x.get("cpu_steal")),
+        }
+        for key, sizes in cells.items()
+        for size, xs in sizes.items()
+        for x in xs
+    ]
 
 
 def inprocess_rows(ip: dict) -> list[dict]:
-    return [{"photos": size, **{f"batch {b} img/s": v for b, v in zip(ip["batch_sizes"], s["images_per_s_by_batch"])},
-             "best img/s": s["best_images_per_s"], "best batch": s["best_batch_size"],
-             "1-image p50 ms": (s["single_image_latency_ms"] or {}).get("p50")}
-            for size, s in ip["sizes"].items()]
+    return [
+        {
+            "photos": size,
+            **{f"batch {b} img/s": v for b, v in zip(ip["batch_sizes"], s["images_per_s_by_batch"])},
+            "best img/s": s["best_images_per_s"],
+            "best batch": s["best_batch_size"],
+            "1-image p50 ms": (s["single_image_latency_ms"] or {}).get("p50"),
+        }
+        for size, s in ip["sizes"].items()
+    ]
 
 
 def lone_rows(lone: dict) -> list[dict]:
-    return [{"contestant": key, "size": size, "client ms": d["client_ms"], "in the handler ms": d["handler_ms"],
-             "outside the handler ms": d["outside_ms"], "requests": d["requests"],
-             "in-process ms": d.get("in_process_ms"), "client − in-process ms": d.get("client_minus_in_process_ms")}
-            for key, sizes in lone.items() for size, d in sizes.items()]
+    return [
+        {
+            "contestant": key,
+            "size": size,
+            "client ms": d["client_ms"],
+            "in the handler ms": d["handler_ms"],
+            "outside the handler ms": d["outside_ms"],
+            "requests": d["requests"],
+            "in-process ms": d.get("in_process_ms"),
+            "client − in-process ms": d.get("client_minus_in_process_ms"),
+        }
+        for key, sizes in lone.items()
+        for size, d in sizes.items()
+    ]
 
 
 def dog_round_rows(dog: dict) -> list[dict]:
@@ -253,37 +332,66 @@ def dog_round_rows(dog: dict) -> list[dict]:
     for group, g in dog["groups"].items():
         for r, (cell, ip) in enumerate(zip(g["cells"], g["in_process"]), 1):
             size = ip["sizes"][group]
-            rows.append({"photos": group, "round": r, "served img/s": cell["images_per_s"],
-                         "served p50 ms": cell["latency_ms"]["p50"], "served p99 ms": cell["latency_ms"]["p99"],
-                         "errors": cell["errors"], "in-process img/s": size["best_images_per_s"],
-                         "in-process batch": size["best_batch_size"], "served first": g["served_first"][r - 1],
-                         "CPU steal (served)": percent(cell.get("cpu_steal"))})
+            rows.append(
+                {
+                    "photos": group,
+                    "round": r,
+                    "served img/s": cell["images_per_s"],
+                    "served p50 ms": cell["latency_ms"]["p50"],
+                    "served p99 ms": cell["latency_ms"]["p99"],
+                    "errors": cell["errors"],
+                    "in-process img/s": size["best_images_per_s"],
+                    "in-process batch": size["best_batch_size"],
+                    "served first": g["served_first"][r - 1],
+                    "CPU steal (served)": percent(cell.get("cpu_steal")),
+                }
+            )
     return rows
 
 
 def dog_photo_rows(dog: dict) -> list[dict]:
-    return [{"photo": name, "set": group, "served answer": g["answers"][name]["served"],
-             "in-process answer": g["answers"][name]["in_process"],
-             "face check ms": g["face_check_ms"][name]}
-            for group, g in dog["groups"].items() for name in g["photos"]]
+    return [
+        {
+            "photo": name,
+            "set": group,
+            "served answer": g["answers"][name]["served"],
+            "in-process answer": g["answers"][name]["in_process"],
+            "face check ms": g["face_check_ms"][name],
+        }
+        for group, g in dog["groups"].items()
+        for name in g["photos"]
+    ]
 
 
 def preprocessing_rows(pre: dict) -> list[dict]:
-    return [{"size": size, "plain ms": p["plain_ms"], "handler ms": p["handler_ms"], "ratio": p["ratio"],
-             "max abs diff": p["max_abs_diff"], "mean abs diff": p["mean_abs_diff"],
-             "CPU steal": percent(p.get("steal"))} for size, p in pre.items()]
+    return [
+        {
+            "size": size,
+            "plain ms": p["plain_ms"],
+            "handler ms": p["handler_ms"],
+            "ratio": p["ratio"],
+            "max abs diff": p["max_abs_diff"],
+            "mean abs diff": p["mean_abs_diff"],
+            "CPU steal": percent(p.get("steal")),
+        }
+        for size, p in pre.items()
+    ]
 
 
 def header(results: dict, chart: str | None) -> list[str]:
     m = results["machine"]
     gpus = ", ".join(m.get("gpus") or []) or "no GPU"
-    lines = ["# Serving benchmark", "",
-             f"- Date: {m['date']}",
-             f"- Machine: {m['cpu']}, {m['cores']} cores, {gpus}; torch {m['torch']}, Python {m['python']}",
-             f"- Command: `{results['command']}`",
-             f"- Load average at start {m['load_average_1_5_15_at_start'][0]}, at end "
-             f"{m.get('load_average_1_5_15_at_end', ['?'])[0]}; CPU steal during the run "
-             f"{percent(m.get('cpu_steal'))}; the run took {results.get('duration_s', 0) / 60:.1f} min", ""]
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"- Date: {m['date']}",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {gpus}; torch {m['torch']}, Python {m['python']}",
+        f"- Command: `{results['command']}`",
+        f"- Load average at start {m['load_average_1_5_15_at_start'][0]}, at end "
+        f"{m.get('load_average_1_5_15_at_end', ['?'])[0]}; CPU steal during the run "
+        f"{percent(m.get('cpu_steal'))}; the run took {results.get('duration_s', 0) / 60:.1f} min",
+        "",
+    ]
     if results.get("smoke"):
         lines += ["**Smoke run**: tiny request counts; the numbers are not measurements.", ""]
     if chart:
@@ -299,29 +407,41 @@ def sub(title: str, rows: list[dict]) -> list[str]:
     return [f"**{title}**", "", table(rows), ""] if rows else []
 
 
-METHOD = ("Closed-loop clients on the same machine, one keep-alive connection each, the photo as "
-          "the raw body. Contestants compared with each other take turns cell by cell, so each pair "
-          "is measured minutes apart at most. The in-process figure runs the same handler and "
-          "model-config.yaml without the server, as the server's workers do: one process per worker "
-          "with its threads, side by side, their images/s added up, at the best batch size. "
-          "This machine is shared: compare ratios within a run, not images/s across runs.")
+METHOD = (
+    "Closed-loop clients on the same machine, one keep-alive connection each, the photo as "
+    "the raw body. Contestants compared with each other take turns cell by cell, so each pair "
+    "is measured minutes apart at most. The in-process figure runs the same handler and "
+    "model-config.yaml without the server, as the server's workers do: one process per worker "
+    "with its threads, side by side, their images/s added up, at the best batch size. "
+    "This machine is shared: compare ratios within a run, not images/s across runs."
+)
 
 
 def model_lines(name: str, model: dict) -> list[str]:
     lines = [f"## {name} ({model['origin']})", ""]
-    lines += [f"{NAMES[key]} skipped for this model: {why}." for key, why in (model.get("skipped") or {}).items()]
+    lines += [
+        f"{NAMES[key]} skipped for this model: {why}." for key, why in (model.get("skipped") or {}).items()
+    ]
     st = model.get("startup")
     if st:
-        lines += [f"TorchServe start to model READY: {st['start_to_ready_s']:.1f} s; "
-                  f"to first answer: {st['start_to_first_answer_s']:.1f} s.", ""]
+        lines += [
+            f"TorchServe start to model READY: {st['start_to_ready_s']:.1f} s; "
+            f"to first answer: {st['start_to_first_answer_s']:.1f} s.",
+            "",
+        ]
     lines += sub("Settings as TorchServe reports them", server_rows(model))
-    lines += sub("Served images/s divided by each other contestant's (same size and concurrency; "
-                 "the in-process figure: its best batch size)", ratio_rows(model))
+    lines += sub(
+        "Served images/s divided by each other contestant's (same size and concurrency; "
+        "the in-process figure: its best batch size)",
+        ratio_rows(model),
+    )
     lines += sub("Every cell", cell_rows(model["cells"]))
     lines += sub("In-process, images/s by batch size", inprocess_rows(model["in_process"]))
-    lines += sub("Lone requests, one at a time, p50: client latency, the worker's HandlerTime for the "
-                 "same request, and single images through the handler in-process between them",
-                 lone_rows(model.get("lone") or {}))
+    lines += sub(
+        "Lone requests, one at a time, p50: client latency, the worker's HandlerTime for the "
+        "same request, and single images through the handler in-process between them",
+        lone_rows(model.get("lone") or {}),
+    )
     return lines
 
 
@@ -330,11 +450,14 @@ def dog_lines(dog: dict) -> list[str]:
     lines += [f"No {group}: {why}." for group, why in dog.get("missing", {}).items()]
     if not dog.get("groups"):
         return lines + [""]
-    lines += [f"Served at concurrency {dog['concurrency']}; each set of photos' served cell and "
-              "in-process run take turns, the order flipping each round; the figures above are the "
-              "medians of the rounds. Face check: the handler's grey copy and, for a photo that is "
-              "not a dog, its face search, per photo on the in-process threads (for a dog photo the "
-              "grey copy alone, which the handler makes for every photo).", ""]
+    lines += [
+        f"Served at concurrency {dog['concurrency']}; each set of photos' served cell and "
+        "in-process run take turns, the order flipping each round; the figures above are the "
+        "medians of the rounds. Face check: the handler's grey copy and, for a photo that is "
+        "not a dog, its face search, per photo on the in-process threads (for a dog photo the "
+        "grey copy alone, which the handler makes for every photo).",
+        "",
+    ]
     lines += sub("Rounds", dog_round_rows(dog))
     lines += sub("Photos", dog_photo_rows(dog))
     return lines
@@ -344,13 +467,17 @@ def markdown(results: dict, chart: str | None = CHART) -> str:
     """The results as markdown: the header (date, machine, command), then tables."""
     lines = header(results, chart)
     lines += section("Summary", METHOD, summary_rows(results))
-    lines += section("Contestants", f"Environment of every contestant: {results['environment']}.",
-                     contestant_rows(results))
+    lines += section(
+        "Contestants", f"Environment of every contestant: {results['environment']}.", contestant_rows(results)
+    )
     for name, model in results["models"].items():
         lines += model_lines(name, model)
     if results.get("dog_app"):
         lines += dog_lines(results["dog_app"])
-    lines += section("Preprocessing alone", "One thread, median, the two paths taking turns: the plain "
-                     "PIL path (full decode + eval transform) against the handler's.",
-                     preprocessing_rows(results.get("preprocessing") or {}))
+    lines += section(
+        "Preprocessing alone",
+        "One thread, median, the two paths taking turns: the plain "
+        "PIL path (full decode + eval transform) against the handler's.",
+        preprocessing_rows(results.get("preprocessing") or {}),
+    )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ the machine and the command, and prints the markdown. bench/harness.py says how 
 is measured. --device auto (the default) runs every contestant on the GPU where torch
 sees one, --device cpu on the CPU on any machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,16 +52,22 @@ def builtin_unavailable() -> str | None:
 # -- contestants ------------------------------------------------------------------------
 def start_server(a, name: str, archives: dict, images, workdir: Path) -> tuple[harness.BenchServer, dict]:
     """TorchServe with the project's archive of ``name`` loaded at start: (server, startup)."""
-    ts = harness.BenchServer(workdir / "model_store", workdir / f"ts_{name}",
-                             {"load_models": archives["custom"], "number_of_gpu": str(a.gpus)},
-                             omp_threads=a.threads)
-    print(f"  starting TorchServe (OMP_NUM_THREADS={a.threads}, {archives['custom']} loaded at start)",
-          flush=True)
+    ts = harness.BenchServer(
+        workdir / "model_store",
+        workdir / f"ts_{name}",
+        {"load_models": archives["custom"], "number_of_gpu": str(a.gpus)},
+        omp_threads=a.threads,
+    )
+    print(
+        f"  starting TorchServe (OMP_NUM_THREADS={a.threads}, {archives['custom']} loaded at start)",
+        flush=True,
+    )
     return ts, harness.start(ts, name, next(iter(images.values()))[0], "custom")
 
 
-def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workdir: Path,
-                           skip: dict, start_timer=None) -> dict:
+def torchserve_contestants(
+    a, name: str, archives: dict, images, ip_rates, workdir: Path, skip: dict, start_timer=None
+) -> dict:
     """served and builtin on one server (the bench settings), builtin_default on another.
     ``start_timer()``: a SingleImageTimer for the served lone requests (see bench/lone.py)."""
     res = {"cells": {}, "server_settings": {}}
@@ -79,14 +86,19 @@ def torchserve_contestants(a, name: str, archives: dict, images, ip_rates, workd
                 targets[report.SERVED] = ("served", target, name)
             if builtin:
                 bname = Path(archives["builtin"]).stem
-                client.register(archives["builtin"], batch_size=a.batch_size,
-                                max_batch_delay=a.max_batch_delay, initial_workers=a.workers)
+                client.register(
+                    archives["builtin"],
+                    batch_size=a.batch_size,
+                    max_batch_delay=a.max_batch_delay,
+                    initial_workers=a.workers,
+                )
                 res["server_settings"][report.BUILTIN] = harness.server_settings(client, bname)
                 btarget = harness.inference_target(ts, bname)
                 harness.warm(a, btarget, images, "builtin", a.batch_size * a.workers)
                 targets[report.BUILTIN] = ("built-in", btarget, bname)
-            res["cells"].update(harness.run_cells(a, {k: v[:2] for k, v in targets.items()}, images,
-                                                  ip_rates))
+            res["cells"].update(
+                harness.run_cells(a, {k: v[:2] for k, v in targets.items()}, images, ip_rates)
+            )
             res["lone"] = {}
             for k, (_, t, model) in targets.items():
                 # the served latency at concurrency 1 against in-process timings taken
@@ -105,11 +117,17 @@ def out_of_the_box(a, name: str, archives: dict, images, ip_rates, workdir: Path
     """The built-in handler with TorchServe's defaults: one worker per core (per GPU where it
     has GPUs), batch size 1, torch's own thread count."""
     workers = default_workers(a)
-    ts = harness.BenchServer(workdir / "model_store", workdir / f"ts_default_{name}",
-                             {"load_models": "", "default_workers_per_model": str(workers),
-                              "number_of_gpu": str(a.gpus)}, omp_threads=None, log_config=None)
-    print(f"  starting TorchServe with its defaults ({workers} workers, batch 1, no OMP_NUM_THREADS)",
-          flush=True)
+    ts = harness.BenchServer(
+        workdir / "model_store",
+        workdir / f"ts_default_{name}",
+        {"load_models": "", "default_workers_per_model": str(workers), "number_of_gpu": str(a.gpus)},
+        omp_threads=None,
+        log_config=None,
+    )
+    print(
+        f"  starting TorchServe with its defaults ({workers} workers, batch 1, no OMP_NUM_THREADS)",
+        flush=True,
+    )
     with ts as client:
         bname = Path(archives["builtin"]).stem
         client.register(archives["builtin"], initial_workers=workers)
@@ -144,15 +162,31 @@ def flask_contestant(a, name: str, export: Path, images, ip_rates, workdir: Path
     port = free_port()
     log_path = workdir / f"flask_{name}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.flask_server", "--export", str(export),
-                                 "--port", str(port), "--device", a.device], cwd=ROOT,
-                                env=harness.child_env(None), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.flask_server",
+                "--export",
+                str(export),
+                "--port",
+                str(port),
+                "--device",
+                a.device,
+            ],
+            cwd=ROOT,
+            env=harness.child_env(None),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         print(f"  starting the Flask-style server on 127.0.0.1:{port}", flush=True)
         try:
             info = wait_for_flask(proc, port, log_path)
             target = Target(f"http://127.0.0.1:{port}/predictions/{name}")
             harness.warm(a, target, images, "custom", 4)
-            return harness.run_cells(a, {report.FLASK: ("flask", target)}, images, ip_rates)[report.FLASK], info
+            return harness.run_cells(a, {report.FLASK: ("flask", target)}, images, ip_rates)[
+                report.FLASK
+            ], info
         finally:
             proc.terminate()
             try:
@@ -167,23 +201,33 @@ SPEED_KEYS = ("threads", "jpeg_draft", "optimize", "half", "gpu_decode", "quanti
 
 def contestant_settings(a, skip: dict, flask_info: dict | None, handler: dict) -> dict:
     on = f"{a.gpus} GPU(s)" if a.device == "cuda" else "CPU"
-    same = (f"{a.workers} worker(s) x {a.threads} torch thread(s) (OMP_NUM_THREADS={a.threads}), "
-            f"batch size {a.batch_size}, max batch delay {a.max_batch_delay} ms, on {on}")
+    same = (
+        f"{a.workers} worker(s) x {a.threads} torch thread(s) (OMP_NUM_THREADS={a.threads}), "
+        f"batch size {a.batch_size}, max batch delay {a.max_batch_delay} ms, on {on}"
+    )
     speed = ", ".join(f"{k}={handler[k]}" for k in SPEED_KEYS if k in handler)
-    c = {report.SERVED: {"settings": f"handlers/image_classifier.py ({speed}); {same}"},
-         report.INPROCESS: {"settings": f"the same handler and model-config.yaml, no server: {a.workers} "
-                                         f"process(es) x {a.threads} torch thread(s) side by side, as "
-                                         f"the workers; on {a.device}; images/s summed, best of batch "
-                                         f"sizes {a.inprocess_batch_sizes}"},
-         report.BUILTIN: {"settings": f"TorchServe's image_classifier handler; {same}"},
-         report.DEFAULT: {"settings": f"TorchServe's image_classifier handler with TorchServe's defaults: "
-                                      f"{default_workers(a)} workers (one per "
-                                      f"{'GPU' if a.gpus else 'core'}), batch size 1, no OMP_NUM_THREADS"},
-         report.FLASK: {"settings": "Flask development server, threaded, one image per request "
-                                    "(PIL decode + eval transform + forward, model as torch.jit.load "
-                                    "gives it), torch threads "
-                                    f"{flask_info['torch_threads'] if flask_info else 'default'}"
-                                    f", no OMP_NUM_THREADS, on {a.device}"}}
+    c = {
+        report.SERVED: {"settings": f"handlers/image_classifier.py ({speed}); {same}"},
+        report.INPROCESS: {
+            "settings": f"the same handler and model-config.yaml, no server: {a.workers} "
+            f"process(es) x {a.threads} torch thread(s) side by side, as "
+            f"the workers; on {a.device}; images/s summed, best of batch "
+            f"sizes {a.inprocess_batch_sizes}"
+        },
+        report.BUILTIN: {"settings": f"TorchServe's image_classifier handler; {same}"},
+        report.DEFAULT: {
+            "settings": f"TorchServe's image_classifier handler with TorchServe's defaults: "
+            f"{default_workers(a)} workers (one per "
+            f"{'GPU' if a.gpus else 'core'}), batch size 1, no OMP_NUM_THREADS"
+        },
+        report.FLASK: {
+            "settings": "Flask development server, threaded, one image per request "
+            "(PIL decode + eval transform + forward, model as torch.jit.load "
+            "gives it), torch threads "
+            f"{flask_info['torch_threads'] if flask_info else 'default'}"
+            f", no OMP_NUM_THREADS, on {a.device}"
+        },
+    }
     for k in c:
         if k != report.INPROCESS and k not in a.contestants:
             c[k]["skipped"] = "not selected (--contestants)"
@@ -211,14 +255,19 @@ def run_model(a, name: str, image_files, images, work: Path, settings: dict, ski
     # imported here: bench.inprocess loads TorchServe's and the handler's modules, which
     # this process (the load generator) does not otherwise need
     from bench.inprocess import SingleImageTimer
+
     timer = lambda: SingleImageTimer(  # noqa: E731
-        export, a.threads, image_files, harness.child_env(a.threads), ROOT, harness.inprocess_gpu(a))
+        export, a.threads, image_files, harness.child_env(a.threads), ROOT, harness.inprocess_gpu(a)
+    )
     model.update(torchserve_contestants(a, name, archives, images, ip_rates, work, mskip, timer))
     if report.FLASK in a.contestants:
         model["cells"][report.FLASK], model["flask_server"] = flask_contestant(
-            a, name, export, images, ip_rates, work)
-    tp = {k: {s: {c["concurrency"]: c["images_per_s"] for c in cells} for s, cells in v.items()}
-          for k, v in model["cells"].items()}
+            a, name, export, images, ip_rates, work
+        )
+    tp = {
+        k: {s: {c["concurrency"]: c["images_per_s"] for c in cells} for s, cells in v.items()}
+        for k, v in model["cells"].items()
+    }
     tp[report.INPROCESS] = ip_rates
     model["ratios"] = report.ratio_table(tp)
     return model
@@ -266,27 +315,42 @@ def run(a) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.out / "work"
     (work / "model_store").mkdir(parents=True, exist_ok=True)
-    settings = {"workers": a.workers, "threads": a.threads, "batch_size": a.batch_size,
-                "max_batch_delay": a.max_batch_delay, "device": a.device}
+    settings = {
+        "workers": a.workers,
+        "threads": a.threads,
+        "batch_size": a.batch_size,
+        "max_batch_delay": a.max_batch_delay,
+        "device": a.device,
+    }
     skip = builtin_skips(a)
-    print(f"images: {a.images_per_size} per size of {', '.join(a.sizes)} (generated once, cached in "
-          f"{a.out / 'images'})", flush=True)
+    print(
+        f"images: {a.images_per_size} per size of {', '.join(a.sizes)} (generated once, cached in "
+        f"{a.out / 'images'})",
+        flush=True,
+    )
     image_files = {size: make_images(a.out / "images", size, a.images_per_size) for size in a.sizes}
     images = {s: [f.read_bytes() for f in fs] for s, fs in image_files.items()}
-    results = {"command": command(a.argv), "smoke": a.smoke,
-               "machine": report.machine(), "environment": harness.malloc_env(),
-               "settings": {**settings, "concurrency": a.concurrency, "sizes": a.sizes,
-                            "client_processes": a.client_processes,
-                            "requests": a.requests or "auto: max(2 x concurrency, 16, "
-                                        "cell_seconds x in-process images/s)",
-                            "warmup_requests": "max(2, concurrency // 2) per cell",
-                            "cell_seconds": a.cell_seconds, "max_cell_seconds": a.max_cell_seconds,
-                            "export_args": a.export_args, "dog_rounds": a.dog_rounds,
-                            "inprocess_batch_sizes": a.inprocess_batch_sizes,
-                            "images": {s: {"count": len(v), "bytes": [len(b) for b in v]}
-                                       for s, v in images.items()}},
-               "models": {name: run_model(a, name, image_files, images, work, settings, skip)
-                          for name in a.models}}
+    results = {
+        "command": command(a.argv),
+        "smoke": a.smoke,
+        "machine": report.machine(),
+        "environment": harness.malloc_env(),
+        "settings": {
+            **settings,
+            "concurrency": a.concurrency,
+            "sizes": a.sizes,
+            "client_processes": a.client_processes,
+            "requests": a.requests or "auto: max(2 x concurrency, 16, cell_seconds x in-process images/s)",
+            "warmup_requests": "max(2, concurrency // 2) per cell",
+            "cell_seconds": a.cell_seconds,
+            "max_cell_seconds": a.max_cell_seconds,
+            "export_args": a.export_args,
+            "dog_rounds": a.dog_rounds,
+            "inprocess_batch_sizes": a.inprocess_batch_sizes,
+            "images": {s: {"count": len(v), "bytes": [len(b) for b in v]} for s, v in images.items()},
+        },
+        "models": {name: run_model(a, name, image_files, images, work, settings, skip) for name in a.models},
+    }
     if a.dog_app:
         print("\n== the dog app ==", flush=True)
         results["dog_app"] = dog_app.run(a, work / "dog_app", settings)
@@ -294,9 +358,10 @@ def run(a) -> dict:
     handler_cfg = first["model_config"]["handler"]
     results["contestants"] = contestant_settings(a, skip, first.get("flask_server"), handler_cfg)
     print("preprocessing alone, plain PIL vs the handler's path ...", flush=True)
-    results["preprocessing"] = {size: preprocess.measure(images[size][0], handler_cfg,
-                                                         repeats=3 if a.smoke else 9)
-                                for size in a.sizes}
+    results["preprocessing"] = {
+        size: preprocess.measure(images[size][0], handler_cfg, repeats=3 if a.smoke else 9)
+        for size in a.sizes
+    }
     results["machine"]["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["machine"]["cpu_steal"] = report.steal_share(cpu_start, report.cpu_snapshot())
     results["duration_s"] = round(time.perf_counter() - t_start, 1)
@@ -305,9 +370,19 @@ def run(a) -> dict:
 
 
 # --smoke: the CI version, harness only, not speed.
-SMOKE = {"models": ["flying_objects"], "sizes": ["500x375"], "concurrency": [1, 8], "requests": 12,
-         "cell_seconds": 2.0, "max_cell_seconds": 20.0, "inprocess_batch_sizes": [1, 4],
-         "inprocess_seconds": 0.3, "inprocess_min_batches": 2, "images_per_size": 2, "dog_rounds": 1}
+SMOKE = {
+    "models": ["flying_objects"],
+    "sizes": ["500x375"],
+    "concurrency": [1, 8],
+    "requests": 12,
+    "cell_seconds": 2.0,
+    "max_cell_seconds": 20.0,
+    "inprocess_batch_sizes": [1, 4],
+    "inprocess_seconds": 0.3,
+    "inprocess_min_batches": 2,
+    "images_per_size": 2,
+    "dog_rounds": 1,
+}
 
 
 def cuda_devices() -> int:
@@ -323,59 +398,134 @@ def replace_defaults(p: argparse.ArgumentParser, a: argparse.Namespace, values: 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description="Serving benchmark: TorchServe vs "
-                                "in-process, built-in handler and a Flask-style server; the dog app.")
-    p.add_argument("--models", nargs="+", default=list(ex.MODELS), choices=list(ex.MODELS),
-                   help="models served by the base handler against every contestant")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Serving benchmark: TorchServe vs "
+        "in-process, built-in handler and a Flask-style server; the dog app.",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(ex.MODELS),
+        choices=list(ex.MODELS),
+        help="models served by the base handler against every contestant",
+    )
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="JPEG sizes")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32], help="concurrent clients")
-    p.add_argument("--contestants", nargs="+", default=ALL, choices=ALL,
-                   help="which to run besides the in-process figure (always run)")
-    p.add_argument("--dog-app", action=argparse.BooleanOptionalAction, default=True,
-                   help="also the dog app (handlers/dog_breeds.py) on real photos")
-    p.add_argument("--dog-rounds", type=int, default=2,
-                   help="rounds of the dog app's served cell and in-process run taking turns")
-    p.add_argument("--workers", type=int, default=None,
-                   help="TorchServe workers per model (default: cores / --threads)")
-    p.add_argument("--threads", type=int, default=HandlerSettings.threads,
-                   help="torch threads per worker: OMP_NUM_THREADS and model-config.yaml's threads")
-    p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size,
-                   help="TorchServe batch size")
-    p.add_argument("--max-batch-delay", type=int, default=ServerSettings.max_batch_delay,
-                   help="TorchServe max batch delay (ms)")
-    p.add_argument("--requests", type=int, default=None,
-                   help="measured requests per cell (default: --cell-seconds x in-process images/s)")
-    p.add_argument("--cell-seconds", type=float, default=5.0,
-                   help="sets the default --requests: this many seconds at the in-process rate")
-    p.add_argument("--max-cell-seconds", type=float, default=20.0,
-                   help="time budget of a cell: it stops issuing requests this long after its "
-                        "start, measured count reached or not (in-flight requests then finish)")
-    p.add_argument("--lone-requests", type=int, default=20,
-                   help="requests sent one at a time per size after the cells, each compared with "
-                        "the worker's HandlerTime for it (served and built-in)")
-    p.add_argument("--inprocess-batch-sizes", nargs="+", type=int, default=[1, 4, 8, 16],
-                   help="batch sizes the in-process figure tries (the best one counts)")
+    p.add_argument(
+        "--contestants",
+        nargs="+",
+        default=ALL,
+        choices=ALL,
+        help="which to run besides the in-process figure (always run)",
+    )
+    p.add_argument(
+        "--dog-app",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the dog app (handlers/dog_breeds.py) on real photos",
+    )
+    p.add_argument(
+        "--dog-rounds",
+        type=int,
+        default=2,
+        help="rounds of the dog app's served cell and in-process run taking turns",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="TorchServe workers per model (default: cores / --threads)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=HandlerSettings.threads,
+        help="torch threads per worker: OMP_NUM_THREADS and model-config.yaml's threads",
+    )
+    p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size, help="TorchServe batch size")
+    p.add_argument(
+        "--max-batch-delay",
+        type=int,
+        default=ServerSettings.max_batch_delay,
+        help="TorchServe max batch delay (ms)",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="measured requests per cell (default: --cell-seconds x in-process images/s)",
+    )
+    p.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=5.0,
+        help="sets the default --requests: this many seconds at the in-process rate",
+    )
+    p.add_argument(
+        "--max-cell-seconds",
+        type=float,
+        default=20.0,
+        help="time budget of a cell: it stops issuing requests this long after its "
+        "start, measured count reached or not (in-flight requests then finish)",
+    )
+    p.add_argument(
+        "--lone-requests",
+        type=int,
+        default=20,
+        help="requests sent one at a time per size after the cells, each compared with "
+        "the worker's HandlerTime for it (served and built-in)",
+    )
+    p.add_argument(
+        "--inprocess-batch-sizes",
+        nargs="+",
+        type=int,
+        default=[1, 4, 8, 16],
+        help="batch sizes the in-process figure tries (the best one counts)",
+    )
     p.add_argument("--inprocess-seconds", type=float, default=3.0, help="time per in-process batch size")
-    p.add_argument("--inprocess-min-batches", type=int, default=3,
-                   help="at least this many timed batches per in-process batch size")
+    p.add_argument(
+        "--inprocess-min-batches",
+        type=int,
+        default=3,
+        help="at least this many timed batches per in-process batch size",
+    )
     p.add_argument("--images-per-size", type=int, default=4, help="different JPEGs per size")
-    p.add_argument("--export-args", default="",
-                   help="more training.export options for the served model-config.yaml, e.g. "
-                        "'--jpeg-draft 0 --no-optimize' (default: the export's defaults)")
-    p.add_argument("--exports", type=Path, default=ROOT / "export",
-                   help="trained exports (<dir>/<model>/model.pt); random weights where absent")
+    p.add_argument(
+        "--export-args",
+        default="",
+        help="more training.export options for the served model-config.yaml, e.g. "
+        "'--jpeg-draft 0 --no-optimize' (default: the export's defaults)",
+    )
+    p.add_argument(
+        "--exports",
+        type=Path,
+        default=ROOT / "export",
+        help="trained exports (<dir>/<model>/model.pt); random weights where absent",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "build" / "bench", help="results and work files")
-    p.add_argument("--publish", type=Path,
-                   help="also write the markdown here (e.g. docs/performance-results.md), the "
-                        "chart beside it with the same name and .png")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where every contestant runs: auto is cuda where torch sees a GPU (TorchServe "
-                        "with number_of_gpu = all of them), else cpu (number_of_gpu=0)")
-    p.add_argument("--client-processes", type=int, default=1,
-                   help="processes the load generator spreads its clients over")
-    p.add_argument("--smoke", action="store_true",
-                   help="CI version: flying_objects, 500x375, concurrency 1 8, tiny counts, one dog "
-                        "app round (options given explicitly win)")
+    p.add_argument(
+        "--publish",
+        type=Path,
+        help="also write the markdown here (e.g. docs/performance-results.md), the "
+        "chart beside it with the same name and .png",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where every contestant runs: auto is cuda where torch sees a GPU (TorchServe "
+        "with number_of_gpu = all of them), else cpu (number_of_gpu=0)",
+    )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="processes the load generator spreads its clients over",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI version: flying_objects, 500x375, concurrency 1 8, tiny counts, one dog "
+        "app round (options given explicitly win)",
+    )
     return p
 
 

@@ -10,6 +10,7 @@ For each model it measures three rates over the same photo-like 500x375 JPEGs:
 Loading is the bottleneck when end to end stays near the loader's rate, well below
 compute. Results go to build/bench/train.json and train.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,14 +96,23 @@ def measure(model_name: str, data: Path, batch: int, steps: int, workers: list[i
     for frozen in (True, False):
         set_backbone(model, head, not frozen)
         backbone = "frozen" if frozen else "unfrozen"
-        compute = rate(iter(lambda: (x, y), None), train_step, steps, batch,
-                       f"{model_name} {backbone} compute")
+        compute = rate(
+            iter(lambda: (x, y), None), train_step, steps, batch, f"{model_name} {backbone} compute"
+        )
         for w in workers:
             dl = train_loader(data, model_name, batch, w)
             e2e = rate(cycle(dl), train_step, steps, batch, f"{model_name} {backbone} w={w}")
-            rows.append({"model": model_name, "backbone": backbone, "workers": w,
-                         "loader": loaders[w], "compute": compute, "end_to_end": e2e,
-                         "bottleneck": "data loading" if loaders[w] < compute else "compute"})
+            rows.append(
+                {
+                    "model": model_name,
+                    "backbone": backbone,
+                    "workers": w,
+                    "loader": loaders[w],
+                    "compute": compute,
+                    "end_to_end": e2e,
+                    "bottleneck": "data loading" if loaders[w] < compute else "compute",
+                }
+            )
     return rows
 
 
@@ -110,8 +120,10 @@ def table(rows: list[dict]) -> str:
     head = "| model | backbone | workers | loader img/s | compute img/s | end-to-end img/s | bottleneck |"
     lines = [head, "|" + "---|" * 7]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['backbone']} | {r['workers']} | {r['loader']:.1f} | "
-                     f"{r['compute']:.1f} | {r['end_to_end']:.1f} | {r['bottleneck']} |")
+        lines.append(
+            f"| {r['model']} | {r['backbone']} | {r['workers']} | {r['loader']:.1f} | "
+            f"{r['compute']:.1f} | {r['end_to_end']:.1f} | {r['bottleneck']} |"
+        )
     return "\n".join(lines)
 
 
@@ -122,25 +134,31 @@ def machine() -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Training throughput per model, frozen vs unfrozen "
-                                "backbone, per data-loader worker count.")
+    p = argparse.ArgumentParser(
+        description="Training throughput per model, frozen vs unfrozen "
+        "backbone, per data-loader worker count."
+    )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batch-size", type=int, default=16, help="images per training step")
     p.add_argument("--steps", type=int, default=4, help="measured steps per cell (after one warm-up)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="data-loader workers")
-    p.add_argument("--data", type=Path, default=Path("build/bench/train-data"),
-                   help="where the generated JPEGs are kept")
+    p.add_argument(
+        "--data", type=Path, default=Path("build/bench/train-data"), help="where the generated JPEGs are kept"
+    )
     p.add_argument("--out", type=Path, default=Path("build/bench"), help="folder for train.json/.md")
     a = p.parse_args(argv)
     n = a.batch_size * (a.steps + 1)
     data = make_dataset(a.data, n)
     rows = [r for m in a.models for r in measure(m, data, a.batch_size, a.steps, a.workers)]
     facts = machine()
-    md = (f"Training throughput, batch {a.batch_size}, 500x375 JPEGs; {facts}; "
-          f"{time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n")
+    md = (
+        f"Training throughput, batch {a.batch_size}, 500x375 JPEGs; {facts}; "
+        f"{time.strftime('%Y-%m-%d')}\n\n{table(rows)}\n"
+    )
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "train.json").write_text(json.dumps({"machine": facts, "batch_size": a.batch_size,
-                                                  "steps": a.steps, "rows": rows}, indent=2))
+    (a.out / "train.json").write_text(
+        json.dumps({"machine": facts, "batch_size": a.batch_size, "steps": a.steps, "rows": rows}, indent=2)
+    )
     (a.out / "train.md").write_text(md)
     print("\n" + md)
     print(f"Wrote {a.out / 'train.json'} and {a.out / 'train.md'}")

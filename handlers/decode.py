@@ -4,6 +4,7 @@
 file's mode, bit depth, transparency or colour profile (``to_rgb`` states each rule),
 or BadImage where the file does not define that picture.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,13 +51,13 @@ class Decoded:
 # Where a stored-orientation point (x, y) of an image of size (w, h) lands after
 # ImageOps.exif_transpose, for each EXIF orientation (PIL's transpose methods).
 _ORIENT = {
-    2: lambda x, y, w, h: (w - x, y),      # FLIP_LEFT_RIGHT
+    2: lambda x, y, w, h: (w - x, y),  # FLIP_LEFT_RIGHT
     3: lambda x, y, w, h: (w - x, h - y),  # ROTATE_180
-    4: lambda x, y, w, h: (x, h - y),      # FLIP_TOP_BOTTOM
-    5: lambda x, y, w, h: (y, x),          # TRANSPOSE
-    6: lambda x, y, w, h: (h - y, x),      # ROTATE_270 (90 degrees clockwise)
+    4: lambda x, y, w, h: (x, h - y),  # FLIP_TOP_BOTTOM
+    5: lambda x, y, w, h: (y, x),  # TRANSPOSE
+    6: lambda x, y, w, h: (h - y, x),  # ROTATE_270 (90 degrees clockwise)
     7: lambda x, y, w, h: (h - y, w - x),  # TRANSVERSE
-    8: lambda x, y, w, h: (y, w - x),      # ROTATE_90 (90 degrees counter-clockwise)
+    8: lambda x, y, w, h: (y, w - x),  # ROTATE_90 (90 degrees counter-clockwise)
 }
 
 
@@ -121,8 +122,11 @@ def _refuse_measurements(img: Image.Image) -> None:
     values are black and white on a screen, and a stretch by the image's own range would
     show a different picture for every file."""
     if img.format == "FITS" or (img.format == "PPM" and img.mode == "F"):
-        raise BadImage(f"{img.format} image of {img.mode} samples: its values are not display "
-                       "values, so the picture is unknown", "unknown_range")
+        raise BadImage(
+            f"{img.format} image of {img.mode} samples: its values are not display "
+            "values, so the picture is unknown",
+            "unknown_range",
+        )
 
 
 def _white_level(img: Image.Image) -> int:
@@ -131,13 +135,11 @@ def _white_level(img: Image.Image) -> int:
     brighten a dark picture."""
     if img.format == "TIFF":
         if _tiff_tag(img, 339, 1) != 1:  # SampleFormat: 2 is signed, 3 float
-            raise BadImage("TIFF of signed integer samples: black and white are undefined",
-                           "unknown_range")
+            raise BadImage("TIFF of signed integer samples: black and white are undefined", "unknown_range")
         return 2 ** _tiff_tag(img, 258, 16) - 1  # BitsPerSample
     if img.mode != "I" or img.format == "PPM":  # Pillow scales PGM's maxval to 65535
         return 65535
-    raise BadImage(f"{img.format} image of 32-bit integer samples: no defined white level",
-                   "unknown_range")
+    raise BadImage(f"{img.format} image of 32-bit integer samples: no defined white level", "unknown_range")
 
 
 def _integer_grey(img: Image.Image) -> Image.Image:
@@ -145,12 +147,13 @@ def _integer_grey(img: Image.Image) -> Image.Image:
     each value scaled by 255 / white and rounded: 65535 -> 255, 257 -> 1."""
     white = _white_level(img)
     values = np.asarray(img)
-    if values.dtype == np.int32 and white == 2 ** 32 - 1:
+    if values.dtype == np.int32 and white == 2**32 - 1:
         values = values.view(np.uint32)  # unsigned 32-bit TIFF, held as signed by Pillow
     low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
     if low < 0 or high > white:
-        raise BadImage(f"grey samples from {low} to {high} in an image whose white is {white}",
-                       "unknown_range")
+        raise BadImage(
+            f"grey samples from {low} to {high} in an image whose white is {white}", "unknown_range"
+        )
     scaled = values.astype(np.float32) * np.float32(255 / white) + np.float32(0.5)
     grey = Image.fromarray(np.floor(scaled).astype(np.uint8))
     key = img.info.get("transparency")
@@ -172,8 +175,10 @@ def _float_grey(img: Image.Image) -> Image.Image:
     values = np.asarray(img)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
-        raise BadImage(f"float samples from {low:g} to {high:g}: only 0..1 has a defined "
-                       "black and white", "unknown_range")
+        raise BadImage(
+            f"float samples from {low:g} to {high:g}: only 0..1 has a defined black and white",
+            "unknown_range",
+        )
     return Image.fromarray(np.floor(values * 255 + 0.5).astype(np.uint8))
 
 
@@ -231,8 +236,7 @@ def needs_colour_conversion(img: Image.Image) -> bool:
     that a decoder which ignores profiles would see other colours. Header only: a JPEG's
     profile is read by Image.open."""
     icc = img.info.get("icc_profile")
-    return (bool(icc) and img.mode in ("RGB", "L", "CMYK")
-            and _srgb_transform(icc, img.mode) is not None)
+    return bool(icc) and img.mode in ("RGB", "L", "CMYK") and _srgb_transform(icc, img.mode) is not None
 
 
 def _to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
@@ -287,8 +291,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _load(img: Image.Image, max_pixels: int, min_short: int) -> Decoded:
     w, h = img.size
     if w * h > max_pixels:
-        raise BadImage(f"image of {w}x{h} pixels is over the pixel limit of {max_pixels}",
-                       "too_large")
+        raise BadImage(f"image of {w}x{h} pixels is over the pixel limit of {max_pixels}", "too_large")
     box = None
     if min_short and min(w, h) >= 2 * min_short:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale, the smallest whose short side is
@@ -305,12 +308,10 @@ def _load(img: Image.Image, max_pixels: int, min_short: int) -> Decoded:
     # photo decoded in full: 36 MB a copy). The `with` of decode_image closes only the
     # file; Pillow keeps the loaded image usable.
     rgb = to_rgb(img)
-    return Decoded(rgb.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else rgb,
-                   full, box)
+    return Decoded(rgb.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else rgb, full, box)
 
 
-def decode_image(source: str | bytes | BinaryIO, max_pixels: int = MAX_PIXELS,
-                 min_short: int = 0) -> Decoded:
+def decode_image(source: str | bytes | BinaryIO, max_pixels: int = MAX_PIXELS, min_short: int = 0) -> Decoded:
     """Decode an image file to an upright RGB image; with ``min_short``, reduced at decode.
 
     A JPEG whose short side is at least twice ``min_short`` is decoded by libjpeg at

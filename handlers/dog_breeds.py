@@ -19,6 +19,7 @@ copy, made while the decoded image is at hand.
 ``python -m bench.faces`` compares face checks on real photos; docs/performance.md says why
 this one.
 """
+
 from __future__ import annotations
 
 import dlib
@@ -39,7 +40,7 @@ NONE_MESSAGE = "no dog or human face found"
 def share(probs: torch.Tensor, classes: tuple[int, int]) -> float:
     """The summed probability of ImageNet classes ``classes`` (first, last inclusive)."""
     first, last = classes
-    return float(probs[first:last + 1].sum())
+    return float(probs[first : last + 1].sum())
 
 
 def imagenet_shares(logits: torch.Tensor, settings: DogBreedSettings = DogBreedSettings()) -> dict:
@@ -47,9 +48,11 @@ def imagenet_shares(logits: torch.Tensor, settings: DogBreedSettings = DogBreedS
     {"breeds": the dog breeds, "wild_dogs": dingo, dhole, African hunting dog,
     "animals": every animal, the two above included} (the groups are ``settings``')."""
     probs = logits.float().softmax(dim=-1)
-    return {"breeds": share(probs, settings.dog_classes),
-            "wild_dogs": share(probs, settings.wild_dog_classes),
-            "animals": share(probs, settings.animal_classes)}
+    return {
+        "breeds": share(probs, settings.dog_classes),
+        "wild_dogs": share(probs, settings.wild_dog_classes),
+        "animals": share(probs, settings.animal_classes),
+    }
 
 
 def verdict(logits: torch.Tensor, settings: DogBreedSettings = DogBreedSettings()) -> str:
@@ -82,8 +85,9 @@ FACE_MAX_SIDE = DogBreedSettings.face_max_side
 FACE_HOG_THRESHOLD = -0.35
 
 
-def face_copy_size(size: tuple[int, int], short_side: int = FACE_SHORT_SIDE,
-                   max_side: int = FACE_MAX_SIDE) -> tuple[int, int]:
+def face_copy_size(
+    size: tuple[int, int], short_side: int = FACE_SHORT_SIDE, max_side: int = FACE_MAX_SIDE
+) -> tuple[int, int]:
     """The size of the grey copy an image of ``size`` (width, height) is searched at: its
     short side ``short_side``, its long side at most ``max_side``; never larger than ``size``."""
     width, height = size
@@ -100,8 +104,9 @@ def grey_copy(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(grey)
 
 
-def face_copy(image: Image.Image, short_side: int = FACE_SHORT_SIDE,
-              max_side: int = FACE_MAX_SIDE) -> np.ndarray:
+def face_copy(
+    image: Image.Image, short_side: int = FACE_SHORT_SIDE, max_side: int = FACE_MAX_SIDE
+) -> np.ndarray:
     """The grey copy of ``image`` that the face check searches (``face_copy_size``)."""
     return grey_copy(image, face_copy_size(image.size, short_side, max_side))
 
@@ -117,8 +122,13 @@ def face_detector():
     return dlib.get_frontal_face_detector()
 
 
-def count_faces(hog, image: Image.Image, short_side: int = FACE_SHORT_SIDE,
-                max_side: int = FACE_MAX_SIDE, threshold: float = FACE_HOG_THRESHOLD) -> int:
+def count_faces(
+    hog,
+    image: Image.Image,
+    short_side: int = FACE_SHORT_SIDE,
+    max_side: int = FACE_MAX_SIDE,
+    threshold: float = FACE_HOG_THRESHOLD,
+) -> int:
     """Frontal faces in ``image`` as the face check finds them: ``hog`` (``face_detector``)
     on its grey copy (``face_copy``)."""
     return hog_faces(hog, face_copy(image, short_side, max_side), threshold)
@@ -142,8 +152,10 @@ class DogBreedClassifier(ImageClassifier):
         s = self.settings
         last = max(s.dog_classes[1], s.wild_dog_classes[1], s.animal_classes[1])
         if not isinstance(out, (tuple, list)) or out[1].shape[-1] <= last:
-            raise RuntimeError("the model has no ImageNet output to tell dogs by: export it with "
-                               "training.export --handler dog_breeds, which adds one")
+            raise RuntimeError(
+                "the model has no ImageNet output to tell dogs by: export it with "
+                "training.export --handler dog_breeds, which adds one"
+            )
 
     def inspect(self, image: Image.Image) -> np.ndarray:
         # The small grey copy, made while the decoded image is at hand; searched in answer().

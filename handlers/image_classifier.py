@@ -25,6 +25,7 @@ Its settings (top_k, threads, jpeg_draft, optimize, onednn_batches, quantized_en
 half, gpu_decode) are read from the same ``handler:`` section; handlers/settings.py defines
 each, with its default and what it does.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,14 +41,19 @@ import torch
 import torchvision
 from PIL import Image
 from ts.metrics.dimension import Dimension
-from ts.metrics.metric_cache_errors import (MetricsCacheKeyError, MetricsCacheTypeError,
-                                           MetricsCacheValueError)
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError, MetricsCacheTypeError, MetricsCacheValueError
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from handlers.decode import (
+    MAX_PIXELS,
+    BadImage,
+    Decoded,
+    decode_image,
+    needs_colour_conversion,
+    orient_tensor,
+)
 from handlers.optimize import onednn_sizes, optimize, optimize_mode
-from handlers.decode import (MAX_PIXELS, BadImage, Decoded, decode_image, needs_colour_conversion,
-                             orient_tensor)
 from handlers.preset import EvalPreset
 from handlers.settings import HandlerSettings
 
@@ -66,11 +72,12 @@ def request_image(row: dict) -> tuple[str, bytes]:
     if name is None:
         files = [k for k, v in row.items() if isinstance(v, (bytes, bytearray))]
         if len(files) > 1:
-            raise BadImage(f"{len(files)} files in one request; send one image per request",
-                           "several_files")
+            raise BadImage(f"{len(files)} files in one request; send one image per request", "several_files")
         if not files:
-            raise BadImage("no image in the request: send it as the body or as a "
-                           "multipart file field named 'data'", "no_image")
+            raise BadImage(
+                "no image in the request: send it as the body or as a multipart file field named 'data'",
+                "no_image",
+            )
         name = files[0]
     value = row[name]
     where = "the request body" if name == "body" else f"form field '{name}'"
@@ -107,8 +114,7 @@ def set_threads(n: int) -> None:
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError as e:
-        logger.info("inter-op threads already set (%s); keeping %d",
-                    e, torch.get_num_interop_threads())
+        logger.info("inter-op threads already set (%s); keeping %d", e, torch.get_num_interop_threads())
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -116,10 +122,12 @@ def is_jpeg(data: bytes) -> bool:
 
 
 # name -> (unit, type), as declared in serving/metrics.yaml.
-METRICS = {"ImagesServed": ("Count", MetricTypes.COUNTER),
-           "ImagesRejected": ("Count", MetricTypes.COUNTER),
-           "DecodeTime": ("ms", MetricTypes.GAUGE),
-           "BatchSize": ("Count", MetricTypes.GAUGE)}
+METRICS = {
+    "ImagesServed": ("Count", MetricTypes.COUNTER),
+    "ImagesRejected": ("Count", MetricTypes.COUNTER),
+    "DecodeTime": ("ms", MetricTypes.GAUGE),
+    "BatchSize": ("Count", MetricTypes.GAUGE),
+}
 
 
 def error_answer(reason: str) -> dict:
@@ -151,9 +159,15 @@ class ImageClassifier(BaseHandler):
         if self.gpu_decode and type(self).inspect is not ImageClassifier.inspect:
             logger.warning("gpu_decode ignored: %s inspects PIL images", type(self).__name__)
             self.gpu_decode = False
-        logger.info("preprocessing %s, top_k %d, threads %d, jpeg_draft min short side %d, "
-                    "half %s, gpu_decode %s", self.preset, self.top_k, torch.get_num_threads(),
-                    self.min_short, self.half, self.gpu_decode)
+        logger.info(
+            "preprocessing %s, top_k %d, threads %d, jpeg_draft min short side %d, half %s, gpu_decode %s",
+            self.preset,
+            self.top_k,
+            torch.get_num_threads(),
+            self.min_short,
+            self.half,
+            self.gpu_decode,
+        )
         # The objects that exist now (torch, the model, TorchServe) live as long as the
         # worker: out of the garbage collector's sight, its full collections stop
         # re-scanning them on every request's worth of allocations.
@@ -176,18 +190,22 @@ class ImageClassifier(BaseHandler):
             mode = "none"  # under fp16 autocast the optimised graph's fused ops have no autocast rules
         batches = list(s.onednn_batches) if s.onednn_batches else None
         sizes = onednn_sizes(batches, self.max_batch)
-        return optimize(model, mode, lambda: torch.jit.load(model_pt_path), self.preset.crop_size,
-                        self.device, sizes)
+        return optimize(
+            model, mode, lambda: torch.jit.load(model_pt_path), self.preset.crop_size, self.device, sizes
+        )
 
     def _load_quantized(self, model_pt_path, engine: str):
         """An int8 model: its engine's CPU kernels, whatever device the worker was given."""
         if engine not in torch.backends.quantized.supported_engines:
-            raise RuntimeError(f"model-config.yaml: quantized_engine {engine!r} is not available "
-                               f"in this torch build ({torch.backends.quantized.supported_engines})")
+            raise RuntimeError(
+                f"model-config.yaml: quantized_engine {engine!r} is not available "
+                f"in this torch build ({torch.backends.quantized.supported_engines})"
+            )
         torch.backends.quantized.engine = engine
         if self.device.type != "cpu":
-            logger.warning("int8 model: running on the CPU, not %s (quantized kernels are CPU "
-                           "kernels)", self.device)
+            logger.warning(
+                "int8 model: running on the CPU, not %s (quantized kernels are CPU kernels)", self.device
+            )
             self.device, self.map_location = torch.device("cpu"), "cpu"  # half, gpu_decode: off
         return torch.jit.load(model_pt_path, map_location="cpu")
 
@@ -218,8 +236,10 @@ class ImageClassifier(BaseHandler):
         start = time.perf_counter()
         # A row straight from TorchServe carries its upload as bytes; under a KServe envelope
         # rows are the envelope's decoded instances, whose answers the envelope serialises.
-        self._binary_rows = [isinstance(row, dict) and any(isinstance(v, (bytes, bytearray))
-                                                           for v in row.values()) for row in data]
+        self._binary_rows = [
+            isinstance(row, dict) and any(isinstance(v, (bytes, bytearray)) for v in row.values())
+            for row in data
+        ]
         tensors, errors, facts = [], {}, []
         for i, row in enumerate(data):
             try:
@@ -249,12 +269,10 @@ class ImageClassifier(BaseHandler):
         try:
             header = Image.open(io.BytesIO(data))  # header only: size, mode, orientation
             w, h = header.size
-            if (w * h > MAX_PIXELS or header.mode not in ("RGB", "L")
-                    or needs_colour_conversion(header)):
+            if w * h > MAX_PIXELS or header.mode not in ("RGB", "L") or needs_colour_conversion(header):
                 return None
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            image = torchvision.io.decode_jpeg(raw, mode=torchvision.io.ImageReadMode.RGB,
-                                               device=self.device)
+            image = torchvision.io.decode_jpeg(raw, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
             image = orient_tensor(image, header.getexif().get(0x0112, 1))
             return self.preset.tensor_transform(image)
         except (OSError, ValueError, SyntaxError, RuntimeError) as e:
@@ -270,8 +288,7 @@ class ImageClassifier(BaseHandler):
             with torch.inference_mode(), self._precision():
                 out = self.model(x.half() if self.half else x)
             # A model may return (class logits, auxiliary logits), e.g. an ImageNet head.
-            logits, aux = ((out[0], out[1].float().cpu()) if isinstance(out, (tuple, list))
-                           else (out, None))
+            logits, aux = (out[0], out[1].float().cpu()) if isinstance(out, (tuple, list)) else (out, None)
             probs = logits.float().softmax(dim=1).cpu()
             self._metric("ImagesServed", len(batch))
         return probs, aux, errors, n, facts
@@ -291,8 +308,10 @@ class ImageClassifier(BaseHandler):
             if i in errors:
                 answers.append(error_answer(errors[i]))
                 continue
-            top_k = [{"label": self.mapping[str(k)], "index": k, "probability": round(p, 6)}
-                     for p, k in zip(top.values[j].tolist(), top.indices[j].tolist())]
+            top_k = [
+                {"label": self.mapping[str(k)], "index": k, "probability": round(p, 6)}
+                for p, k in zip(top.values[j].tolist(), top.indices[j].tolist())
+            ]
             answers.append(self.answer(top_k, probs[j], None if aux is None else aux[j], facts[j]))
             j += 1
         self._report_status(n, errors)

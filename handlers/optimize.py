@@ -15,6 +15,7 @@ Each is checked against the loaded model (``optimized``) and skipped with a warn
 if it fails or changes the outputs. The archive ships this module with the handler
 (serving/archive.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,9 +84,11 @@ class Agreement:
     def __str__(self) -> str:
         if self.mismatch:
             return f"{self.mismatch} (tolerance {self.rtol:g})"
-        return (f"max difference {self.max_diff:.1e}, {self.relative:.1e} of the outputs' scale "
-                f"{self.scale:.3g} (tolerance {self.rtol:g}); top class kept in "
-                f"{self.decisive_rows - self.flipped_rows}/{self.decisive_rows} decisive rows")
+        return (
+            f"max difference {self.max_diff:.1e}, {self.relative:.1e} of the outputs' scale "
+            f"{self.scale:.3g} (tolerance {self.rtol:g}); top class kept in "
+            f"{self.decisive_rows - self.flipped_rows}/{self.decisive_rows} decisive rows"
+        )
 
 
 def _top_class_flips(got: torch.Tensor, want: torch.Tensor, tol: float) -> tuple[int, int]:
@@ -106,19 +109,27 @@ def compare(got, want, rtol: float = RTOL) -> Agreement:
     everything, so it would otherwise never count as a difference."""
     got, want = tensors(got), tensors(want)
     if len(got) != len(want):
-        return Agreement(math.inf, 0.0, 0, 0, rtol,
-                         f"{len(got)} output tensors where the reference has {len(want)}")
+        return Agreement(
+            math.inf, 0.0, 0, 0, rtol, f"{len(got)} output tensors where the reference has {len(want)}"
+        )
     worst, decisive, flipped = (0.0, 0.0), 0, 0
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape:
-            return Agreement(math.inf, 0.0, 0, 0, rtol, f"output {i} has shape {tuple(g.shape)} "
-                             f"where the reference's is {tuple(w.shape)}")
+            return Agreement(
+                math.inf,
+                0.0,
+                0,
+                0,
+                rtol,
+                f"output {i} has shape {tuple(g.shape)} where the reference's is {tuple(w.shape)}",
+            )
         g, w = g.detach().float(), w.detach().float()
         for side, t in (("the output", g), ("the reference", w)):
             bad = int((~torch.isfinite(t)).sum())
             if bad:
-                return Agreement(math.inf, 0.0, 0, 0, rtol,
-                                 f"{side} {i} has {bad} non-finite values (NaN or infinity)")
+                return Agreement(
+                    math.inf, 0.0, 0, 0, rtol, f"{side} {i} has {bad} non-finite values (NaN or infinity)"
+                )
         diff, scale = (g - w).abs().max().item(), w.abs().max().item()
         if diff * worst[1] >= worst[0] * scale:  # diff / scale >= the worst so far
             worst = (diff, scale)
@@ -127,8 +138,13 @@ def compare(got, want, rtol: float = RTOL) -> Agreement:
     return Agreement(*worst, decisive, flipped, rtol)
 
 
-def optimized(model, example: torch.Tensor, build=torch.jit.optimize_for_inference,
-              name: str = "optimize_for_inference", rtol: float = RTOL):
+def optimized(
+    model,
+    example: torch.Tensor,
+    build=torch.jit.optimize_for_inference,
+    name: str = "optimize_for_inference",
+    rtol: float = RTOL,
+):
     """``build(model)`` if it runs and agrees with ``model`` on ``example`` (``compare``);
     otherwise ``model``, with a warning that says why."""
     try:
@@ -170,10 +186,11 @@ def onednn_sizes(value, batch_size: int) -> list[int]:
     if value is None:
         return chunk_sizes(batch_size)
     values = value if isinstance(value, (list, tuple)) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) \
-            or 1 not in values:
-        raise ValueError(f"model-config.yaml: onednn_batches {value!r} must be batch sizes "
-                         f"that include 1, e.g. [1] or [1, 8]")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) or 1 not in values:
+        raise ValueError(
+            f"model-config.yaml: onednn_batches {value!r} must be batch sizes "
+            f"that include 1, e.g. [1] or [1, 8]"
+        )
     return sorted(set(values))
 
 
@@ -212,7 +229,7 @@ class OneDNNModel:
         outs, i = [], 0
         while i < len(x):
             b = next(s for s in self.sizes if s <= len(x) - i)
-            outs.append(self.copies[b](x[i:i + b]))
+            outs.append(self.copies[b](x[i : i + b]))
             i += b
         if len(outs) == 1:
             return outs[0]
@@ -220,7 +237,7 @@ class OneDNNModel:
             return tuple(torch.cat(parts) for parts in zip(*outs))
         return torch.cat(outs)
 
-    def eval(self) -> "OneDNNModel":
+    def eval(self) -> OneDNNModel:
         return self
 
 

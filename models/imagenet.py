@@ -14,6 +14,7 @@ model's second output:
   classes (``imagenet_dogs``: the 118 breeds), with all 1000 as the second output,
   from one forward pass.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,13 +33,14 @@ DOG_CLASSES = DogBreedSettings.dog_classes
 def categories() -> tuple[str, ...]:
     """ImageNet-1k's 1000 class names, as torchvision ships them (no download)."""
     from torchvision.models import ResNet50_Weights
+
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def dog_breeds() -> list[str]:
     """The names of ImageNet's dog classes, in class order."""
     first, last = DOG_CLASSES
-    return list(categories()[first:last + 1])
+    return list(categories()[first : last + 1])
 
 
 class ImageNetSubset(nn.Module):
@@ -52,7 +54,7 @@ class ImageNetSubset(nn.Module):
 
     def forward(self, x):
         logits = self.model(x)
-        return logits[:, self.first:self.last + 1], logits
+        return logits[:, self.first : self.last + 1], logits
 
 
 class WithImageNetGate(nn.Module):
@@ -64,13 +66,14 @@ class WithImageNetGate(nn.Module):
     per channel, x * std / gate_std + (mean - gate_mean) / gate_std.
     """
 
-    def __init__(self, model: nn.Module, gate: nn.Module, preset: EvalPreset,
-                 gate_preset: EvalPreset):
+    def __init__(self, model: nn.Module, gate: nn.Module, preset: EvalPreset, gate_preset: EvalPreset):
         super().__init__()
         if (preset.resize_size, preset.crop_size) != (gate_preset.resize_size, gate_preset.crop_size):
-            raise ValueError(f"the ImageNet gate crops {gate_preset.resize_size}/"
-                             f"{gate_preset.crop_size}, the model {preset.resize_size}/"
-                             f"{preset.crop_size}: they must see the same crop")
+            raise ValueError(
+                f"the ImageNet gate crops {gate_preset.resize_size}/"
+                f"{gate_preset.crop_size}, the model {preset.resize_size}/"
+                f"{preset.crop_size}: they must see the same crop"
+            )
         mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (preset.mean, preset.std))
         g_mean, g_std = (torch.tensor(v).view(1, -1, 1, 1) for v in (gate_preset.mean, gate_preset.std))
         self.model, self.gate = model, gate

@@ -6,10 +6,11 @@ answers for torchvision's classification models), and a name nobody knows is an 
 that lists the known ones. This module imports no builder: models/zoo.py imports them
 all, and is what callers import (``from models.zoo import get_model``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -54,14 +55,21 @@ _REGISTRY: dict[str, ModelSpec] = {}
 _FALLBACKS: list[tuple[Callable[[str], ModelSpec | None], str]] = []
 
 
-def register_model(name: str, *, train_preset: TrainPreset = TrainPreset(), pretrained: bool = True,
-                   head: str = "classifier", onednn_batches: tuple[int, ...] | None = None,
-                   eval_preset: EvalPreset | None = None):
+def register_model(
+    name: str,
+    *,
+    train_preset: TrainPreset = TrainPreset(),
+    pretrained: bool = True,
+    head: str = "classifier",
+    onednn_batches: tuple[int, ...] | None = None,
+    eval_preset: EvalPreset | None = None,
+):
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelSpec(name, fn, train_preset, pretrained, head, onednn_batches, eval_preset)
         return fn
+
     return wrap
 
 
@@ -98,4 +106,3 @@ def get_model(name: str, num_classes: int, **options) -> nn.Module:
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     return get_spec(name).build(num_classes=num_classes, **options)
-

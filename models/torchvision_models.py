@@ -16,6 +16,7 @@ What the rest of the project needs to know about a network is found, not listed:
 - the eval preprocessing of pretrained weights: the sizes, mean and std of their own
   ``weights.transforms()`` (EfficientNetV2-S expects 384 px, not 224).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,14 @@ STAGES = (("layer1", "layer2", "layer3", "layer4"), ("stage2", "stage3", "stage4
 # torchvision's own training preset (references/classification/presets.py): random crops
 # of 8-100% of the area, horizontal flips, no rotation.
 TRAIN_PRESET = TrainPreset(rotation=0.0, hflip=0.5, scale=(0.08, 1.0))
-EXAMPLES = ("resnet18", "efficientnet_v2_s", "convnext_tiny", "regnet_y_400mf", "vit_b_16",
-            "mobilenet_v3_small")
+EXAMPLES = (
+    "resnet18",
+    "efficientnet_v2_s",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "vit_b_16",
+    "mobilenet_v3_small",
+)
 DESCRIPTION = f"any torchvision classification model, e.g. {', '.join(EXAMPLES)}"
 
 
@@ -60,8 +67,10 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module, str, nn.Linear]:
                 path, linear = linears[-1]
                 parent, _, child = path.rpartition(".")
                 return attr, head.get_submodule(parent) if parent else head, child, linear
-    raise ValueError(f"{type(model).__name__} has no Linear classifier under "
-                     f"{', '.join(HEADS)}: its head cannot be replaced for your classes")
+    raise ValueError(
+        f"{type(model).__name__} has no Linear classifier under "
+        f"{', '.join(HEADS)}: its head cannot be replaced for your classes"
+    )
 
 
 def feature_blocks(model: nn.Module) -> list[nn.Module] | None:
@@ -94,22 +103,31 @@ def unfreeze_last_blocks(model: nn.Module, name: str, n: int) -> None:
     (n = 0: the head alone)."""
     blocks = feature_blocks(model)
     if blocks is None:
-        raise ValueError(f"unfreeze_blocks: {name} has no sequence of feature blocks; leave it "
-                         f"out to train every layer, or train the head first with --head-epochs")
+        raise ValueError(
+            f"unfreeze_blocks: {name} has no sequence of feature blocks; leave it "
+            f"out to train every layer, or train the head first with --head-epochs"
+        )
     if not 0 <= n <= len(blocks):
         raise ValueError(f"unfreeze_blocks must be in 0..{len(blocks)} for {name}, got {n}")
     first = blocks[-n] if n else getattr(model, find_head(model)[0])
     freeze_all_but(model, first)
 
 
-def build(tv_name: str, num_classes: int, weights: str | None = None,
-          weights_file: str | None = None, unfreeze_blocks: int | None = None,
-          **unknown) -> nn.Module:
+def build(
+    tv_name: str,
+    num_classes: int,
+    weights: str | None = None,
+    weights_file: str | None = None,
+    unfreeze_blocks: int | None = None,
+    **unknown,
+) -> nn.Module:
     """torchvision's ``tv_name`` with a head of ``num_classes``; every layer trains unless
     ``unfreeze_blocks`` says how many of the last feature blocks do."""
     if unknown:
-        raise ValueError(f"{tv_name} (torchvision) takes no {', '.join(sorted(unknown))}; "
-                         f"its options: weights, weights_file, unfreeze_blocks")
+        raise ValueError(
+            f"{tv_name} (torchvision) takes no {', '.join(sorted(unknown))}; "
+            f"its options: weights, weights_file, unfreeze_blocks"
+        )
     model = torchvision_model(tv_name, weights, weights_file)
     _, parent, child, linear = find_head(model)
     # Pretrained weights with as many classes as they were trained on keep their classifier.
@@ -130,25 +148,32 @@ def weights_preset(tv_name: str, weights: str) -> EvalPreset:
     except KeyError:
         known = ", ".join(["DEFAULT", *sorted(enum.__members__.keys() - {"DEFAULT"})])
         raise ValueError(f"unknown weights {weights!r} for {tv_name}; known: {known}, none") from None
-    return EvalPreset(resize_size=t.resize_size[0], crop_size=t.crop_size[0],
-                      mean=tuple(t.mean), std=tuple(t.std))
+    return EvalPreset(
+        resize_size=t.resize_size[0], crop_size=t.crop_size[0], mean=tuple(t.mean), std=tuple(t.std)
+    )
 
 
 def head_attribute(model: nn.Module) -> str:
     return find_head(model)[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(name: str) -> ModelSpec | None:
     """The spec of torchvision's classification model ``name``; None for other names."""
     if name not in names():
         return None
     # The head is found on the built network: building one only to look (RegNet cannot be
     # built on the meta device) would cost as much as the build itself.
-    return ModelSpec(name, functools.partial(build, name), TRAIN_PRESET, pretrained=True,
-                     head=None, eval_preset=weights_preset(name, "DEFAULT"),
-                     weights_preset=functools.partial(weights_preset, name),
-                     find_head=head_attribute)
+    return ModelSpec(
+        name,
+        functools.partial(build, name),
+        TRAIN_PRESET,
+        pretrained=True,
+        head=None,
+        eval_preset=weights_preset(name, "DEFAULT"),
+        weights_preset=functools.partial(weights_preset, name),
+        find_head=head_attribute,
+    )
 
 
 register_fallback(resolve, DESCRIPTION)

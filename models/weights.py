@@ -1,4 +1,5 @@
 """Pretrained weights: by torchvision name (downloaded), from a local file, or none."""
+
 from __future__ import annotations
 
 import urllib.error
@@ -13,8 +14,9 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights were asked for but cannot be had; the message says what to do."""
 
 
-def torchvision_model(tv_name: str, weights: str | None = None,
-                      weights_file: str | Path | None = None) -> nn.Module:
+def torchvision_model(
+    tv_name: str, weights: str | None = None, weights_file: str | Path | None = None
+) -> nn.Module:
     """Build torchvision's ``tv_name`` with its ImageNet head and the requested weights.
 
     weights: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), fetched through
@@ -52,6 +54,5 @@ def _from_file(tv_name: str, path: Path) -> nn.Module:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise WeightsUnavailable(
-            f"--weights-file {path} is not a {tv_name} state dict: {first}") from e
+        raise WeightsUnavailable(f"--weights-file {path} is not a {tv_name} state dict: {first}") from e
     return model

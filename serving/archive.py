@@ -8,6 +8,7 @@ model-config.yaml and the runtime: the ``handlers`` package, whole (the handlers
 decoding, the eval preset, the optimisation and the served settings; it imports nothing
 else of this project). Nothing pickled, no Python objects, nothing of training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,8 @@ def handler_of(export_dir: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir}/model-config.yaml names handler {name!r}: no {path}")
     return path
+
+
 EXPORT_FILES = ("model.pt", "index_to_name.json", "model-config.yaml")
 SUMS_FILE = "SHA256SUMS"  # in the model store, in `sha256sum` format
 
@@ -75,13 +78,17 @@ def verify_archive(mar: Path) -> None:
     """Raise ArchiveMismatch unless ``mar`` matches its recorded SHA-256."""
     expected = read_sums(mar.parent).get(mar.name)
     if expected is None:
-        raise ArchiveMismatch(f"{mar.name} has no entry in {mar.parent / SUMS_FILE}: "
-                              "only archives built by `make archive` are registered")
+        raise ArchiveMismatch(
+            f"{mar.name} has no entry in {mar.parent / SUMS_FILE}: "
+            "only archives built by `make archive` are registered"
+        )
     actual = sha256(mar)
     if actual != expected:
-        raise ArchiveMismatch(f"{mar.name} does not match its SHA-256 in {mar.parent / SUMS_FILE} "
-                              f"(expected {expected[:12]}..., found {actual[:12]}...): "
-                              "rebuild it with `make archive`")
+        raise ArchiveMismatch(
+            f"{mar.name} does not match its SHA-256 in {mar.parent / SUMS_FILE} "
+            f"(expected {expected[:12]}..., found {actual[:12]}...): "
+            "rebuild it with `make archive`"
+        )
 
 
 def archiver() -> str:
@@ -113,12 +120,24 @@ def build_archive(export_dir: Path, name: str, model_store: Path, version: str =
             dst = Path(stage) / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst)
-        cmd = [archiver(), "--model-name", name, "--version", version,
-               "--serialized-file", str(export_dir / "model.pt"),
-               "--handler", str(handler),
-               "--extra-files", f"{export_dir / 'index_to_name.json'},{stage}",
-               "--config-file", str(export_dir / "model-config.yaml"),
-               "--export-path", stage, "--force"]
+        cmd = [
+            archiver(),
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--serialized-file",
+            str(export_dir / "model.pt"),
+            "--handler",
+            str(handler),
+            "--extra-files",
+            f"{export_dir / 'index_to_name.json'},{stage}",
+            "--config-file",
+            str(export_dir / "model-config.yaml"),
+            "--export-path",
+            stage,
+            "--force",
+        ]
         subprocess.run(cmd, check=True)
         # torch-model-archiver names the file after the model; move it to its versioned name.
         mar = model_store / mar_name(name, version)
@@ -130,13 +149,20 @@ def build_archive(export_dir: Path, name: str, model_store: Path, version: str =
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build one .mar per exported model.")
-    p.add_argument("--exports", type=Path, default=Path("export"),
-                   help="folder of export folders (one per model, named as the served model)")
+    p.add_argument(
+        "--exports",
+        type=Path,
+        default=Path("export"),
+        help="folder of export folders (one per model, named as the served model)",
+    )
     p.add_argument("--model-store", type=Path, default=Path("model_store"), help="where .mar files go")
     p.add_argument("--version", default="1.0", help="model version recorded in the archive")
     p.add_argument("--only", nargs="*", help="archive only these model names")
-    p.add_argument("--verify", action="store_true",
-                   help="build nothing; check every .mar in the model store against SHA256SUMS")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="build nothing; check every .mar in the model store against SHA256SUMS",
+    )
     a = p.parse_args(argv)
     if a.verify:
         try:
@@ -149,8 +175,10 @@ def main(argv=None):
     if a.only:
         dirs = [d for d in dirs if d.name in a.only]
     if not dirs:
-        sys.exit(f"no exported models under {a.exports}/ (expected {a.exports}/<name>/model.pt): "
-                 "run training.export first")
+        sys.exit(
+            f"no exported models under {a.exports}/ (expected {a.exports}/<name>/model.pt): "
+            "run training.export first"
+        )
     for d in dirs:
         build_archive(d, d.name, a.model_store, a.version)
 

@@ -12,6 +12,7 @@ image_classifier.py ``decode``), from the row TorchServe 0.12 hands a handler fo
 request: a body's bytes under "body" (a str for text/* content types, parsed JSON for
 application/json), a multipart form's fields under their names.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def declared_png(width: int, height: int) -> bytes:
     """A PNG of a few bytes that declares ``width`` x ``height`` grey pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def sample_jpeg() -> bytes:
@@ -91,37 +96,55 @@ def cases() -> list[Case]:
 
     return [
         Case("empty body", "an empty body", data=b""),
-        Case("plain text", "plain text or HTML (not base64)", data=b"hello, I am not an image",
-             content_type="text/plain"),
-        Case("html", "", data=b"<!doctype html><html><body>hi</body></html>",
-             content_type="text/html"),
-        Case("json body", "a JSON body", data=b'{"image": "cat.jpg"}',
-             content_type="application/json"),
+        Case(
+            "plain text",
+            "plain text or HTML (not base64)",
+            data=b"hello, I am not an image",
+            content_type="text/plain",
+        ),
+        Case("html", "", data=b"<!doctype html><html><body>hi</body></html>", content_type="text/html"),
+        Case("json body", "a JSON body", data=b'{"image": "cat.jpg"}', content_type="application/json"),
         Case("truncated jpeg", "a truncated JPEG", data=jpeg[: len(jpeg) // 3]),
-        Case("corrupt jpeg header", "a JPEG with a corrupt header",
-             data=jpeg[:2] + bytes(range(200, 240)) + jpeg[42:]),
+        Case(
+            "corrupt jpeg header",
+            "a JPEG with a corrupt header",
+            data=jpeg[:2] + bytes(range(200, 240)) + jpeg[42:],
+        ),
         Case("not an image", "bytes of no image format", data=b"%PDF-1.4 not a photo"),
-        Case("image extension, other content", "a form file `photo.jpg` holding something else",
-             files={"data": ("photo.jpg", b"%PDF-1.4 not a photo", "image/jpeg")}),
-        Case("multipart without a file", "a form with a text field only",
-             files={"note": (None, "hello")}),
-        Case("two files", "a form with two files",
-             files={"a": ("a.jpg", jpeg, "image/jpeg"), "b": ("b.jpg", jpeg, "image/jpeg")}),
-        Case("over the pixel limit", "a PNG that declares 10000×10000 pixels (Pillow's limit: "
-             "89,478,485), refused before any pixel is decoded", data=declared_png(10000, 10000)),
+        Case(
+            "image extension, other content",
+            "a form file `photo.jpg` holding something else",
+            files={"data": ("photo.jpg", b"%PDF-1.4 not a photo", "image/jpeg")},
+        ),
+        Case("multipart without a file", "a form with a text field only", files={"note": (None, "hello")}),
+        Case(
+            "two files",
+            "a form with two files",
+            files={"a": ("a.jpg", jpeg, "image/jpeg"), "b": ("b.jpg", jpeg, "image/jpeg")},
+        ),
+        Case(
+            "over the pixel limit",
+            "a PNG that declares 10000×10000 pixels (Pillow's limit: "
+            "89,478,485), refused before any pixel is decoded",
+            data=declared_png(10000, 10000),
+        ),
         Case("pixel bomb", "a PNG that declares 30000×30000 pixels", data=declared_png(30000, 30000)),
         Case("float tiff outside 0..1", "a float TIFF outside 0..1", data=array((2.0, np.float32), "TIFF")),
         Case("signed tiff", "a TIFF of signed integers", data=array((-3, np.int32), "TIFF")),
         Case("pfm", "a PFM (linear light)", data=array((0.5, np.float32), "PPM")),
-        Case("32-bit integer", "a 32-bit integer image without a white level",
-             data=array((70000, np.int32), "IM")),
+        Case(
+            "32-bit integer",
+            "a 32-bit integer image without a white level",
+            data=array((70000, np.int32), "IM"),
+        ),
     ]
 
 
 def message(case: Case) -> str:
     """The message the handler answers ``case`` with (its 400's ``message``)."""
-    from handlers.image_classifier import decode
     from handlers.decode import BadImage
+    from handlers.image_classifier import decode
+
     try:
         decode(case.row())
     except BadImage as e:

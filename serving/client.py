@@ -11,6 +11,7 @@ started in (``run/`` under ``make serve``). Inference and management keys expire
 expired or invalid, the client asks the management API's token endpoint for a
 new one with the API key, which does not expire, and retries once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,14 @@ def _refused_key(r: requests.Response) -> bool:
 class Client:
     """A small client for one TorchServe instance."""
 
-    def __init__(self, inference_url="http://127.0.0.1:8080",
-                 management_url="http://127.0.0.1:8081",
-                 key_file: str | Path | None = DEFAULT_KEY_FILE, timeout: float = 60.0,
-                 metrics_url="http://127.0.0.1:8082"):
+    def __init__(
+        self,
+        inference_url="http://127.0.0.1:8080",
+        management_url="http://127.0.0.1:8081",
+        key_file: str | Path | None = DEFAULT_KEY_FILE,
+        timeout: float = 60.0,
+        metrics_url="http://127.0.0.1:8082",
+    ):
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.metrics_url = metrics_url.rstrip("/")
@@ -80,7 +85,8 @@ class Client:
             except FileNotFoundError:
                 raise FileNotFoundError(
                     f"{self.key_file} not found: is TorchServe running (make serve)? It writes "
-                    "its key file in the folder it starts in") from None
+                    "its key file in the folder it starts in"
+                ) from None
             except (ValueError, KeyError, TypeError, AttributeError):
                 # TorchServe rewrites the file in place when it issues keys: a read can
                 # see it empty or half written. Wait for the write to finish.
@@ -95,9 +101,12 @@ class Client:
         its key file, so the new key is read back from the file.
         """
         before = self.keys()
-        r = self.session.get(f"{self.management_url}/token", params={"type": kind},
-                             headers={"Authorization": f"Bearer {before['API']}"},
-                             timeout=self.timeout)
+        r = self.session.get(
+            f"{self.management_url}/token",
+            params={"type": kind},
+            headers={"Authorization": f"Bearer {before['API']}"},
+            timeout=self.timeout,
+        )
         if r.status_code != 200:
             raise TorchServeError(r.status_code, _body(r))
         deadline = time.monotonic() + KEY_FILE_WAIT_S
@@ -141,8 +150,9 @@ class Client:
     def predict_response(self, model: str, image: bytes, multipart: bool = False) -> requests.Response:
         """POST one image; the raw response (status, headers, JSON body)."""
         if multipart:
-            return self._request("inference", "POST", f"/predictions/{model}",
-                                 files={"data": ("image", image)})
+            return self._request(
+                "inference", "POST", f"/predictions/{model}", files={"data": ("image", image)}
+            )
         return self._request("inference", "POST", f"/predictions/{model}", data=image)
 
     def predict(self, model: str, image: bytes, multipart: bool = False) -> dict:
@@ -173,16 +183,25 @@ class Client:
         """The default version's description, or ``version``'s ("all": every version)."""
         return self._json("management", "GET", f"/models/{model}" + (f"/{version}" if version else ""))
 
-    def register(self, mar_name: str, batch_size: int | None = None,
-                 max_batch_delay: int | None = None, initial_workers: int | None = None,
-                 response_timeout: int | None = None) -> dict:
+    def register(
+        self,
+        mar_name: str,
+        batch_size: int | None = None,
+        max_batch_delay: int | None = None,
+        initial_workers: int | None = None,
+        response_timeout: int | None = None,
+    ) -> dict:
         """Register an archive of the model store by file name and wait for its workers.
 
         Settings left None come from the archive's model-config.yaml (workers: minWorkers).
         """
         params = {"url": mar_name, "synchronous": "true"}
-        for k, v in (("batch_size", batch_size), ("max_batch_delay", max_batch_delay),
-                     ("initial_workers", initial_workers), ("response_timeout", response_timeout)):
+        for k, v in (
+            ("batch_size", batch_size),
+            ("max_batch_delay", max_batch_delay),
+            ("initial_workers", initial_workers),
+            ("response_timeout", response_timeout),
+        ):
             if v is not None:
                 params[k] = v
         return self._json("management", "POST", "/models", params=params)
@@ -258,13 +277,20 @@ def main(argv=None):
     rg.add_argument("--max-batch-delay", type=int, help="override the archive's maxBatchDelay (ms)")
     rg.add_argument("--workers", type=int, help="workers per model (default: the archive's minWorkers)")
     rg.add_argument("--only", nargs="+", metavar="NAME", help="register these models of the store only")
-    rg.add_argument("--replace", action="store_true",
-                    help="unregister a model already registered and register its archive again")
+    rg.add_argument(
+        "--replace",
+        action="store_true",
+        help="unregister a model already registered and register its archive again",
+    )
     sub.add_parser("models", help="list registered models with their workers")
     wt = sub.add_parser("wait", help="wait until the server answers /ping")
     wt.add_argument("--for", dest="wait_s", type=float, default=120.0, help="seconds to wait")
-    wt.add_argument("--logs", type=Path, help="TorchServe's log folder: stop early, with the "
-                    "cause, when a model's workers keep dying while loading it")
+    wt.add_argument(
+        "--logs",
+        type=Path,
+        help="TorchServe's log folder: stop early, with the "
+        "cause, when a model's workers keep dying while loading it",
+    )
     a = p.parse_args(argv)
     c = Client(a.inference_url, a.management_url, a.key_file, a.timeout)
     try:
@@ -292,14 +318,22 @@ def main(argv=None):
                 if mar.stem in registered:
                     c.unregister(mar.stem)
                     print(f"{mar.stem}: unregistered, to register its new archive")
-                print(f"{mar.stem}: {c.register(mar.name, a.batch_size, a.max_batch_delay, a.workers)['status']}")
+                print(
+                    f"{mar.stem}: {c.register(mar.name, a.batch_size, a.max_batch_delay, a.workers)['status']}"
+                )
         elif a.cmd == "models":
             _print([c.describe(m["modelName"])[0] for m in c.models()])
         elif a.cmd == "wait":
             c.wait_until_up(a.wait_s, LoadWatch(a.logs) if a.logs else None)
             print("TorchServe is up")
-    except (TorchServeError, ArchiveMismatch, FileNotFoundError, TimeoutError, ModelLoadError,
-            requests.ConnectionError) as e:
+    except (
+        TorchServeError,
+        ArchiveMismatch,
+        FileNotFoundError,
+        TimeoutError,
+        ModelLoadError,
+        requests.ConnectionError,
+    ) as e:
         sys.exit(f"error: {e}")
 
 

@@ -14,6 +14,7 @@ writes, as KServe's TorchServe integration expects under the storage URI:
 
 Nothing here runs Docker or Kubernetes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,14 @@ def archive_settings(mar: Path) -> dict:
     with zipfile.ZipFile(mar) as z:
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         cfg = yaml.safe_load(z.read("model-config.yaml")) if "model-config.yaml" in z.namelist() else {}
-    return {"name": manifest["modelName"], "version": manifest["modelVersion"],
-            "minWorkers": cfg.get("minWorkers", 1), "maxWorkers": cfg.get("maxWorkers", 1),
-            "maxBatchDelay": cfg.get("maxBatchDelay", 50),
-            "responseTimeout": cfg.get("responseTimeout", 120)}
+    return {
+        "name": manifest["modelName"],
+        "version": manifest["modelVersion"],
+        "minWorkers": cfg.get("minWorkers", 1),
+        "maxWorkers": cfg.get("maxWorkers", 1),
+        "maxBatchDelay": cfg.get("maxBatchDelay", 50),
+        "responseTimeout": cfg.get("responseTimeout", 120),
+    }
 
 
 def model_snapshot(mars: list[Path]) -> dict:
@@ -54,11 +59,15 @@ def model_snapshot(mars: list[Path]) -> dict:
     for mar in mars:
         s = archive_settings(mar)
         models.setdefault(s["name"], {})[s["version"]] = {
-            "defaultVersion": not models.get(s["name"]), "marName": mar.name,
-            "minWorkers": s["minWorkers"], "maxWorkers": s["maxWorkers"], "batchSize": 1,
-            "maxBatchDelay": s["maxBatchDelay"], "responseTimeout": s["responseTimeout"]}
-    return {"name": "startup.cfg", "modelCount": sum(len(v) for v in models.values()),
-            "models": models}
+            "defaultVersion": not models.get(s["name"]),
+            "marName": mar.name,
+            "minWorkers": s["minWorkers"],
+            "maxWorkers": s["maxWorkers"],
+            "batchSize": 1,
+            "maxBatchDelay": s["maxBatchDelay"],
+            "responseTimeout": s["responseTimeout"],
+        }
+    return {"name": "startup.cfg", "modelCount": sum(len(v) for v in models.values()), "models": models}
 
 
 def config_properties(mars: list[Path], protocol: str) -> str:
@@ -99,16 +108,26 @@ def serving_runtime(name: str, image: str) -> dict:
             "annotations": {"prometheus.kserve.io/port": "8082", "prometheus.kserve.io/path": "/metrics"},
             "supportedModelFormats": [{"name": "pytorch", "version": "1", "autoSelect": False}],
             "protocolVersions": ["v1", "v2"],
-            "containers": [{
-                "name": "kserve-container",
-                "image": image,
-                "args": ["torchserve", "--start", "--foreground",
-                         f"--model-store={MOUNT}/model-store", f"--ts-config={MOUNT}/config/config.properties",
-                         f"--log-config={MOUNT}/config/log4j2.xml"],
-                "env": [{"name": "TS_SERVICE_ENVELOPE", "value": "{{.Labels.serviceEnvelope}}"}],
-                "ports": [{"containerPort": 8085, "protocol": "TCP"}],
-                "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-            }],
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": image,
+                    "args": [
+                        "torchserve",
+                        "--start",
+                        "--foreground",
+                        f"--model-store={MOUNT}/model-store",
+                        f"--ts-config={MOUNT}/config/config.properties",
+                        f"--log-config={MOUNT}/config/log4j2.xml",
+                    ],
+                    "env": [{"name": "TS_SERVICE_ENVELOPE", "value": "{{.Labels.serviceEnvelope}}"}],
+                    "ports": [{"containerPort": 8085, "protocol": "TCP"}],
+                    "resources": {
+                        "requests": {"cpu": "2", "memory": "4Gi"},
+                        "limits": {"cpu": "2", "memory": "4Gi"},
+                    },
+                }
+            ],
         },
     }
 
@@ -118,17 +137,27 @@ def inference_service(name: str, runtime: str, storage_uri: str, protocol: str) 
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": name},
-        "spec": {"predictor": {"model": {
-            "modelFormat": {"name": "pytorch"},
-            "runtime": runtime,
-            "protocolVersion": protocol,
-            "storageUri": storage_uri,
-        }}},
+        "spec": {
+            "predictor": {
+                "model": {
+                    "modelFormat": {"name": "pytorch"},
+                    "runtime": runtime,
+                    "protocolVersion": protocol,
+                    "storageUri": storage_uri,
+                }
+            }
+        },
     }
 
 
-def layout(model_store: Path, out: Path, image: str, storage_uri: str, protocol: str = "v2",
-           name: str = "image-classifiers") -> Path:
+def layout(
+    model_store: Path,
+    out: Path,
+    image: str,
+    storage_uri: str,
+    protocol: str = "v2",
+    name: str = "image-classifiers",
+) -> Path:
     mars = sorted(model_store.glob("*.mar"))
     if not mars:
         raise FileNotFoundError(f"no .mar files in {model_store}/: run make archive first")
@@ -147,7 +176,8 @@ def layout(model_store: Path, out: Path, image: str, storage_uri: str, protocol:
     runtime = f"{name}-torchserve"
     (out / "servingruntime.yaml").write_text(yaml.safe_dump(serving_runtime(runtime, image), sort_keys=False))
     (out / "inferenceservice.yaml").write_text(
-        yaml.safe_dump(inference_service(name, runtime, storage_uri, protocol), sort_keys=False))
+        yaml.safe_dump(inference_service(name, runtime, storage_uri, protocol), sort_keys=False)
+    )
     return out
 
 
@@ -156,8 +186,11 @@ def main(argv=None):
     p.add_argument("--model-store", type=Path, default=Path("model_store"), help="folder of .mar files")
     p.add_argument("--out", type=Path, default=Path("build/kserve"), help="folder to write (replaced)")
     p.add_argument("--image", default="image-classifiers:0.1", help="the image built from the Dockerfile")
-    p.add_argument("--storage-uri", default="pvc://models/image-classifiers",
-                   help="where the content of --out will be uploaded (pvc://, s3://, gs://)")
+    p.add_argument(
+        "--storage-uri",
+        default="pvc://models/image-classifiers",
+        help="where the content of --out will be uploaded (pvc://, s3://, gs://)",
+    )
     p.add_argument("--protocol", choices=sorted(ENVELOPES), default="v2", help="KServe protocol version")
     p.add_argument("--name", default="image-classifiers", help="InferenceService name")
     a = p.parse_args(argv)

@@ -6,6 +6,7 @@ logs/model_log.log. Whoever waits for the server (``LocalServer``, ``make serve`
 watches the logs with ``LoadWatch`` and stops with that cause after a few failures
 instead of waiting out its timeout.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,11 +50,16 @@ class LoadWatch:
         model = next((m for m in dict.fromkeys(failed) if failed.count(m) >= self.failures), None)
         if model is None:
             return None
-        errors = [m.group(1) for line in self._new("model_log.log").splitlines()
-                  if f"-{model}_" in line and (m := PY_ERROR.search(line))]
+        errors = [
+            m.group(1)
+            for line in self._new("model_log.log").splitlines()
+            if f"-{model}_" in line and (m := PY_ERROR.search(line))
+        ]
         last = errors[-1] if errors else "none logged"
-        return (f"the workers of {model} died {failed.count(model)} times while loading it; "
-                f"the last error: {last} (the whole traceback: {self.logs / 'model_log.log'})")
+        return (
+            f"the workers of {model} died {failed.count(model)} times while loading it; "
+            f"the last error: {last} (the whole traceback: {self.logs / 'model_log.log'})"
+        )
 
     def check(self) -> None:
         """Raise ModelLoadError if a model cannot load."""

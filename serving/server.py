@@ -10,6 +10,7 @@ PID file in $TMPDIR, so each LocalServer gets its own and does not disturb a
 server started by ``make serve``). The server is stopped on exit, also when the
 body raised, and its process tree is killed if it does not stop by itself.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,8 +85,11 @@ def render_config(base: Path, overrides: dict[str, str]) -> str:
 
 def read_properties(path: Path) -> dict[str, str]:
     """key -> value of a config.properties file (comments and blank lines skipped)."""
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
-             if "=" in line and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    )
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -98,9 +102,15 @@ def absolute_paths(base: Path = CONFIG) -> dict[str, str]:
 class LocalServer:
     """A TorchServe instance for one test session or one benchmark."""
 
-    def __init__(self, model_store: Path, workdir: Path, overrides: dict[str, str] | None = None,
-                 base_config: Path = CONFIG, start_timeout: float = 120.0,
-                 log_config: Path | None = LOG_CONFIG):
+    def __init__(
+        self,
+        model_store: Path,
+        workdir: Path,
+        overrides: dict[str, str] | None = None,
+        base_config: Path = CONFIG,
+        start_timeout: float = 120.0,
+        log_config: Path | None = LOG_CONFIG,
+    ):
         self.model_store = Path(model_store).resolve()
         self.workdir = Path(workdir).resolve()
         self.base_config = base_config
@@ -133,8 +143,14 @@ class LocalServer:
 
     def _torchserve(self, *args: str) -> subprocess.CompletedProcess:
         with open(self.workdir / "torchserve.out", "a") as out:
-            return subprocess.run([torchserve_bin(), *args], cwd=self.workdir, env=self.env,
-                                  stdout=out, stderr=subprocess.STDOUT, timeout=60)
+            return subprocess.run(
+                [torchserve_bin(), *args],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+            )
 
     def pid(self) -> int | None:
         f = self.workdir / "tmp" / ".model_server.pid"
@@ -162,13 +178,17 @@ class LocalServer:
         cfg.write_text(render_config(self.base_config, self.overrides))
         logging = ["--log-config", str(self.log_config)] if self.log_config else []
         watch = LoadWatch(self.workdir / self.env.get("LOG_LOCATION", "logs"))
-        self._torchserve("--start", "--ncs", "--ts-config", str(cfg), *logging,
-                         "--model-store", str(self.model_store))
+        self._torchserve(
+            "--start", "--ncs", "--ts-config", str(cfg), *logging, "--model-store", str(self.model_store)
+        )
         tokens = read_properties(cfg).get("disable_token_authorization", "false") != "true"
-        self.client = Client(f"http://127.0.0.1:{self.ports['inference']}",
-                             f"http://127.0.0.1:{self.ports['management']}",
-                             key_file=self.workdir / "key_file.json" if tokens else None, timeout=60,
-                             metrics_url=f"http://127.0.0.1:{self.ports['metrics']}")
+        self.client = Client(
+            f"http://127.0.0.1:{self.ports['inference']}",
+            f"http://127.0.0.1:{self.ports['management']}",
+            key_file=self.workdir / "key_file.json" if tokens else None,
+            timeout=60,
+            metrics_url=f"http://127.0.0.1:{self.ports['metrics']}",
+        )
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
@@ -183,8 +203,9 @@ class LocalServer:
                 if died or time.monotonic() > deadline:
                     self.stop()
                     what = "exited at start" if died else "did not come up in time"
-                    raise TimeoutError(f"TorchServe {what} ({e}); see "
-                                       f"{self.workdir}/torchserve.out and logs/") from e
+                    raise TimeoutError(
+                        f"TorchServe {what} ({e}); see {self.workdir}/torchserve.out and logs/"
+                    ) from e
 
     def processes(self) -> list[psutil.Process]:
         """This server's processes: any whose command line names its own config file
@@ -219,8 +240,11 @@ class LocalServer:
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description="Write the config TorchServe starts with: "
-                                "config.properties with its relative paths made absolute.")
+
+    p = argparse.ArgumentParser(
+        description="Write the config TorchServe starts with: "
+        "config.properties with its relative paths made absolute."
+    )
     p.add_argument("--base", type=Path, default=CONFIG, help="config.properties to start from")
     p.add_argument("--out", type=Path, required=True, help="file to write")
     a = p.parse_args(argv)

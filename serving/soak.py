@@ -10,6 +10,7 @@ the end (goal: errors 0, growth under 10%).
 With --kill-worker-after, the worker is killed (SIGKILL) mid-run to show what
 in-flight requests get and that TorchServe replaces the worker.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from serving.stats import percentile
 from serving.client import DEFAULT_KEY_FILE, Client
+from serving.stats import percentile
 
 
 def worker_pids(client: Client, model: str) -> list[int]:
@@ -52,9 +53,16 @@ def error_message(response: requests.Response) -> str:
         return response.text[:200]
 
 
-def soak(client: Client, model: str, images: list[bytes], seconds: float, concurrency: int,
-         max_requests: int = 100_000, warmup_s: float = 5.0,
-         kill_worker_after: float | None = None) -> dict:
+def soak(
+    client: Client,
+    model: str,
+    images: list[bytes],
+    seconds: float,
+    concurrency: int,
+    max_requests: int = 100_000,
+    warmup_s: float = 5.0,
+    kill_worker_after: float | None = None,
+) -> dict:
     """Run the load; returns the report (see the module docstring)."""
     client.wait_until_up(timeout=120)  # all workers READY, or measurements start mid-load
     start = time.monotonic()
@@ -104,14 +112,24 @@ def soak(client: Client, model: str, images: list[bytes], seconds: float, concur
     pids_end = worker_pids(client, model)
     rss_end = workers_rss_mb(pids_end)
     return {
-        "model": model, "seconds": round(elapsed, 1), "concurrency": concurrency,
-        "requests": len(results), "statuses": dict(statuses), "errors": dict(errors),
-        "lost": lost, "hung_clients": hung,
+        "model": model,
+        "seconds": round(elapsed, 1),
+        "concurrency": concurrency,
+        "requests": len(results),
+        "statuses": dict(statuses),
+        "errors": dict(errors),
+        "lost": lost,
+        "hung_clients": hung,
         "throughput_rps": round(len(results) / elapsed, 1),
-        "latency_ms": {q: round(1000 * percentile(ok_lat, p), 1)
-                       for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-        "worker_rss_mb": {"after_warmup": round(rss_warm, 1), "end": round(rss_end, 1),
-                          "growth_pct": round(100 * (rss_end / rss_warm - 1), 1) if rss_warm else None},
+        "latency_ms": {
+            q: round(1000 * percentile(ok_lat, p), 1)
+            for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+        },
+        "worker_rss_mb": {
+            "after_warmup": round(rss_warm, 1),
+            "end": round(rss_end, 1),
+            "growth_pct": round(100 * (rss_end / rss_warm - 1), 1) if rss_warm else None,
+        },
         "worker_pids": {"start": pids_start, "killed": killed, "end": pids_end},
     }
 
@@ -139,8 +157,9 @@ def main(argv=None):
         sys.exit(f"error: no images match {a.images}")
     client = Client(a.inference_url, a.management_url, a.key_file, timeout=60)
     print(f"soak: {a.model}, {a.concurrency} clients, {a.seconds:.0f} s ...", file=sys.stderr)
-    report = soak(client, a.model, images, a.seconds, a.concurrency, a.max_requests, a.warmup,
-                  a.kill_worker_after)
+    report = soak(
+        client, a.model, images, a.seconds, a.concurrency, a.max_requests, a.warmup, a.kill_worker_after
+    )
     print(json.dumps(report, indent=2))
     if a.out:
         a.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,4 +1,5 @@
 """Figures of timings, for the soak test and the benchmarks alike."""
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ never reach a version that cannot answer. rollback makes an older version the
 default again; retire unregisters a version that is not the default, once it has
 answered the requests it still holds (``drain``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,16 @@ def versions(client: Client, model: str) -> list[dict]:
     by archive, so the default is the version registered from that archive.
     """
     default_url = next(m["modelUrl"] for m in client.models() if m["modelName"] == model)
-    return [{"version": d["modelVersion"], "archive": d["modelUrl"],
-             "default": d["modelUrl"] == default_url, "batchSize": d["batchSize"],
-             "workers": [w["status"] for w in d["workers"]]}
-            for d in client.describe(model, "all")]
+    return [
+        {
+            "version": d["modelVersion"],
+            "archive": d["modelUrl"],
+            "default": d["modelUrl"] == default_url,
+            "batchSize": d["batchSize"],
+            "workers": [w["status"] for w in d["workers"]],
+        }
+        for d in client.describe(model, "all")
+    ]
 
 
 def default_version(client: Client, model: str) -> str:
@@ -60,8 +67,9 @@ def rollout(client: Client, model: str, mar: Path, workers: int | None = None) -
 DRAIN_S = 2.0
 
 
-def drain(client: Client, model: str, version: str, after_s: float = DRAIN_S,
-          timeout_s: float = 120.0) -> None:
+def drain(
+    client: Client, model: str, version: str, after_s: float = DRAIN_S, timeout_s: float = 120.0
+) -> None:
     """Wait until ``version`` has answered the requests it holds. TorchServe 0.12 drops,
     unanswered, the requests a version holds when it is unregistered (its log says
     "Unexpected job in sendError()", and the clients wait out their timeout). Those that
@@ -70,8 +78,9 @@ def drain(client: Client, model: str, version: str, after_s: float = DRAIN_S,
     deadline = time.monotonic() + timeout_s
     while (d := client.describe(model, version)[0])["jobQueueStatus"]["pendingRequests"]:
         if time.monotonic() > deadline:
-            raise TorchServeError(503, f"{model} {version} still has queued requests after "
-                                       f"{timeout_s:.0f} s; not retired")
+            raise TorchServeError(
+                503, f"{model} {version} still has queued requests after {timeout_s:.0f} s; not retired"
+            )
         time.sleep(0.1)
     time.sleep(d["maxBatchDelay"] / 1000 + after_s)
 
@@ -99,9 +108,13 @@ def main(argv=None):
     rt = sub.add_parser("retire", help="unregister a version that is not the default")
     rt.add_argument("--model", required=True, help="model name")
     rt.add_argument("--version", required=True, help="version to unregister")
-    rt.add_argument("--drain-s", type=float, default=DRAIN_S,
-                    help="seconds to wait, once the version's queue is empty and its batch "
-                         "delay has passed, for the batch in its workers")
+    rt.add_argument(
+        "--drain-s",
+        type=float,
+        default=DRAIN_S,
+        help="seconds to wait, once the version's queue is empty and its batch "
+        "delay has passed, for the batch in its workers",
+    )
     ls = sub.add_parser("list", help="the model's versions")
     ls.add_argument("--model", required=True, help="model name")
     a = p.parse_args(argv)

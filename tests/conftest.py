@@ -3,6 +3,7 @@ and a real TorchServe on loopback serving it.
 
 Everything is made here from nothing: no dataset or weights are downloaded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,11 +26,11 @@ from handlers.optimize import RTOL, tensors
 from handlers.preset import EvalPreset
 from serving.archive import build_archive
 from serving.server import LocalServer
-from training.export import torchscript as export_mod
-from training.export import pretrained
 from training.demo.photos import SHARED_PHOTOS, packaged, photos
-from training.fit import train as train_mod
 from training.demo.shapes import generate
+from training.export import pretrained
+from training.export import torchscript as export_mod
+from training.fit import train as train_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("circle", "square", "triangle")
@@ -70,9 +71,26 @@ def trained(tiny_data, tmp_path_factory) -> Path:
     have barely moved), while scratch_cnn has no BatchNorm.
     """
     out = tmp_path_factory.mktemp("run")
-    train_mod.run(train_mod.parse_args([
-        "--model", "scratch_cnn", "--data", str(tiny_data), "--out", str(out),
-        "--epochs", "1", "--batch-size", "8", "--lr", "0.005", "--workers", "0"]))
+    train_mod.run(
+        train_mod.parse_args(
+            [
+                "--model",
+                "scratch_cnn",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--lr",
+                "0.005",
+                "--workers",
+                "0",
+            ]
+        )
+    )
     return out / "best.pt"
 
 
@@ -80,8 +98,20 @@ def trained(tiny_data, tmp_path_factory) -> Path:
 def exported(trained, tmp_path_factory) -> Path:
     """The export folder, with a generous batch delay so concurrent requests share a batch."""
     out = tmp_path_factory.mktemp("export") / MODEL_NAME
-    a = export_mod.parse_args(["--checkpoint", str(trained), "--out", str(out),
-                               "--batch-size", "8", "--max-batch-delay", "300", "--top-k", "3"])
+    a = export_mod.parse_args(
+        [
+            "--checkpoint",
+            str(trained),
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--max-batch-delay",
+            "300",
+            "--top-k",
+            "3",
+        ]
+    )
     export_mod.export(trained, out, a)
     return out
 
@@ -89,8 +119,9 @@ def exported(trained, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dog_export(trained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dog_export") / "tiny_dogs"
-    a = export_mod.parse_args(["--checkpoint", str(trained), "--out", str(out), "--top-k", "3",
-                               "--handler", "dog_breeds"])
+    a = export_mod.parse_args(
+        ["--checkpoint", str(trained), "--out", str(out), "--top-k", "3", "--handler", "dog_breeds"]
+    )
     export_mod.export(trained, out, a)
     return out
 
@@ -102,8 +133,7 @@ def imagenet_dogs_export(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("imagenet_dogs_run")
     checkpoint = pretrained.write("imagenet_dogs", run)
     out = tmp_path_factory.mktemp("imagenet_dogs_export") / "imagenet_dogs"
-    a = export_mod.parse_args(["--checkpoint", str(checkpoint), "--out", str(out),
-                               "--handler", "dog_breeds"])
+    a = export_mod.parse_args(["--checkpoint", str(checkpoint), "--out", str(out), "--handler", "dog_breeds"])
     export_mod.export(checkpoint, out, a)
     return out
 
@@ -140,9 +170,12 @@ def shared_photo(*parts: str) -> Path:
     """
     path = SHARED_PHOTOS.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"{path} is missing: the tests need the real photos of ../shared/photos beside "
-                    f"the checkout (a dog, a kitten, dogs/ and people/ with labels.csv; see its "
-                    f"README). Clone the project next to that shared/ folder.", pytrace=False)
+        pytest.fail(
+            f"{path} is missing: the tests need the real photos of ../shared/photos beside "
+            f"the checkout (a dog, a kitten, dogs/ and people/ with labels.csv; see its "
+            f"README). Clone the project next to that shared/ folder.",
+            pytrace=False,
+        )
     return path
 
 
@@ -235,8 +268,9 @@ def assert_answer_matches(answer: dict, expected: Expected) -> None:
     if expected.decisive:
         assert answer["top_k"][0]["label"] == expected.top
     for e in answer["top_k"]:
-        assert e["probability"] == pytest.approx(expected.probabilities[e["label"]],
-                                                 abs=expected.tolerance), expected
+        assert e["probability"] == pytest.approx(
+            expected.probabilities[e["label"]], abs=expected.tolerance
+        ), expected
 
 
 def assert_same_answer(got: dict, want: dict, tolerance: float) -> None:
@@ -246,8 +280,10 @@ def assert_same_answer(got: dict, want: dict, tolerance: float) -> None:
     for e in got["top_k"]:
         if e["label"] in want_p:
             assert e["probability"] == pytest.approx(want_p[e["label"]], abs=tolerance), (got, want)
-    assert got["top_k"][0]["probability"] == pytest.approx(want["top_k"][0]["probability"],
-                                                           abs=tolerance), (got, want)
+    assert got["top_k"][0]["probability"] == pytest.approx(want["top_k"][0]["probability"], abs=tolerance), (
+        got,
+        want,
+    )
 
 
 def distinguishable(images: list[bytes], reference: Reference, at_least: int = 4) -> list[bytes]:
@@ -256,8 +292,11 @@ def distinguishable(images: list[bytes], reference: Reference, at_least: int = 4
     kept, answers = [], []
     for img in images:
         e = reference.expected(img)
-        if all(max(abs(e.probabilities[k] - q.probabilities[k]) for k in e.probabilities)
-               > e.tolerance + q.tolerance for q in answers):
+        if all(
+            max(abs(e.probabilities[k] - q.probabilities[k]) for k in e.probabilities)
+            > e.tolerance + q.tolerance
+            for q in answers
+        ):
             kept.append(img)
             answers.append(e)
     assert len(kept) >= at_least, f"only {len(kept)} of {len(images)} images answer differently"
@@ -278,9 +317,15 @@ FLOAT_ROUNDING = 1e-5
 def photo_jpeg(w: int, h: int, orientation: int = 1, seed: int = 0) -> bytes:
     """Photo-like content (smooth gradients, detail, noise) that compresses like a photo."""
     rng = np.random.default_rng(seed)
+
     def field(gw, gh):
-        return np.asarray(Image.fromarray(rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8))
-                          .resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+        return np.asarray(
+            Image.fromarray(rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8)).resize(
+                (w, h), Image.Resampling.BICUBIC
+            ),
+            dtype=np.float32,
+        )
+
     arr = 0.7 * field(8, 6) + 0.3 * field(80, 60) + rng.normal(0, 10, (h, w, 3))
     img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     exif = img.getexif()
@@ -300,9 +345,16 @@ def make_context(export_dir, n_requests: int) -> Context:
     metrics.set_request_ids({i: str(uuid.uuid4()) for i in range(n_requests)})
     config = yaml.safe_load((export_dir / "model-config.yaml").read_text())
     config["handler"]["threads"] = None
-    ctx = Context(MODEL_NAME, str(export_dir), {"model": {"serializedFile": "model.pt"}},
-                  batch_size=8, gpu=None, mms_version="0.12.0", metrics=metrics,
-                  model_yaml_config=config)
+    ctx = Context(
+        MODEL_NAME,
+        str(export_dir),
+        {"model": {"serializedFile": "model.pt"}},
+        batch_size=8,
+        gpu=None,
+        mms_version="0.12.0",
+        metrics=metrics,
+        model_yaml_config=config,
+    )
     ctx.request_processor = [RequestProcessor({}) for _ in range(n_requests)]
     return ctx
 

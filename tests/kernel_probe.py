@@ -6,6 +6,7 @@ kernels; print what was measured as one JSON line prefixed ``RESULT``.
 The instruction set that PyTorch and oneDNN choose is fixed when the process starts,
 so tests/test_kernels.py runs this once per setting in a fresh process.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,14 @@ from pathlib import Path
 import skimage
 import torch
 
+from handlers.decode import open_image
 from handlers.image_classifier import ImageClassifier
 from handlers.optimize import compare
-from handlers.decode import open_image
 from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from tests.conftest import make_context
-from training.export import torchscript as export_mod
 from training.export import pretrained
+from training.export import torchscript as export_mod
 from training.fit import train as train_mod
 from training.fit.checkpoint import checkpoint, load_checkpoint, model_options
 
@@ -31,8 +32,16 @@ from training.fit.checkpoint import checkpoint, load_checkpoint, model_options
 # EfficientNet-Lite0 with its real ImageNet weights (imagenet_dogs, also the dog detector).
 ARCHS = {"resnet50": (133, []), "mobilenet_v2": (4, ["--unfreeze-blocks", "19"])}
 PRETRAINED = ("imagenet_dogs",)
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "horse.png", "retina.jpg", "hubble_deep_field.jpg")
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "horse.png",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+)
 
 
 def photo_batch(preset: EvalPreset) -> torch.Tensor:
@@ -45,8 +54,7 @@ def trained_like(arch: str, classes: int, options: list[str], photos: torch.Tens
     """A seeded network whose BatchNorm statistics come from real photos: random weights,
     but every layer's activations at the scale a trained network's have."""
     torch.manual_seed(0)
-    a = train_mod.parse_args(["--model", arch, "--data", ".", "--out", ".", "--weights", "none",
-                              *options])
+    a = train_mod.parse_args(["--model", arch, "--data", ".", "--out", ".", "--weights", "none", *options])
     model = get_model(arch, classes, **model_options(a))
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -66,8 +74,7 @@ def saved_checkpoint(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, 
         return path, load_checkpoint(path)[0]
     classes, options = ARCHS[arch]
     model, a = trained_like(arch, classes, options, photos)
-    ckpt = checkpoint(model, a, [f"class_{i}" for i in range(classes)], EvalPreset(),
-                      epoch=1, valid={})
+    ckpt = checkpoint(model, a, [f"class_{i}" for i in range(classes)], EvalPreset(), epoch=1, valid={})
     torch.save(ckpt, out / f"{arch}.pt")
     return out / f"{arch}.pt", model
 
@@ -79,10 +86,12 @@ def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.M
     ex = export_mod.parse_args(["--checkpoint", str(path), "--out", str(out / arch)])
     export_mod.export(path, out / arch, ex)
     with torch.inference_mode():
-        agreement = compare(torch.jit.load(str(out / arch / export_mod.MODEL_FILE))(photos),
-                            model(photos))
-    return out / arch, model, {"agreement": str(agreement), "ok": agreement.ok,
-                               "relative": agreement.relative}
+        agreement = compare(torch.jit.load(str(out / arch / export_mod.MODEL_FILE))(photos), model(photos))
+    return (
+        out / arch,
+        model,
+        {"agreement": str(agreement), "ok": agreement.ok, "relative": agreement.relative},
+    )
 
 
 class Records(logging.Handler):
@@ -108,8 +117,13 @@ def served(export_dir: Path, eager: torch.nn.Module, photos: torch.Tensor, mode:
         logging.getLogger("handlers.optimize").removeHandler(records)
     with torch.inference_mode():
         agreement = compare(handler.model(photos), eager(photos))
-    return {"model": type(handler.model).__name__, "log": records.lines,
-            "agreement": str(agreement), "ok": agreement.ok, "relative": agreement.relative}
+    return {
+        "model": type(handler.model).__name__,
+        "log": records.lines,
+        "agreement": str(agreement),
+        "ok": agreement.ok,
+        "relative": agreement.relative,
+    }
 
 
 def announce_onednn_isa() -> None:
@@ -128,7 +142,8 @@ def main(out: Path) -> None:
         export_dir, eager, exported = export(arch, out, photos)
         result["archs"][arch] = {
             "export": exported,
-            **{mode: served(export_dir, eager, photos, mode) for mode in ("onednn", "jit")}}
+            **{mode: served(export_dir, eager, photos, mode) for mode in ("onednn", "jit")},
+        }
     sys.stdout.flush()
     print("RESULT " + json.dumps(result), flush=True)
 

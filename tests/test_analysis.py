@@ -1,5 +1,6 @@
 """Tests of training/evaluation/analysis.py: metrics on hand-made examples, predict() on a tiny
 model and a tiny generated ImageFolder, and the files analyse() writes."""
+
 from __future__ import annotations
 
 import csv
@@ -15,9 +16,9 @@ from torchvision import transforms as T
 
 from handlers.preset import EvalPreset
 from models.zoo import get_model
-from training.evaluation import analysis as an
 from training.data.datasets import image_folder, loader
 from training.demo.shapes import generate
+from training.evaluation import analysis as an
 
 CLASSES = ["circle", "square"]
 
@@ -55,9 +56,15 @@ class PairModel(nn.Module):
 
 
 def history(losses=(1.0, 0.6, 0.7)):
-    return [{"epoch": i, "train": {"loss": l + 0.1, "acc": 0.5 + 0.1 * i},
-             "valid": {"loss": l, "acc": 0.4 + 0.1 * i}, "lr": 0.01 / i}
-            for i, l in enumerate(losses, 1)]
+    return [
+        {
+            "epoch": i,
+            "train": {"loss": l + 0.1, "acc": 0.5 + 0.1 * i},
+            "valid": {"loss": l, "acc": 0.4 + 0.1 * i},
+            "lr": 0.01 / i,
+        }
+        for i, l in enumerate(losses, 1)
+    ]
 
 
 # y_true = [0,0,0,1,1,2], y_pred = [0,1,0,1,1,0] over 4 classes; class 3 has no images.
@@ -68,10 +75,7 @@ Y_PRED = [0, 1, 0, 1, 1, 0]
 def test_confusion_matrix_counts():
     cm = an.confusion_matrix(Y_TRUE, Y_PRED, 4)
     assert cm.dtype == torch.int64
-    assert cm.tolist() == [[2, 1, 0, 0],
-                           [0, 2, 0, 0],
-                           [1, 0, 0, 0],
-                           [0, 0, 0, 0]]
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
 
 
 def test_confusion_matrix_refuses_labels_out_of_range():
@@ -172,8 +176,14 @@ def test_analyse_writes_all_files(shapes, tmp_path):
     preds = an.Predictions(y_true, y_pred, [0.9, 0.8, 0.7, 0.6, 0.55, 0.99], paths)
     written = an.analyse(tmp_path / "run", history(), preds, CLASSES)
     names = {p.name for p in written}
-    assert names == {"curves.png", "confusion_matrix.png", "per_class.csv", "per_class.md",
-                     "per_class.png", "misclassified.png"}
+    assert names == {
+        "curves.png",
+        "confusion_matrix.png",
+        "per_class.csv",
+        "per_class.md",
+        "per_class.png",
+        "misclassified.png",
+    }
     for p in written:
         assert p.parent == tmp_path / "run" and p.stat().st_size > 0
         if p.suffix == ".png":
@@ -219,8 +229,7 @@ def test_curves_draw_the_history(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_misclassified_grid_shows_each_classs_errors_most_confident_first(shapes, tmp_path,
-                                                                          monkeypatch):
+def test_misclassified_grid_shows_each_classs_errors_most_confident_first(shapes, tmp_path, monkeypatch):
     ds = small_dataset(shapes)
     paths = [p for p, _ in ds.samples]
     y_true = [y for _, y in ds.samples]
@@ -231,19 +240,20 @@ def test_misclassified_grid_shows_each_classs_errors_most_confident_first(shapes
     figures = saved_figures(monkeypatch)
     # Two circles wrong (the third image more confidently), one square wrong.
     conf = [0.6, 0.9, 0.95, 0.7, 0.9, 0.9]
-    an.plot_misclassified(an.Predictions(y_true, [1, 0, 1, 0, 1, 1], conf, paths), CLASSES,
-                          tmp_path / "grid.png")
+    an.plot_misclassified(
+        an.Predictions(y_true, [1, 0, 1, 0, 1, 1], conf, paths), CLASSES, tmp_path / "grid.png"
+    )
     assert drawn == [paths[2], paths[0], paths[3]]
     axes = figures["grid.png"].axes
     assert len(axes) == 2 * 2  # a row per class with errors, as many columns as the most errors
     assert axes[0].get_title() == "true: circle / pred: square\n(p=0.95)"
     assert axes[2].get_title() == "true: square / pred: circle\n(p=0.70)"
     drawn.clear()
-    none = an.analyse(tmp_path / "ok", history(), an.Predictions(y_true, y_true, conf, paths),
-                      CLASSES)
+    none = an.analyse(tmp_path / "ok", history(), an.Predictions(y_true, y_true, conf, paths), CLASSES)
     assert tmp_path / "ok" / "misclassified.png" in none and drawn == []
     assert "No misclassified images (6 of 6 correct)" in [
-        t.get_text() for t in figures["misclassified.png"].texts]
+        t.get_text() for t in figures["misclassified.png"].texts
+    ]
 
 
 @pytest.mark.slow
@@ -262,10 +272,18 @@ def test_plot_confusion_draws_the_row_normalised_matrix(tmp_path, monkeypatch):
     small = figures["cm4.png"].axes[0]
     # Y_TRUE/Y_PRED: circle 2 of 3 right, 1 as class 1; class 3 has no images (a row of 0).
     assert small.images[0].get_array().data.tolist() == [
-        [2 / 3, 1 / 3, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+        [2 / 3, 1 / 3, 0, 0],
+        [0, 1, 0, 0],
+        [1, 0, 0, 0],
+        [0, 0, 0, 0],
+    ]
     # Each count written in its cell, at (column = predicted, row = true).
     assert sorted((t.get_position(), t.get_text()) for t in small.texts) == [
-        ((0, 0), "2"), ((0, 2), "1"), ((1, 0), "1"), ((1, 1), "2")]
+        ((0, 0), "2"),
+        ((0, 2), "1"),
+        ((1, 0), "1"),
+        ((1, 1), "2"),
+    ]
     # The figure grows with the classes, so 133 stay readable.
     assert png_size(tmp_path / "cm133.png")[1] > 2 * png_size(tmp_path / "cm4.png")[1]
 
@@ -277,14 +295,30 @@ def test_cli_recreates_analysis(shapes, tmp_path):
     preset = EvalPreset(resize_size=224, crop_size=224)
     torch.manual_seed(0)
     model = get_model("scratch_cnn", 2)
-    torch.save({"model": "scratch_cnn", "model_options": {}, "num_classes": 2,
-                "classes": CLASSES, "eval_preset": preset.to_dict(), "epoch": 2,
-                "state_dict": model.state_dict()}, run / "best.pt")
+    torch.save(
+        {
+            "model": "scratch_cnn",
+            "model_options": {},
+            "num_classes": 2,
+            "classes": CLASSES,
+            "eval_preset": preset.to_dict(),
+            "epoch": 2,
+            "state_dict": model.state_dict(),
+        },
+        run / "best.pt",
+    )
     (run / "metrics.json").write_text(json.dumps({"history": history()}))
-    an.main(["--run", str(run), "--data", str(shapes), "--split", "valid",
-             "--batch-size", "2", "--workers", "0"])
-    for name in ("curves.png", "confusion_matrix.png", "per_class.csv", "per_class.md",
-                 "per_class.png", "misclassified.png"):
+    an.main(
+        ["--run", str(run), "--data", str(shapes), "--split", "valid", "--batch-size", "2", "--workers", "0"]
+    )
+    for name in (
+        "curves.png",
+        "confusion_matrix.png",
+        "per_class.csv",
+        "per_class.md",
+        "per_class.png",
+        "misclassified.png",
+    ):
         assert (run / name).is_file(), name
     with open(run / "per_class.csv", newline="") as f:
         assert sum(int(r["support"]) for r in csv.DictReader(f)) == 2  # 1 valid image per class

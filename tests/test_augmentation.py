@@ -1,5 +1,6 @@
 """Augmentation as settings, the modern recipe's parts (mixup/cutmix, EMA, no decay on norms
 and biases, train resolution) and images of extreme shape, through the real trainer."""
+
 from __future__ import annotations
 
 import json
@@ -14,28 +15,54 @@ from torchvision import transforms as T
 
 from handlers.preset import EvalPreset
 from models.augment import TrainPreset
-from training.evaluation import analysis
+from tests.conftest import ctrl_c_in_epoch
 from training.data import clean
+from training.data.datasets import MAX_ASPECT, SkippedImage, image_folder
+from training.evaluation import analysis
 from training.fit import distributed
 from training.fit import train as train_mod
-from training.data.datasets import MAX_ASPECT, SkippedImage, image_folder
 from training.fit.mixing import BatchMix
 from training.fit.optim import build_optimizer, split_parameters
-from tests.conftest import ctrl_c_in_epoch
 
 
 def args(data, out, *extra):
-    return train_mod.parse_args(["--model", "scratch_cnn", "--data", str(data), "--out", str(out),
-                                 "--batch-size", "10", "--workers", "0", "--lr", "0.005",
-                                 "--no-analysis", *extra])
+    return train_mod.parse_args(
+        [
+            "--model",
+            "scratch_cnn",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "10",
+            "--workers",
+            "0",
+            "--lr",
+            "0.005",
+            "--no-analysis",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow  # trains or exports real networks
 def test_recipe_turns_the_flip_off_and_settings_yaml_says_so(tiny_data, tmp_path):
     recipe = tmp_path / "no_flip.yaml"
     recipe.write_text("model: scratch_cnn\nweights: none\nhflip: 0\nepochs: 1\nbatch-size: 10\n")
-    a = train_mod.parse_args(["--recipe", str(recipe), "--data", str(tiny_data),
-                              "--out", str(tmp_path / "run"), "--workers", "0", "--no-analysis"])
+    a = train_mod.parse_args(
+        [
+            "--recipe",
+            str(recipe),
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "run"),
+            "--workers",
+            "0",
+            "--no-analysis",
+        ]
+    )
     train_mod.run(a)
     settings = yaml.safe_load((tmp_path / "run" / "settings.yaml").read_text())
     assert settings["hflip"] == 0
@@ -58,12 +85,15 @@ def test_unset_augmentation_is_the_architectures_own_and_flags_override(tmp_path
     assert (r18.resize_size, r18.crop_size, r18.train_crop_size) == (256, 224, 224)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--hflip", "1.5"], "hflip is a probability in 0..1"),
-    (["--crop-scale", "0.9", "0.5"], "0 < min <= max <= 1"),
-    (["--crop-size", "300"], "--crop-size 300 is larger than --resize-size 256"),
-    (["--mixup-alpha", "-1"], "alphas must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--hflip", "1.5"], "hflip is a probability in 0..1"),
+        (["--crop-scale", "0.9", "0.5"], "0 < min <= max <= 1"),
+        (["--crop-size", "300"], "--crop-size 300 is larger than --resize-size 256"),
+        (["--mixup-alpha", "-1"], "alphas must be >= 0"),
+    ],
+)
 def test_impossible_augmentation_is_refused_with_what_is_allowed(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
         train_mod.parse_args(["--model", "scratch_cnn", "--data", "d", "--out", str(tmp_path), *flags])
@@ -71,12 +101,25 @@ def test_impossible_augmentation_is_refused_with_what_is_allowed(tmp_path, capsy
 
 
 def test_every_step_of_the_preset_can_be_switched_on():
-    t = TrainPreset(rotation=0, hflip=0, color_jitter=0.3, auto_augment="trivialaugment",
-                    random_erasing=0.25, crop_size=48, scale=(0.3, 0.9),
-                    ratio=(0.5, 2.0)).transform(EvalPreset())
+    t = TrainPreset(
+        rotation=0,
+        hflip=0,
+        color_jitter=0.3,
+        auto_augment="trivialaugment",
+        random_erasing=0.25,
+        crop_size=48,
+        scale=(0.3, 0.9),
+        ratio=(0.5, 2.0),
+    ).transform(EvalPreset())
     kinds = [type(s) for s in t.transforms]
-    assert kinds == [T.RandomResizedCrop, T.ColorJitter, T.TrivialAugmentWide, T.ToTensor,
-                     T.Normalize, T.RandomErasing]
+    assert kinds == [
+        T.RandomResizedCrop,
+        T.ColorJitter,
+        T.TrivialAugmentWide,
+        T.ToTensor,
+        T.Normalize,
+        T.RandomErasing,
+    ]
     crop, jitter, _, _, norm, erase = t.transforms
     assert crop.size == (48, 48) and crop.scale == (0.3, 0.9) and crop.ratio == (0.5, 2.0)
     # Each setting reaches its step with its value: jitter of 0.3 on brightness, contrast
@@ -88,16 +131,35 @@ def test_every_step_of_the_preset_can_be_switched_on():
     # TrivialAugment and no erasing, its normalised values are the colour's, exactly.
     plain = TrainPreset(rotation=0, hflip=0, crop_size=48).transform(EvalPreset())
     x = plain(Image.new("RGB", (80, 60), (90, 120, 30)))
-    want = (torch.tensor([90, 120, 30]) / 255 - torch.tensor(EvalPreset().mean)) / torch.tensor(EvalPreset().std)
+    want = (torch.tensor([90, 120, 30]) / 255 - torch.tensor(EvalPreset().mean)) / torch.tensor(
+        EvalPreset().std
+    )
     assert x.shape == (3, 48, 48)
     assert torch.allclose(x, want[:, None, None].expand(3, 48, 48), atol=1e-6)  # float rounding
 
 
 @pytest.mark.slow
 def test_train_crop_size_changes_training_resolution_only(tiny_data, tmp_path):
-    a = train_mod.parse_args(["--model", "resnet18", "--weights", "none", "--data", str(tiny_data),
-                              "--out", str(tmp_path), "--workers", "0", "--resize-size", "72",
-                              "--crop-size", "64", "--train-crop-size", "48"])
+    a = train_mod.parse_args(
+        [
+            "--model",
+            "resnet18",
+            "--weights",
+            "none",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path),
+            "--workers",
+            "0",
+            "--resize-size",
+            "72",
+            "--crop-size",
+            "64",
+            "--train-crop-size",
+            "48",
+        ]
+    )
     r = train_mod.Run(a, distributed.Dist())
     assert r.sets["train"][0][0].shape == (3, 48, 48)
     assert r.sets["valid"][0][0].shape == (3, 64, 64)
@@ -136,8 +198,9 @@ def mixed_by(x: torch.Tensor, out: torch.Tensor) -> str:
     return "cutmix" if mine + other == 1 else "mixup"
 
 
-@pytest.mark.parametrize("switch_prob,want", [(0.0, {"mixup"}), (1.0, {"cutmix"}),
-                                              (0.5, {"mixup", "cutmix"})])
+@pytest.mark.parametrize(
+    "switch_prob,want", [(0.0, {"mixup"}), (1.0, {"cutmix"}), (0.5, {"mixup", "cutmix"})]
+)
 def test_the_switch_picks_cutmix_with_its_probability_and_mixup_otherwise(switch_prob, want):
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0])
@@ -152,8 +215,9 @@ def test_the_switch_picks_cutmix_with_its_probability_and_mixup_otherwise(switch
 @pytest.mark.slow
 def test_the_modern_recipe_reaches_training(tiny_data, tmp_path):
     """Its mixup, cutmix, EMA, TrivialAugment and 176 px are what a run trains with."""
-    a = train_mod.parse_args(["--recipe", "modern", "--data", str(tiny_data), "--out", str(tmp_path),
-                              "--workers", "0"])
+    a = train_mod.parse_args(
+        ["--recipe", "modern", "--data", str(tiny_data), "--out", str(tmp_path), "--workers", "0"]
+    )
     r = train_mod.Run(a, distributed.Dist())
     assert r.mix.mixup.alpha == 0.2 and r.mix.cutmix.alpha == 1.0
     assert (r.mix.prob, r.mix.switch_prob) == (1.0, 0.5)
@@ -174,10 +238,27 @@ def test_the_modern_recipe_reaches_training(tiny_data, tmp_path):
 
 
 def test_norms_and_biases_are_not_decayed(tmp_path):
-    a = train_mod.parse_args(["--model", "resnet18", "--weights", "none", "--data", "d", "--out",
-                              str(tmp_path), "--weight-decay", "0.1", "--norm-bias-decay", "0", "--lr", "1"])
+    a = train_mod.parse_args(
+        [
+            "--model",
+            "resnet18",
+            "--weights",
+            "none",
+            "--data",
+            "d",
+            "--out",
+            str(tmp_path),
+            "--weight-decay",
+            "0.1",
+            "--norm-bias-decay",
+            "0",
+            "--lr",
+            "1",
+        ]
+    )
     torch.manual_seed(0)
     from models.zoo import get_model
+
     m = get_model("resnet18", 3)
     head, backbone = split_parameters(m, "fc")
     opt = build_optimizer(head, backbone, a, 1.0, m)
@@ -208,6 +289,7 @@ def test_resume_with_mixup_cutmix_and_ema_equals_an_uninterrupted_run(tiny_data,
     assert sa["ema"]["n_averaged"].item() == 2 * 3 == sb["ema"]["n_averaged"].item()
     torch.manual_seed(0)  # the runs' own initial weights (seed 0)
     from models.zoo import get_model
+
     init = get_model("scratch_cnn", 3).state_dict()
     for k, w in init.items():
         if w.is_floating_point():
@@ -230,14 +312,31 @@ def strip_png(path, size):
 def test_extreme_shapes_are_skipped_by_training_and_analysis_and_reported_by_clean(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    strips = [strip_png(data / "train" / "circle" / "strip.png", (1, 100_000)),
-              strip_png(data / "valid" / "square" / "strip.png", (100_000, 1)),
-              strip_png(data / "test" / "triangle" / "strip.png", (1, 100_000))]
+    strips = [
+        strip_png(data / "train" / "circle" / "strip.png", (1, 100_000)),
+        strip_png(data / "valid" / "square" / "strip.png", (100_000, 1)),
+        strip_png(data / "test" / "triangle" / "strip.png", (1, 100_000)),
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        te = train_mod.run(train_mod.parse_args([
-            "--model", "scratch_cnn", "--data", str(data), "--out", str(tmp_path / "run"),
-            "--epochs", "1", "--batch-size", "10", "--workers", "0"]))
+        te = train_mod.run(
+            train_mod.parse_args(
+                [
+                    "--model",
+                    "scratch_cnn",
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "10",
+                    "--workers",
+                    "0",
+                ]
+            )
+        )
     skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedImage)]
     for s in strips:
         assert any(str(s) in m and f"over {MAX_ASPECT}:1" in m for m in skipped), s
@@ -247,8 +346,10 @@ def test_extreme_shapes_are_skipped_by_training_and_analysis_and_reported_by_cle
         analysis.main(["--run", str(tmp_path / "run"), "--data", str(data), "--workers", "0"])
     found = {p.path: p.kind for p in clean.find_problems(data)}
     assert {k: v for k, v in found.items() if v == "extreme_aspect"} == {
-        "train/circle/strip.png": "extreme_aspect", "valid/square/strip.png": "extreme_aspect",
-        "test/triangle/strip.png": "extreme_aspect"}
+        "train/circle/strip.png": "extreme_aspect",
+        "valid/square/strip.png": "extreme_aspect",
+        "test/triangle/strip.png": "extreme_aspect",
+    }
 
 
 def test_the_bound_is_the_aspect_ratio_not_the_size(tmp_path):

@@ -1,5 +1,6 @@
 """Bad input against the real server: a correct answer or a 4xx JSON error naming the problem,
 never a 5xx, never a dead worker, never a failed neighbour in the batch."""
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,7 @@ import requests
 from PIL import Image
 
 from serving import bad_input
-from tests.conftest import (MODEL_NAME, assert_answer_matches, assert_same_answer, png_bytes,
-                            split_images)
+from tests.conftest import MODEL_NAME, assert_answer_matches, assert_same_answer, png_bytes, split_images
 
 pytestmark = pytest.mark.torchserve
 
@@ -31,8 +31,13 @@ def post(server, data=None, files=None, content_type=None):
     headers = {"Authorization": f"Bearer {server.keys()['inference']}"}
     if content_type:
         headers["Content-Type"] = content_type
-    return requests.post(f"{server.inference_url}/predictions/{MODEL_NAME}", data=data,
-                         files=files, headers=headers, timeout=60)
+    return requests.post(
+        f"{server.inference_url}/predictions/{MODEL_NAME}",
+        data=data,
+        files=files,
+        headers=headers,
+        timeout=60,
+    )
 
 
 def messages() -> dict[str, str]:
@@ -72,7 +77,10 @@ def variants(photo: Image.Image) -> dict[str, tuple[bytes, Image.Image]]:
     """name -> (request bytes, the RGB image the server should classify)."""
     small = photo.resize((64, 48))
     out = {
-        "1x1 png": (png_bytes(Image.new("RGB", (1, 1), (200, 30, 30))), Image.new("RGB", (1, 1), (200, 30, 30))),
+        "1x1 png": (
+            png_bytes(Image.new("RGB", (1, 1), (200, 30, 30))),
+            Image.new("RGB", (1, 1), (200, 30, 30)),
+        ),
         "rgba png": (png_bytes(photo.convert("RGBA")), photo),
         "webp lossless": (png_bytes(photo, "WEBP", lossless=True), photo),
     }
@@ -112,8 +120,9 @@ def test_formats_are_classified_as_their_decoded_image(server, photo, reference)
 
 def apart(a, b) -> bool:
     """Whether two reference answers differ by more than both tolerances in some class."""
-    return max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) \
-        > a.tolerance + b.tolerance
+    return (
+        max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) > a.tolerance + b.tolerance
+    )
 
 
 def test_exif_orientation_turns_the_picture_upright_the_right_way(server, tiny_data, reference):
@@ -123,8 +132,10 @@ def test_exif_orientation_turns_the_picture_upright_the_right_way(server, tiny_d
     for path in split_images(tiny_data):
         upright = Image.open(path).convert("RGB")
         sideways = upright.transpose(Image.Transpose.ROTATE_90)
-        want, ignored, wrong_way = (reference.expected(png_bytes(img)) for img in (
-            upright, sideways, upright.transpose(Image.Transpose.ROTATE_180)))
+        want, ignored, wrong_way = (
+            reference.expected(png_bytes(img))
+            for img in (upright, sideways, upright.transpose(Image.Transpose.ROTATE_180))
+        )
         if apart(want, ignored) and apart(want, wrong_way):
             break  # the model tells these three turns apart
     else:

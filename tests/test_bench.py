@@ -9,6 +9,7 @@ need captum (requirements-bench.txt, which `make test` installs): the smoke run 
 so that they really run; without it they are reported as skipped, with that reason (the
 last tests here hide captum to see that).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,8 +55,16 @@ def test_cpu_steal_share_between_two_snapshots(tmp_path):
     # user nice system idle iowait irq softirq steal guest guest_nice
     stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
     before = report.cpu_snapshot(str(stat))
-    assert before == {"user": 100, "nice": 0, "system": 50, "idle": 800, "iowait": 10,
-                      "irq": 0, "softirq": 0, "steal": 40}
+    assert before == {
+        "user": 100,
+        "nice": 0,
+        "system": 50,
+        "idle": 800,
+        "iowait": 10,
+        "irq": 0,
+        "softirq": 0,
+        "steal": 40,
+    }
     stat.write_text("cpu  160 0 70 900 10 0 0 90 0 0\n")
     after = report.cpu_snapshot(str(stat))
     # 60 + 20 + 100 + 50 = 230 ticks passed, 50 of them stolen.
@@ -79,9 +88,16 @@ def test_contestants_take_turns_cell_by_cell(monkeypatch):
     a = bench_run.parse_args(["--concurrency", "1", "8"])
     images = {"500x375": [b"x"], "4000x3000": [b"y"]}
     out = harness.run_cells(a, {"served": ("s", None), "builtin": ("b", None)}, images, {})
-    assert calls == [("s", "500x375", 1), ("b", "500x375", 1), ("b", "500x375", 8), ("s", "500x375", 8),
-                     ("s", "4000x3000", 1), ("b", "4000x3000", 1), ("b", "4000x3000", 8),
-                     ("s", "4000x3000", 8)]
+    assert calls == [
+        ("s", "500x375", 1),
+        ("b", "500x375", 1),
+        ("b", "500x375", 8),
+        ("s", "500x375", 8),
+        ("s", "4000x3000", 1),
+        ("b", "4000x3000", 1),
+        ("b", "4000x3000", 8),
+        ("s", "4000x3000", 8),
+    ]
     assert [c["label"] for c in out["served"]["4000x3000"]] == ["s", "s"]
     assert [c["concurrency"] for c in out["builtin"]["500x375"]] == [1, 8]
 
@@ -98,15 +114,23 @@ def test_preprocessing_paths_take_turns(monkeypatch):
 
 
 def test_ratio_table_divides_served_by_each_contestant():
-    tp = {report.SERVED: {"small": {1: 40.0, 8: 90.0}},
-          report.INPROCESS: {"small": 100.0},  # one number per size: its best batch size
-          report.BUILTIN: {"small": {1: 20.0, 8: 30.0}},
-          report.FLASK: {"small": {1: 50.0, 8: 45.0}}}  # no builtin_default: skipped
+    tp = {
+        report.SERVED: {"small": {1: 40.0, 8: 90.0}},
+        report.INPROCESS: {"small": 100.0},  # one number per size: its best batch size
+        report.BUILTIN: {"small": {1: 20.0, 8: 30.0}},
+        report.FLASK: {"small": {1: 50.0, 8: 45.0}},
+    }  # no builtin_default: skipped
     rows = report.ratio_table(tp)
     assert [(r["size"], r["concurrency"]) for r in rows] == [("small", 1), ("small", 8)]
-    assert rows[0] == {"size": "small", "concurrency": 1, "served_images_per_s": 40.0,
-                       "served/in-process": 0.4, "served/built-in": 2.0,
-                       "served/out-of-box": None, "served/flask": 0.8}
+    assert rows[0] == {
+        "size": "small",
+        "concurrency": 1,
+        "served_images_per_s": 40.0,
+        "served/in-process": 0.4,
+        "served/built-in": 2.0,
+        "served/out-of-box": None,
+        "served/flask": 0.8,
+    }
     assert rows[1]["served/in-process"] == 0.9
     assert rows[1]["served/built-in"] == 3.0
     assert rows[1]["served/flask"] == 2.0
@@ -155,8 +179,15 @@ def test_load_spreads_its_clients_over_processes(processes):
     requests asked for, and no client process is left behind."""
     server = _PeerServer()
     try:
-        r = run_load(Target(f"http://127.0.0.1:{server.server_address[1]}/p"), [b"x" * 100, b"y" * 50],
-                     concurrency=6, requests=60, warmup_requests=6, max_seconds=60, processes=processes)
+        r = run_load(
+            Target(f"http://127.0.0.1:{server.server_address[1]}/p"),
+            [b"x" * 100, b"y" * 50],
+            concurrency=6,
+            requests=60,
+            warmup_requests=6,
+            max_seconds=60,
+            processes=processes,
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -176,8 +207,15 @@ def test_load_spreads_its_clients_over_processes(processes):
 def test_load_never_uses_more_processes_than_clients():
     server = _PeerServer(delay_s=0)
     try:
-        r = run_load(Target(f"http://127.0.0.1:{server.server_address[1]}/p"), [b"x"], concurrency=2,
-                     requests=10, warmup_requests=2, max_seconds=60, processes=8)
+        r = run_load(
+            Target(f"http://127.0.0.1:{server.server_address[1]}/p"),
+            [b"x"],
+            concurrency=2,
+            requests=10,
+            warmup_requests=2,
+            max_seconds=60,
+            processes=8,
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -239,15 +277,25 @@ def _bench_processes(root) -> list[str]:
 
 def smoke_argv(out) -> list[str]:
     # An exports folder without models: the harness exports its random models itself.
-    return ["--smoke", "--out", str(out), "--exports", str(out / "no_exports"),
-            "--publish", str(out / "docs" / "perf.md")]
+    return [
+        "--smoke",
+        "--out",
+        str(out),
+        "--exports",
+        str(out / "no_exports"),
+        "--publish",
+        str(out / "docs" / "perf.md"),
+    ]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     if importlib.util.find_spec("captum") is None:
-        pytest.fail("captum is not installed: the benchmark's built-in-handler contestants need "
-                    "it (requirements-bench.txt; make test installs it)", pytrace=False)
+        pytest.fail(
+            "captum is not installed: the benchmark's built-in-handler contestants need "
+            "it (requirements-bench.txt; make test installs it)",
+            pytrace=False,
+        )
     shared_photo("dog_labrador.jpg")  # the dog app's dog photos
     out = tmp_path_factory.mktemp("bench")
     bench_main(smoke_argv(out))
@@ -258,8 +306,10 @@ def test_smoke_run_writes_complete_results(smoke):
     results = json.loads((smoke / "results.json").read_text())
     assert results["smoke"] is True
     assert set(results["machine"]) >= {"cpu", "cores", "torch", "date"}
-    assert results["environment"] == {"MALLOC_MMAP_THRESHOLD_": "17179869184",
-                                      "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+    assert results["environment"] == {
+        "MALLOC_MMAP_THRESHOLD_": "17179869184",
+        "MALLOC_TRIM_THRESHOLD_": "17179869184",
+    }
     contestants = results["contestants"]
     assert set(contestants) == {"served", "in_process", "builtin", "builtin_default", "flask"}
     assert not any(c.get("skipped") for c in contestants.values()), contestants
@@ -286,8 +336,11 @@ def test_smoke_run_writes_complete_results(smoke):
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"], (key, c)
             assert 0 <= c["cpu_steal"] < 1, (key, c)  # Linux has /proc/stat
     # TorchServe ran with the settings asked for.
-    assert model["server_settings"]["served"] == {"batch_size": 8, "max_batch_delay_ms": 2,
-                                                  "workers": psutil.cpu_count()}
+    assert model["server_settings"]["served"] == {
+        "batch_size": 8,
+        "max_batch_delay_ms": 2,
+        "workers": psutil.cpu_count(),
+    }
     assert model["startup"]["start_to_ready_s"] > 0
     assert model["startup"]["start_to_first_answer_s"] >= model["startup"]["start_to_ready_s"]
 
@@ -318,7 +371,8 @@ def test_smoke_run_writes_complete_results(smoke):
     assert served["in_process_ms"] > 0
     # Three roundings to 0.01 ms (the two medians and their difference), whatever the speed.
     assert served["client_minus_in_process_ms"] == pytest.approx(
-        served["client_ms"] - served["in_process_ms"], abs=3 * 0.005 + FLOAT_ROUNDING)
+        served["client_ms"] - served["in_process_ms"], abs=3 * 0.005 + FLOAT_ROUNDING
+    )
     assert all("in_process_ms" not in d for d in model["lone"].get("builtin", {}).values())
 
     pre = results["preprocessing"]["500x375"]
@@ -328,8 +382,9 @@ def test_smoke_run_writes_complete_results(smoke):
     # each median's relative rounding, plus the ratio's own. On a fast machine the medians
     # are small and their rounding weighs more: the tolerance follows them.
     ms_rounding, ratio_rounding = 0.005, 0.0005
-    tolerance = pre["ratio"] * (ms_rounding / pre["handler_ms"] + ms_rounding / pre["plain_ms"]) \
-        + ratio_rounding
+    tolerance = (
+        pre["ratio"] * (ms_rounding / pre["handler_ms"] + ms_rounding / pre["plain_ms"]) + ratio_rounding
+    )
     assert pre["ratio"] == pytest.approx(pre["handler_ms"] / pre["plain_ms"], abs=tolerance)
     # a 500x375 photo is too small to be decoded reduced: one grey level at most (serve()'s
     # one-pass resampling), in a few values
@@ -339,17 +394,36 @@ def test_smoke_run_writes_complete_results(smoke):
     assert "Smoke run" in md
     # The tables hold the results' own figures, each in its column (written out here, not
     # with report's row builders, which wrote them).
-    assert has_row(md, "500x375", pre["plain_ms"], pre["handler_ms"], pre["ratio"],
-                   pre["max_abs_diff"], pre["mean_abs_diff"])
+    assert has_row(
+        md,
+        "500x375",
+        pre["plain_ms"],
+        pre["handler_ms"],
+        pre["ratio"],
+        pre["max_abs_diff"],
+        pre["mean_abs_diff"],
+    )
     for key, sizes in model["cells"].items():
         for c in sizes["500x375"]:
             lat = c["latency_ms"]
-            assert has_row(md, key, "500x375", c["concurrency"], c["images_per_s"], lat["p50"],
-                           lat["p90"], lat["p99"], c["measured_requests"], c["errors"]), (key, c)
+            assert has_row(
+                md,
+                key,
+                "500x375",
+                c["concurrency"],
+                c["images_per_s"],
+                lat["p50"],
+                lat["p90"],
+                lat["p99"],
+                c["measured_requests"],
+                c["errors"],
+            ), (key, c)
     for key, sizes in model["lone"].items():
         d = sizes["500x375"]
-        assert has_row(md, key, "500x375", d["client_ms"], d["handler_ms"], d["outside_ms"],
-                       d["requests"]), (key, d)
+        assert has_row(md, key, "500x375", d["client_ms"], d["handler_ms"], d["outside_ms"], d["requests"]), (
+            key,
+            d,
+        )
     assert f"CPU steal during the run {report.percent(results['machine']['cpu_steal'])}" in md
     row = report.summary_rows(results)[0]
     assert row["app"] == "flying_objects" and row["photos"] == "generated 500x375 JPEGs"
@@ -362,11 +436,11 @@ def test_smoke_run_measures_the_dog_app(smoke):
     turns; each photo took the path it takes when deployed (the detector is real)."""
     results = json.loads((smoke / "results.json").read_text())
     dog = results["dog_app"]
-    assert dog["origin"] == ("random resnet50, 133 classes, beside the pretrained efficientnet_lite0 "
-                             "dog detector")
+    assert dog["origin"] == (
+        "random resnet50, 133 classes, beside the pretrained efficientnet_lite0 dog detector"
+    )
     assert dog["model_config"]["handler"]["name"] == "dog_breeds"
-    assert dog["server_settings"] == {"batch_size": 8, "max_batch_delay_ms": 2,
-                                      "workers": psutil.cpu_count()}
+    assert dog["server_settings"] == {"batch_size": 8, "max_batch_delay_ms": 2, "workers": psutil.cpu_count()}
     config = (smoke / "work" / "dog_app" / "ts" / "config.properties").read_text()
     assert "load_models=dog_breeds.mar" in config.splitlines()
     groups = dog["groups"]
@@ -380,13 +454,15 @@ def test_smoke_run_measures_the_dog_app(smoke):
         assert g["in_process_images_per_s"] == g["in_process"][0]["sizes"][name]["best_images_per_s"]
         # The ratio of the two stored rates, rounded to 0.001, whatever the speed.
         assert g["served/in-process"] == pytest.approx(
-            g["served_images_per_s"] / g["in_process_images_per_s"], abs=0.0005 + FLOAT_ROUNDING)
+            g["served_images_per_s"] / g["in_process_images_per_s"], abs=0.0005 + FLOAT_ROUNDING
+        )
         assert set(g["order"]) == {"served", "in_process"} and len(g["order"]) == 2
         assert g["answers"] == {p: {"served": want[p], "in_process": want[p]} for p in g["photos"]}
         assert list(g["face_check_ms"]) == g["photos"] and all(v > 0 for v in g["face_check_ms"].values())
         # The mean of the stored (rounded) figures, itself rounded to 0.01 ms.
         assert g["face_check_ms_mean"] == pytest.approx(
-            sum(g["face_check_ms"].values()) / len(g["photos"]), abs=0.005 + FLOAT_ROUNDING)
+            sum(g["face_check_ms"].values()) / len(g["photos"]), abs=0.005 + FLOAT_ROUNDING
+        )
     assert groups["non-dog photos"]["photos"] == ["astronaut", "grace_hopper", "coffee"]
     # the sets took turns in opposite orders
     assert groups["dog photos"]["order"] != groups["non-dog photos"]["order"]
@@ -420,13 +496,18 @@ def test_publish_writes_the_same_markdown_with_its_chart_beside_it(smoke):
 
 
 def test_table_turns_rows_into_markdown():
-    rows = [{"app": "dogs", "img/s": 21.53, "ratio": 0.8531, "errors": 0},
-            {"app": "cats", "img/s": 1234.4, "ratio": None, "errors": 2, "note": "slow | odd"}]
-    assert report.table(rows) == "\n".join([
-        "| app | img/s | ratio | errors | note |",
-        "|---|---:|---:|---:|---|",
-        "| dogs | 21.5 | 0.853 | 0 | – |",
-        "| cats | 1234 | – | 2 | slow \\| odd |"])
+    rows = [
+        {"app": "dogs", "img/s": 21.53, "ratio": 0.8531, "errors": 0},
+        {"app": "cats", "img/s": 1234.4, "ratio": None, "errors": 2, "note": "slow | odd"},
+    ]
+    assert report.table(rows) == "\n".join(
+        [
+            "| app | img/s | ratio | errors | note |",
+            "|---|---:|---:|---:|---|",
+            "| dogs | 21.5 | 0.853 | 0 | – |",
+            "| cats | 1234 | – | 2 | slow \\| odd |",
+        ]
+    )
     assert report.table([]) == ""
 
 
@@ -461,9 +542,26 @@ def test_inprocess_limit_runs_on_the_gpu_it_is_given_or_the_cpu(smoke, tmp_path)
     has no CUDA the handler stays on the CPU, as a worker does."""
     image = next((smoke / "images").glob("*.jpg"))
     out = tmp_path / "ip.json"
-    inprocess.main(["--export", str(smoke / "work" / "exports" / "flying_objects"), "--threads", "1",
-                    "--images", f"500x375={image}", "--batch-sizes", "2", "--seconds", "0",
-                    "--min-batches", "1", "--gpu", "0", "--out", str(out)])
+    inprocess.main(
+        [
+            "--export",
+            str(smoke / "work" / "exports" / "flying_objects"),
+            "--threads",
+            "1",
+            "--images",
+            f"500x375={image}",
+            "--batch-sizes",
+            "2",
+            "--seconds",
+            "0",
+            "--min-batches",
+            "1",
+            "--gpu",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert result["sizes"]["500x375"][0]["images"] == 2
@@ -473,6 +571,7 @@ def test_chart_draws_every_contestant_and_the_in_process_limit(smoke, tmp_path):
     """throughput.png is written beside results.md, which shows it; each panel's lines are
     the cells' images/s by concurrency, the dashed line the in-process best."""
     from PIL import Image
+
     with Image.open(smoke / report.CHART) as png:
         assert png.width >= 500 and png.height >= 300
     assert "](throughput.png)" in (smoke / "results.md").read_text()
@@ -500,12 +599,25 @@ def test_builtin_contestants_are_skipped_without_captum(smoke, tmp_path, monkeyp
     contestants are reported as skipped, with the reason, and the rest still runs. The
     in-process figure tries batch 2 only: no single-image latency, which the report shows as –."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(bench_run.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "captum" else real(name, *a))
+    monkeypatch.setattr(
+        bench_run.importlib.util, "find_spec", lambda name, *a: None if name == "captum" else real(name, *a)
+    )
     # The smoke run's export folder serves as "trained" exports: no new export needed.
-    bench_main(["--smoke", "--contestants", "builtin", "builtin_default", "--out", str(tmp_path),
-                "--exports", str(smoke / "work" / "exports"), "--inprocess-batch-sizes", "2",
-                "--no-dog-app"])
+    bench_main(
+        [
+            "--smoke",
+            "--contestants",
+            "builtin",
+            "builtin_default",
+            "--out",
+            str(tmp_path),
+            "--exports",
+            str(smoke / "work" / "exports"),
+            "--inprocess-batch-sizes",
+            "2",
+            "--no-dog-app",
+        ]
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     for k in ("builtin", "builtin_default"):
         assert results["contestants"][k]["skipped"].startswith("captum is not installed")
@@ -527,12 +639,27 @@ def test_flops_measures_each_compilation_against_a_matrix_multiply(tmp_path, cap
 
     from bench import flops
     from models.zoo import get_model
-    results = flops.main(["--models", "flying_objects", "--exports", str(tmp_path / "none"),
-                          "--batch-sizes", "1", "2", "--rounds", "1", "--out", str(tmp_path)])
+
+    results = flops.main(
+        [
+            "--models",
+            "flying_objects",
+            "--exports",
+            str(tmp_path / "none"),
+            "--batch-sizes",
+            "1",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     fly = results["models"]["flying_objects"]
     assert fly["origin"].startswith("random mobilenet_v2")
     assert [(r["optimize"], r["batch"]) for r in fly["rows"]] == [
-        (mode, b) for mode in flops.MODES for b in (1, 2)]
+        (mode, b) for mode in flops.MODES for b in (1, 2)
+    ]
     # The FLOPs counted on the TorchScript file are the eager network's.
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         get_model("mobilenet_v2", 4, weights=None).eval()(torch.zeros(1, 3, 224, 224))

@@ -1,5 +1,6 @@
 """handlers.optimize.compare, on which the export's round-trip check, the worker's choice of
 an optimisation and many tests rely: what agrees, and what must never agree."""
+
 from __future__ import annotations
 
 import logging

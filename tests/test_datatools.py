@@ -1,4 +1,5 @@
 """The data tools (training.data.split, clean, resize, stats) on small generated images."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import clean
-
-from training.data import resize
-
-from training.data import split
-
-from training.data import stats
+from training.data import clean, resize, split, stats
 from training.data.datasets import SPLITS
 
 
@@ -39,14 +34,15 @@ def flat_dataset(root: Path, sizes: dict[str, int]) -> Path:
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ---- split ---------------------------------------------------------------
 
-@pytest.mark.parametrize("n,expected", [(10, (8, 1, 1)), (20, (16, 2, 2)), (3, (1, 1, 1)),
-                                        (4, (2, 1, 1)), (15, (11, 2, 2))])
+
+@pytest.mark.parametrize(
+    "n,expected", [(10, (8, 1, 1)), (20, (16, 2, 2)), (3, (1, 1, 1)), (4, (2, 1, 1)), (15, (11, 2, 2))]
+)
 def test_split_sizes_round_half_up_with_one_per_holdout(n, expected):
     assert split.split_sizes(n, (0.8, 0.1, 0.1)) == expected
 
@@ -58,9 +54,11 @@ def test_split_sizes_never_empties_train():
 
 
 def test_plan_split_is_stratified_disjoint_and_complete(tmp_path):
-    files = {"a": [tmp_path / "a" / f"{i}.jpg" for i in range(20)],
-             "b": [tmp_path / "b" / f"{i}.jpg" for i in range(10)],
-             "c": [tmp_path / "c" / f"{i}.jpg" for i in range(3)]}
+    files = {
+        "a": [tmp_path / "a" / f"{i}.jpg" for i in range(20)],
+        "b": [tmp_path / "b" / f"{i}.jpg" for i in range(10)],
+        "c": [tmp_path / "c" / f"{i}.jpg" for i in range(3)],
+    }
     plan = split.plan_split(files, (0.8, 0.1, 0.1), seed=0)
     counts = {c: tuple(len(plan[s][c]) for s in SPLITS) for c in files}
     assert counts == {"a": (16, 2, 2), "b": (8, 1, 1), "c": (1, 1, 1)}
@@ -84,8 +82,11 @@ def test_split_command_writes_counts_and_leaves_source(tmp_path, capsys):
     out = tmp_path / "out"
     assert split.main(["--data", str(src), "--out", str(out), "--seed", "1"]) == 0
     got = {s: {c: len(list((out / s / c).iterdir())) for c in ("cat", "dog")} for s in SPLITS}
-    assert got == {"train": {"cat": 8, "dog": 16}, "valid": {"cat": 1, "dog": 2},
-                   "test": {"cat": 1, "dog": 2}}
+    assert got == {
+        "train": {"cat": 8, "dog": 16},
+        "valid": {"cat": 1, "dog": 2},
+        "test": {"cat": 1, "dog": 2},
+    }
     names = [p.name for s in SPLITS for p in (out / s / "dog").iterdir()]
     assert len(names) == len(set(names)) == 20
     assert tree(src) == before
@@ -126,6 +127,7 @@ def test_split_names_tiny_classes_or_skips_them(tmp_path):
 
 # ---- clean ---------------------------------------------------------------
 
+
 @pytest.fixture
 def messy(tmp_path) -> Path:
     """A split dataset with one file of every problem kind, plus good images."""
@@ -144,10 +146,15 @@ def messy(tmp_path) -> Path:
     return root
 
 
-EXPECTED = {"train/cat/notes.jpg": "not_image", "train/cat/cut.jpg": "corrupt",
-            "train/dog/tiny.png": "too_small", "train/dog/strip.png": "extreme_aspect",
-            "train/cat/good_0_copy.jpg": "duplicate",
-            "train/cat/which.jpg": "label_conflict", "train/dog/good_1.jpg": "label_conflict"}
+EXPECTED = {
+    "train/cat/notes.jpg": "not_image",
+    "train/cat/cut.jpg": "corrupt",
+    "train/dog/tiny.png": "too_small",
+    "train/dog/strip.png": "extreme_aspect",
+    "train/cat/good_0_copy.jpg": "duplicate",
+    "train/cat/which.jpg": "label_conflict",
+    "train/dog/good_1.jpg": "label_conflict",
+}
 
 
 def test_find_problems_finds_each_kind(messy):
@@ -157,6 +164,7 @@ def test_find_problems_finds_each_kind(messy):
 
 def test_truncated_images_are_found_even_if_tolerated_globally(messy, monkeypatch):
     from PIL import ImageFile
+
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some training code does
     found = {p.path: p.kind for p in clean.find_problems(messy, min_size=32)}
     assert found["train/cat/cut.jpg"] == "corrupt"
@@ -183,8 +191,10 @@ def test_clean_default_report_is_outside_the_dataset(messy):
 def test_clean_move_to_moves_aside_and_leaves_a_clean_dataset(messy, tmp_path):
     before = tree(messy)
     aside = tmp_path / "flagged"
-    assert clean.main(["--data", str(messy), "--move-to", str(aside),
-                       "--report", str(tmp_path / "r1.json")]) == clean.EXIT_PROBLEMS
+    assert (
+        clean.main(["--data", str(messy), "--move-to", str(aside), "--report", str(tmp_path / "r1.json")])
+        == clean.EXIT_PROBLEMS
+    )
     for path in EXPECTED:
         assert not (messy / path).exists()
         assert (aside / path).read_bytes() == before[path]  # moved, not deleted
@@ -199,6 +209,7 @@ def test_clean_refuses_move_into_the_dataset(messy):
 
 
 # ---- resize --------------------------------------------------------------
+
 
 def test_resize_stretches_keeps_layout_and_skips_undecodable(tmp_path, capsys):
     src = tmp_path / "src"
@@ -240,6 +251,7 @@ def test_resize_output_names_do_not_collide():
 
 # ---- stats ---------------------------------------------------------------
 
+
 def test_count_images_flat_layout_counts_what_imagefolder_reads(tmp_path):
     flat = flat_dataset(tmp_path / "flat", {"cat": 3, "dog": 2})
     (flat / "cat" / "readme.txt").write_text("not counted: ImageFolder skips it")
@@ -254,9 +266,11 @@ def test_stats_counts_of_a_split_dataset(tmp_path):
             write_image(root / s / "cat" / f"{i}.jpg", i)
             write_image(root / s / "dog" / f"{i}.jpg", 50 + i)
     (root / "train" / "dog" / "0.jpg").unlink()
-    assert stats.count_images(root) == {"train": {"cat": 6, "dog": 5},
-                                        "valid": {"cat": 2, "dog": 2},
-                                        "test": {"cat": 1, "dog": 1}}
+    assert stats.count_images(root) == {
+        "train": {"cat": 6, "dog": 5},
+        "valid": {"cat": 2, "dog": 2},
+        "test": {"cat": 1, "dog": 1},
+    }
 
 
 def test_imbalance_warning_only_when_imbalanced():
@@ -285,6 +299,7 @@ def test_stats_command_prints_warning_chart_and_json(tmp_path, capsys):
 
 
 # ---- every tool ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("tool", [split, clean, resize, stats])
 def test_help_lists_kebab_case_flags(tool, capsys):

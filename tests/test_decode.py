@@ -6,6 +6,7 @@ that falls between two levels (v / 257, a * c / 255), which Pillow's integer ari
 the hand computation may round differently; any real error (a clip, a wrong scale, a
 missing composite) moves most pixels by far more.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -47,6 +48,7 @@ def opened_mode(data: bytes) -> str:
 
 # -- high bit depths -------------------------------------------------------------------
 
+
 def gradient_16bit() -> np.ndarray:
     """Every 16-bit level band: 0..65535 in 1024 steps, then random values."""
     ramp = np.linspace(0, 65535, 1024).round()
@@ -54,8 +56,10 @@ def gradient_16bit() -> np.ndarray:
     return np.stack([ramp, noise]).astype(np.uint16).repeat(4, axis=0)  # 8 x 1024
 
 
-@pytest.mark.parametrize("fmt, dtype, mode", [("PNG", "<u2", "I;16"), ("TIFF", "<u2", "I;16"),
-                                              ("TIFF", ">u2", "I;16B"), ("PPM", "<u2", "I")])
+@pytest.mark.parametrize(
+    "fmt, dtype, mode",
+    [("PNG", "<u2", "I;16"), ("TIFF", "<u2", "I;16"), ("TIFF", ">u2", "I;16B"), ("PPM", "<u2", "I")],
+)
 def test_16bit_grey_is_scaled_by_its_full_range(fmt, dtype, mode):
     """65535 is white, 257 one grey level: each value v becomes round(v / 257). Pillow's own
     convert("RGB") clips at 255 (a white picture) and a stretch by the image's min/max would
@@ -72,10 +76,22 @@ def tiff_12bit(values: np.ndarray) -> bytes:
     is white."""
     h, w = values.shape
     v = values.astype(np.uint32).reshape(-1, 2)
-    pixels = np.stack([v[:, 0] >> 4, (v[:, 0] & 15) << 4 | v[:, 1] >> 8, v[:, 1] & 255],
-                      axis=1).astype(np.uint8).tobytes()
-    entries = [(256, w), (257, h), (258, 12), (259, 1), (262, 1), (273, None), (277, 1),
-               (278, h), (279, len(pixels))]
+    pixels = (
+        np.stack([v[:, 0] >> 4, (v[:, 0] & 15) << 4 | v[:, 1] >> 8, v[:, 1] & 255], axis=1)
+        .astype(np.uint8)
+        .tobytes()
+    )
+    entries = [
+        (256, w),
+        (257, h),
+        (258, 12),
+        (259, 1),
+        (262, 1),
+        (273, None),
+        (277, 1),
+        (278, h),
+        (279, len(pixels)),
+    ]
     data_at = 8 + 2 + 12 * len(entries) + 4
     ifd = struct.pack("<H", len(entries))
     for tag, value in entries:
@@ -108,13 +124,16 @@ def test_float_tiff_of_0_to_1_is_read_as_display_values():
     assert_picture(decoded(data), grey_rgb(np.round(values * 255)))
 
 
-@pytest.mark.parametrize("values, fmt, message", [
-    (np.full((4, 4), 2.0, np.float32), "TIFF", "float samples from 2 to 2"),
-    (np.full((4, 4), -0.5, np.float32), "TIFF", "float samples from -0.5"),
-    (np.full((4, 4), np.nan, np.float32), "TIFF", "float samples from nan"),
-    (np.full((4, 4), 0.5, np.float32), "PPM", "PPM image of F samples"),  # PFM: linear light
-    (np.full((4, 4), -3, np.int32), "TIFF", "signed integer samples"),
-])
+@pytest.mark.parametrize(
+    "values, fmt, message",
+    [
+        (np.full((4, 4), 2.0, np.float32), "TIFF", "float samples from 2 to 2"),
+        (np.full((4, 4), -0.5, np.float32), "TIFF", "float samples from -0.5"),
+        (np.full((4, 4), np.nan, np.float32), "TIFF", "float samples from nan"),
+        (np.full((4, 4), 0.5, np.float32), "PPM", "PPM image of F samples"),  # PFM: linear light
+        (np.full((4, 4), -3, np.int32), "TIFF", "signed integer samples"),
+    ],
+)
 def test_samples_without_a_defined_black_and_white_are_refused(values, fmt, message):
     data = png_bytes(Image.fromarray(values), fmt)
     with pytest.raises(BadImage, match=message) as e:
@@ -133,12 +152,14 @@ def test_48bit_rgb_png_keeps_its_colours():
     rgb = np.random.default_rng(2).integers(0, 65536, (8, 16, 3)).astype(">u2")
     # Pillow cannot write 48-bit PNGs; OpenCV writes them as BGR.
     import cv2
+
     ok, png = cv2.imencode(".png", rgb[..., ::-1].astype(np.uint16))
     assert ok
     assert_picture(decoded(png.tobytes()), np.round(rgb / 257))
 
 
 # -- transparency: composited on white -------------------------------------------------
+
 
 def on_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     a = alpha[..., None] / 255
@@ -239,6 +260,7 @@ def test_premultiplied_alpha_is_composited(mode):
 
 # -- other modes ------------------------------------------------------------------------
 
+
 def test_one_bit_image_is_black_and_white():
     bits = RNG.integers(0, 2, (8, 16)).astype(bool)
     data = png_bytes(Image.fromarray(bits))
@@ -266,8 +288,9 @@ def test_adobe_cmyk_jpeg_shows_its_inks():
         img.paste(INKS[name][0], (16 * i, 0, 16 * i + 16, 16))
     data = png_bytes(img, "JPEG", quality=100)
     assert data[2:4] == b"\xff\xee" and data[6:11] == b"Adobe"
-    stored = tvio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                              mode=tvio.ImageReadMode.UNCHANGED)
+    stored = tvio.decode_jpeg(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.UNCHANGED
+    )
     got = decoded(data)
     for i, name in enumerate(names):
         ink, rgb = INKS[name]
@@ -330,10 +353,14 @@ def test_animated_gif_and_png_give_their_first_frame():
 # Where the stored top-left corner is seen, and the upright size, for a 40x20 image, from
 # EXIF's definitions of orientations 1-8 ("0th row is the visual ..., 0th column is ...").
 UPRIGHT_CORNER = {
-    1: ("top-left", (40, 20)), 2: ("top-right", (40, 20)),
-    3: ("bottom-right", (40, 20)), 4: ("bottom-left", (40, 20)),
-    5: ("top-left", (20, 40)), 6: ("top-right", (20, 40)),
-    7: ("bottom-right", (20, 40)), 8: ("bottom-left", (20, 40)),
+    1: ("top-left", (40, 20)),
+    2: ("top-right", (40, 20)),
+    3: ("bottom-right", (40, 20)),
+    4: ("bottom-left", (40, 20)),
+    5: ("top-left", (20, 40)),
+    6: ("top-right", (20, 40)),
+    7: ("bottom-right", (20, 40)),
+    8: ("bottom-left", (20, 40)),
 }
 
 
@@ -370,8 +397,7 @@ def test_exif_orientation_puts_the_marked_corner_where_the_tag_says(orientation,
 # -- colour profiles ----------------------------------------------------------------------
 
 D50 = np.array([0.9642, 1.0, 0.8249])
-BRADFORD = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367],
-                     [0.0389, -0.0685, 1.0296]])
+BRADFORD = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
 D65 = (0.3127, 0.3290)
 SRGB_PRIMARIES = [(0.64, 0.33), (0.30, 0.60), (0.15, 0.06)]
 P3_PRIMARIES = [(0.680, 0.320), (0.265, 0.690), (0.150, 0.060)]
@@ -400,28 +426,38 @@ def icc_profile(name: str, primaries, curve: bytes) -> bytes:
 
     def mluc(text):
         s = text.encode("utf-16-be")
-        return (b"mluc\0\0\0\0" + struct.pack(">II", 1, 12) + b"enUS"
-                + struct.pack(">II", len(s), 28) + s)
+        return b"mluc\0\0\0\0" + struct.pack(">II", 1, 12) + b"enUS" + struct.pack(">II", len(s), 28) + s
 
     tags = [(b"desc", mluc(name)), (b"cprt", mluc("none")), (b"wtpt", b"XYZ \0\0\0\0" + s15(*D50))]
-    tags += [(c + b"XYZ", b"XYZ \0\0\0\0" + s15(*colorants[:, i]))
-             for i, c in enumerate((b"r", b"g", b"b"))]
+    tags += [(c + b"XYZ", b"XYZ \0\0\0\0" + s15(*colorants[:, i])) for i, c in enumerate((b"r", b"g", b"b"))]
     tags += [(c + b"TRC", curve) for c in (b"r", b"g", b"b")]
     offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
     for sig, data in tags:
         data += b"\0" * (-len(data) % 4)
         table += sig + struct.pack(">II", offset + len(body), len(data))
         body += data
-    header = (struct.pack(">I", offset + len(body)) + b"\0" * 4 + struct.pack(">I", 0x04300000)
-              + b"mntrRGB XYZ " + b"\0" * 12 + b"acsp" + b"\0" * 28 + s15(*D50) + b"\0" * 48)
+    header = (
+        struct.pack(">I", offset + len(body))
+        + b"\0" * 4
+        + struct.pack(">I", 0x04300000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 28
+        + s15(*D50)
+        + b"\0" * 48
+    )
     return header + struct.pack(">I", len(tags)) + table + body
 
 
 def para(*params) -> bytes:
     """ICC parametric curve of type 3 (sRGB's shape) or, with one parameter, a pure gamma."""
     kind = 3 if len(params) == 5 else 0
-    return b"para\0\0\0\0" + struct.pack(">HH", kind, 0) + b"".join(
-        struct.pack(">i", round(p * 65536)) for p in params)
+    return (
+        b"para\0\0\0\0"
+        + struct.pack(">HH", kind, 0)
+        + b"".join(struct.pack(">i", round(p * 65536)) for p in params)
+    )
 
 
 SRGB_CURVE = para(2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
@@ -432,8 +468,7 @@ SRGB = icc_profile("sRGB", SRGB_PRIMARIES, SRGB_CURVE)
 
 def in_srgb(stored: np.ndarray, primaries, decode) -> np.ndarray:
     """What sRGB pixels show the colours ``stored`` means in a space of these primaries."""
-    linear = decode(stored / 255) @ (np.linalg.solve(rgb_to_xyz(SRGB_PRIMARIES),
-                                                     rgb_to_xyz(primaries))).T
+    linear = decode(stored / 255) @ (np.linalg.solve(rgb_to_xyz(SRGB_PRIMARIES), rgb_to_xyz(primaries))).T
     return srgb_encode(linear)
 
 
@@ -443,10 +478,14 @@ def srgb_decode(x: np.ndarray) -> np.ndarray:
 
 # lcms converts through 16-bit fixed point and rounds once to 8 bits; the float computation
 # here differs from it by under one level (0.62 at most over random colours, measured).
-@pytest.mark.parametrize("profile, primaries, decode", [
-    (DISPLAY_P3, P3_PRIMARIES, srgb_decode),
-    (ADOBE_RGB, ADOBE_PRIMARIES, lambda x: x ** ADOBE_GAMMA),
-], ids=["Display P3", "Adobe RGB"])
+@pytest.mark.parametrize(
+    "profile, primaries, decode",
+    [
+        (DISPLAY_P3, P3_PRIMARIES, srgb_decode),
+        (ADOBE_RGB, ADOBE_PRIMARIES, lambda x: x**ADOBE_GAMMA),
+    ],
+    ids=["Display P3", "Adobe RGB"],
+)
 def test_embedded_wide_gamut_profile_is_converted_to_srgb(profile, primaries, decode):
     stored = RNG.integers(0, 256, (16, 32, 3))
     img = Image.fromarray(stored.astype(np.uint8))
@@ -461,8 +500,9 @@ def test_profile_is_applied_to_a_reduced_jpeg_too():
     scale; JPEG's loss at quality 100 adds up to two levels)."""
     colours = RNG.integers(30, 226, (4, 3))
     stored = np.repeat(np.repeat(colours[None], 256, axis=0), 256, axis=1)  # 4 blocks of 256 x 256
-    data = png_bytes(Image.fromarray(stored.astype(np.uint8)), "JPEG", quality=100,
-                     subsampling=0, icc_profile=DISPLAY_P3)
+    data = png_bytes(
+        Image.fromarray(stored.astype(np.uint8)), "JPEG", quality=100, subsampling=0, icc_profile=DISPLAY_P3
+    )
     reduced = decode_image(data, min_short=64)
     assert reduced.image.size == (256, 64)
     want = in_srgb(colours, P3_PRIMARIES, srgb_decode)
@@ -502,6 +542,7 @@ def test_gpu_decode_leaves_a_profile_to_convert_to_the_cpu():
     the CPU) takes an untagged or sRGB JPEG and declines a Display P3 one."""
     from handlers.image_classifier import ImageClassifier
     from handlers.preset import EvalPreset
+
     h = ImageClassifier()
     h.device, h.preset = torch.device("cpu"), EvalPreset()
     img = Image.fromarray(RNG.integers(0, 256, (64, 64, 3)).astype(np.uint8))

@@ -4,9 +4,8 @@ The trainer splits the global batch across processes and draws samples and
 augmentations from (seed, epoch, index) alone, so with a model without BatchNorm
 and without dropout the two runs differ only by the order of float additions.
 """
-from __future__ import annotations
 
-import pytest
+from __future__ import annotations
 
 import json
 import math
@@ -17,13 +16,31 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from models.zoo import get_model
 from training.fit import train as train_mod
 
-ARGS = ["--model", "scratch_cnn", "--dropout", "0", "--batch-size", "10", "--epochs", "2",
-        "--optimizer", "sgd", "--lr", "0.005", "--workers", "0", "--no-analysis", "--weights", "none"]
+ARGS = [
+    "--model",
+    "scratch_cnn",
+    "--dropout",
+    "0",
+    "--batch-size",
+    "10",
+    "--epochs",
+    "2",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.005",
+    "--workers",
+    "0",
+    "--no-analysis",
+    "--weights",
+    "none",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +74,24 @@ def torchrun(processes: int, args: list[str], timeout: float = 300) -> subproces
     """training.fit.train under torchrun. A run that outlives ``timeout`` (it takes ~15 s)
     fails the test with every process's Python stack (faulthandler on SIGABRT), and
     leaves no process behind."""
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "PYTHONFAULTHANDLER": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node", str(processes), "-m", "training.fit.train", *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(processes),
+            "-m",
+            "training.fit.train",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     pids = [p.pid]
     try:
         out, err = p.communicate(timeout=timeout)
@@ -75,8 +105,9 @@ def torchrun(processes: int, args: list[str], timeout: float = 300) -> subproces
         except subprocess.TimeoutExpired:
             _signal(pids, signal.SIGKILL)
             out, err = p.communicate()
-        raise AssertionError(f"torchrun ran over {timeout} s; its processes' stacks:\n"
-                             f"{err[-12000:]}\nstdout:\n{out[-2000:]}") from None
+        raise AssertionError(
+            f"torchrun ran over {timeout} s; its processes' stacks:\n{err[-12000:]}\nstdout:\n{out[-2000:]}"
+        ) from None
     finally:
         _signal(pids, signal.SIGKILL)  # nothing outlives the test
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)

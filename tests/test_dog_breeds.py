@@ -1,4 +1,5 @@
 """The dog-breed handler: a dog, a human face, or neither, on real photos."""
+
 from __future__ import annotations
 
 import csv
@@ -11,19 +12,22 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
 from ts.utils.util import list_classes_from_module
 
 from handlers import dog_breeds
-from handlers.dog_breeds import (NONE_MESSAGE, DogBreedClassifier, count_faces, face_detector,
-                                 imagenet_shares, verdict)
-from models import imagenet
+from handlers.dog_breeds import (
+    NONE_MESSAGE,
+    DogBreedClassifier,
+    count_faces,
+    face_detector,
+    imagenet_shares,
+    verdict,
+)
 from handlers.settings import DogBreedSettings, HandlerSettings
+from models import imagenet
 from serving.archive import build_archive
 from serving.server import LocalServer
 from tests.conftest import answers, make_context, photo_file, png_bytes, shared_photo, split_images
-
-
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +137,7 @@ def test_a_dog_first_and_a_face_only_when_not_a_dog(dog_export, face, tmp_path):
 
 # ---- the ImageNet verdict, on made-up probabilities ----
 
+
 def logits_of(shares: dict[int, float]) -> torch.Tensor:
     """ImageNet logits whose probabilities are ``shares`` ({class: probability}), the rest
     on an object (504, coffee mug)."""
@@ -148,23 +153,27 @@ def test_the_verdict_sums_groups_of_classes():
     assert s == pytest.approx({"breeds": 0.25, "wild_dogs": 0.3, "animals": 0.65}, abs=1e-6)
 
 
-@pytest.mark.parametrize("shares, seen", [
-    # A Rhodesian ridgeback as the classifier sees it: the breeds 0.25, the wild dogs 0.33.
-    ({159: 0.25, 274: 0.21, 273: 0.07, 275: 0.05, 281: 0.3}, "dog"),
-    ({207: 0.9}, "dog"),
-    ({207: 0.2, 504: 0.8}, "dog"),  # dog_min_share, and no other animal
-    # A cat with a dog's look: the breeds 0.23, the cats more than the canines.
-    ({207: 0.23, 281: 0.52}, "animal"),
-    ({274: 0.9}, "animal"),  # wild dogs alone are no dog
-    ({207: 0.19}, "other"),  # under dog_min_share and no animal: the face check decides
-    ({207: 0.1, 281: 0.3}, "other"),  # a person in a fur hat: animals 0.4 < animal_min_share
-    ({281: 0.5}, "animal"),
-])
+@pytest.mark.parametrize(
+    "shares, seen",
+    [
+        # A Rhodesian ridgeback as the classifier sees it: the breeds 0.25, the wild dogs 0.33.
+        ({159: 0.25, 274: 0.21, 273: 0.07, 275: 0.05, 281: 0.3}, "dog"),
+        ({207: 0.9}, "dog"),
+        ({207: 0.2, 504: 0.8}, "dog"),  # dog_min_share, and no other animal
+        # A cat with a dog's look: the breeds 0.23, the cats more than the canines.
+        ({207: 0.23, 281: 0.52}, "animal"),
+        ({274: 0.9}, "animal"),  # wild dogs alone are no dog
+        ({207: 0.19}, "other"),  # under dog_min_share and no animal: the face check decides
+        ({207: 0.1, 281: 0.3}, "other"),  # a person in a fur hat: animals 0.4 < animal_min_share
+        ({281: 0.5}, "animal"),
+    ],
+)
 def test_a_dog_outweighs_the_other_animals_and_an_animal_has_half_the_probability(shares, seen):
     assert verdict(logits_of(shares)) == seen
 
 
 # ---- the dog app on real photos (../shared/photos) ----
+
 
 @pytest.fixture(scope="module")
 def dog_app(imagenet_dogs_export):
@@ -175,10 +184,15 @@ def dog_app(imagenet_dogs_export):
     def ask(paths: list[Path]) -> dict[str, dict]:
         out = {}
         for i in range(0, len(paths), 8):
-            chunk = paths[i:i + 8]
-            out.update(zip((p.name for p in chunk),
-                           classify(h, imagenet_dogs_export, [p.read_bytes() for p in chunk])))
+            chunk = paths[i : i + 8]
+            out.update(
+                zip(
+                    (p.name for p in chunk),
+                    classify(h, imagenet_dogs_export, [p.read_bytes() for p in chunk]),
+                )
+            )
         return out
+
     return h, ask
 
 
@@ -266,6 +280,7 @@ def test_real_photos_through_torchserve(imagenet_dogs_export, dog_export, tmp_pa
     breeds = set(json.loads((imagenet_dogs_export / "index_to_name.json").read_text()).values())
     assert breeds == set(imagenet.dog_breeds()) and "n02099712" not in breeds
     with LocalServer(store, tmp_path / "ts") as client:  # load_models=all
+
         def ask(model: str, name: str) -> dict:
             return client.predict(model, photo_file(name).read_bytes())
 

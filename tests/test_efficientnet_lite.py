@@ -1,5 +1,6 @@
 """EfficientNet-Lite0: its packaged ImageNet weights on real photos, TF "same" padding,
 TorchScript (trace + freeze, script), weights files in both namings, fine-tuning layout."""
+
 from __future__ import annotations
 
 import copy
@@ -17,13 +18,13 @@ from PIL import Image
 from skimage import data as skdata
 from torchvision import models as tvm
 
-from models import efficientnet_lite as lite
 from handlers.decode import open_image
 from handlers.preset import EvalPreset
-from models.zoo import get_model, get_spec
+from models import efficientnet_lite as lite
 from models.weights import WeightsUnavailable
-from training.fit.optim import split_parameters
+from models.zoo import get_model, get_spec
 from tests.conftest import photo_file
+from training.fit.optim import split_parameters
 
 # Tests costing over about 2 s are marked slow one by one (make test-fast leaves them out).
 
@@ -82,6 +83,7 @@ def top1(p: torch.Tensor) -> tuple[int, float]:
 
 # --- weights ---------------------------------------------------------------------------
 
+
 def test_package_weights_fill_every_parameter_and_buffer():
     state = torch.load(lite.packaged_weights_file(), map_location="cpu", weights_only=True)
     renamed = lite.rename_package_state(state)
@@ -109,8 +111,9 @@ def test_a_missing_or_foreign_weights_file_is_refused_clearly(tmp_path):
     with pytest.raises(WeightsUnavailable, match="is not an efficientnet_lite0 state dict"):
         get_model("efficientnet_lite0", 3, weights_file=str(foreign))
     renamed_wrong = tmp_path / "unknown_name.pth"
-    torch.save({"_conv_stem.weight": torch.zeros(32, 3, 3, 3), "_se_reduce.weight": torch.zeros(1)},
-               renamed_wrong)
+    torch.save(
+        {"_conv_stem.weight": torch.zeros(32, 3, 3, 3), "_se_reduce.weight": torch.zeros(1)}, renamed_wrong
+    )
     with pytest.raises(WeightsUnavailable, match="_se_reduce"):
         get_model("efficientnet_lite0", 3, weights_file=str(renamed_wrong))
     not_torch = tmp_path / "photo.pth"
@@ -139,6 +142,7 @@ def test_weights_names():
 
 # --- real photos -----------------------------------------------------------------------
 
+
 def test_imagenet_class_names_line_up():
     assert CATEGORIES[LABRADOR] == "Labrador retriever"
     assert [CATEGORIES[i] for i in CUPS] == ["coffee mug", "espresso", "cup"]
@@ -157,13 +161,13 @@ def test_cats_are_cats(probs, name):
     cls, conf = top1(probs[name])
     assert cls in CATS, (CATEGORIES[cls], conf)
     # The cat classes split the mass between them (tabby / tiger cat); together they dominate.
-    assert probs[name][CATS.start:CATS.stop].sum() > 0.5
+    assert probs[name][CATS.start : CATS.stop].sum() > 0.5
 
 
 def test_coffee_is_a_cup_not_a_dog(probs):
     cls, conf = top1(probs["coffee"])
     assert cls in CUPS, (CATEGORIES[cls], conf)
-    assert probs["coffee"][DOGS.start:DOGS.stop].sum() < 0.05
+    assert probs["coffee"][DOGS.start : DOGS.stop].sum() < 0.05
 
 
 def test_astronaut_is_not_a_dog(probs):
@@ -171,16 +175,21 @@ def test_astronaut_is_not_a_dog(probs):
     # 118 of 1000: a model that spread its mass evenly would give them 0.118.
     cls, conf = top1(probs["astronaut"])
     assert cls not in DOGS, (CATEGORIES[cls], conf)
-    assert probs["astronaut"][DOGS.start:DOGS.stop].sum() < 0.1
+    assert probs["astronaut"][DOGS.start : DOGS.stop].sum() < 0.1
 
 
 def label_log_likelihood(p: dict[str, torch.Tensor]) -> float:
     """Sum over the labelled photos of log P(label), a label being a class or a class group
     (the cat classes share a kitten's mass between them): minus the cross-entropy."""
-    return sum(math.log(float(x)) for x in (p["labrador"][LABRADOR],
-                                             p["kitten"][CATS.start:CATS.stop].sum(),
-                                             p["chelsea"][CATS.start:CATS.stop].sum(),
-                                             p["coffee"][list(CUPS)].sum()))
+    return sum(
+        math.log(float(x))
+        for x in (
+            p["labrador"][LABRADOR],
+            p["kitten"][CATS.start : CATS.stop].sum(),
+            p["chelsea"][CATS.start : CATS.stop].sum(),
+            p["coffee"][list(CUPS)].sum(),
+        )
+    )
 
 
 def symmetric_copy(model: lite.EfficientNetLite) -> lite.EfficientNetLite:
@@ -189,8 +198,15 @@ def symmetric_copy(model: lite.EfficientNetLite) -> lite.EfficientNetLite:
     for parent in list(model.modules()):
         for name, c in list(parent.named_children()):
             if isinstance(c, lite.SameConv2d):
-                sym = torch.nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride,
-                                      padding=c.kernel_size[0] // 2, groups=c.groups, bias=False)
+                sym = torch.nn.Conv2d(
+                    c.in_channels,
+                    c.out_channels,
+                    c.kernel_size,
+                    c.stride,
+                    padding=c.kernel_size[0] // 2,
+                    groups=c.groups,
+                    bias=False,
+                )
                 sym.weight = c.weight
                 setattr(parent, name, sym)
     return model
@@ -209,6 +225,7 @@ def test_tf_padding_and_own_preset_are_what_the_weights_expect(pretrained, photo
 
 # --- padding ---------------------------------------------------------------------------
 
+
 def tf_same_reference(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
     """TensorFlow's "same" convolution as its documentation defines it: output ceil(n / s),
     total padding max((out - 1) s + k - n, 0), the smaller half before; zeros written
@@ -220,7 +237,7 @@ def tf_same_reference(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tor
         pads.append((total // 2, total - total // 2))
     (top, bottom), (left, right) = pads
     canvas = x.new_zeros(*x.shape[:2], x.shape[-2] + top + bottom, x.shape[-1] + left + right)
-    canvas[..., top:top + x.shape[-2], left:left + x.shape[-1]] = x
+    canvas[..., top : top + x.shape[-2], left : left + x.shape[-1]] = x
     return F.conv2d(canvas, weight, stride=stride)
 
 
@@ -265,6 +282,7 @@ def test_feature_map_is_ceil_of_input_over_32_at_any_size(random_lite, size):
 
 
 # --- TorchScript -----------------------------------------------------------------------
+
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return (got - want).abs().max().item() <= RTOL * want.abs().max().item()
@@ -328,13 +346,20 @@ def test_script_and_freeze_match_eager_at_any_size():
     # imports the export, which imports it), torch.jit.script now and then mistakes a
     # module attribute for a builtin whose id went stale, whatever the model.
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", SCRIPT_CHECK], cwd=root, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT_CHECK],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) <= RTOL
 
 
 # --- registry and fine-tuning ----------------------------------------------------------
+
 
 def test_registered_with_its_own_eval_preset():
     spec = get_spec("efficientnet_lite0")

@@ -8,6 +8,7 @@ The detector's scores are deterministic for a given image (integer resizing by P
 dlib's float arithmetic, whose rounding differs between instruction sets by far less than
 the margins the comments below state), so counts are compared exactly where they can be.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,16 @@ import skimage.data
 from PIL import Image
 
 from bench.faces import MIN_SHORT, people_photos
-from handlers.dog_breeds import (FACE_MAX_SIDE, FACE_SHORT_SIDE, count_faces, face_copy,
-                                 face_copy_size, face_detector, grey_copy, hog_faces)
+from handlers.dog_breeds import (
+    FACE_MAX_SIDE,
+    FACE_SHORT_SIDE,
+    count_faces,
+    face_copy,
+    face_copy_size,
+    face_detector,
+    grey_copy,
+    hog_faces,
+)
 from handlers.image_classifier import decode
 from tests.conftest import photo_file, shared_photo
 
@@ -28,9 +37,25 @@ from tests.conftest import photo_file, shared_photo
 ASTRONAUT_FACE = (176, 65, 98)
 WINDOW = 80  # the HOG detector's window, in pixels
 # scikit-image's photos with no person (the cameraman, in near profile, is left out).
-NO_PERSON = ("brick", "cell", "checkerboard", "clock", "coins", "colorwheel", "grass", "gravel",
-             "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page",
-             "retina", "rocket", "text")
+NO_PERSON = (
+    "brick",
+    "cell",
+    "checkerboard",
+    "clock",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+)
 
 
 class Check:
@@ -57,8 +82,10 @@ def astronaut() -> Image.Image:
 def people() -> dict[str, tuple[str, Image.Image]]:
     """{file: (kind, image)} of ../shared/photos/people, decoded as the dog app decodes them."""
     folder = shared_photo("people", "labels.csv").parent
-    return {name: (kind, decode({"body": data}, MIN_SHORT).image)
-            for name, (kind, data) in people_photos(folder).items()}
+    return {
+        name: (kind, decode({"body": data}, MIN_SHORT).image)
+        for name, (kind, data) in people_photos(folder).items()
+    }
 
 
 def photo(path: Path) -> Image.Image:
@@ -90,8 +117,9 @@ def test_finds_the_face_in_each_real_portrait_and_none_in_the_cats_and_the_cup(c
 
 
 def test_finds_no_face_in_photos_without_people(check):
-    found = {name: check.count(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
-             for name in NO_PERSON}
+    found = {
+        name: check.count(Image.fromarray(getattr(skimage.data, name)()).convert("RGB")) for name in NO_PERSON
+    }
     assert sum(found.values()) == 0, found
 
 
@@ -112,8 +140,9 @@ def test_tells_real_face_crops_from_background_crops(check):
     assert faces >= 95 and backgrounds == 0, (faces, backgrounds)
 
 
-def astronaut_on_canvas(astronaut: Image.Image, face_share: float, size: tuple[int, int],
-                        where: tuple[float, float]) -> Image.Image:
+def astronaut_on_canvas(
+    astronaut: Image.Image, face_share: float, size: tuple[int, int], where: tuple[float, float]
+) -> Image.Image:
     """The whole astronaut photo, shrunk so that her face is ``face_share`` of the canvas's
     short side, pasted onto a grey canvas of ``size`` at ``where`` (0..1 across, 0..1 down)."""
     scale = face_share * min(size) / ASTRONAUT_FACE[2]

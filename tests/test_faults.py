@@ -1,4 +1,5 @@
 """Faults and load against a real TorchServe: a killed worker, a restart, a short soak."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def test_short_soak_has_no_errors_and_stable_worker_memory(server, tiny_data):
 
 def test_killed_worker_is_replaced_and_only_its_batch_is_lost(server, tiny_data):
     batch_size = server.describe(MODEL_NAME)[0]["batchSize"]
-    report = soak(server, MODEL_NAME, images(tiny_data), seconds=10, concurrency=16,
-                  warmup_s=1, kill_worker_after=3)
+    report = soak(
+        server, MODEL_NAME, images(tiny_data), seconds=10, concurrency=16, warmup_s=1, kill_worker_after=3
+    )
     print(json.dumps(report))  # the lost count is part of the report
     killed, end = report["worker_pids"]["killed"], report["worker_pids"]["end"]
     assert killed and end and killed not in end  # TorchServe started a new worker
@@ -81,8 +83,9 @@ def test_a_model_that_cannot_load_stops_the_start_with_its_error(exported, tmp_p
     (broken / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     build_archive(broken, "broken", tmp_path / "store")
     ts = LocalServer(tmp_path / "store", tmp_path / "ts", start_timeout=600)  # load_models=all
-    with pytest.raises(ModelLoadError,
-                       match=r"workers of broken died [3-9] times .*ValueError: .*optimize 'bogus'"):
+    with pytest.raises(
+        ModelLoadError, match=r"workers of broken died [3-9] times .*ValueError: .*optimize 'bogus'"
+    ):
         ts.start()
     assert ts.processes() == []
 
@@ -121,10 +124,27 @@ def test_load_watch_counts_only_new_failures_and_names_the_models_own_error(tmp_
     # `make serve` waits with the same watch: the client stops early with the cause. It
     # watches from when it starts, so failures are written until it has seen enough.
     free = f"http://127.0.0.1:{free_port()}"
-    client = subprocess.Popen([sys.executable, "-m", "serving.client", "--inference-url", free,
-                               "--management-url", free, "--key-file", str(tmp_path / "none.json"),
-                               "wait", "--for", "600", "--logs", str(logs)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving.client",
+            "--inference-url",
+            free,
+            "--management-url",
+            free,
+            "--key-file",
+            str(tmp_path / "none.json"),
+            "wait",
+            "--for",
+            "600",
+            "--logs",
+            str(logs),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(240):
             write_failure(logs, "dog", "RuntimeError: no kernel image")

@@ -1,4 +1,5 @@
 """The project's gRPC client against TorchServe's gRPC inference API, with the token."""
+
 from __future__ import annotations
 
 import grpc
@@ -12,8 +13,10 @@ pytestmark = pytest.mark.torchserve
 
 @pytest.fixture(scope="module")
 def grpc_client(local_server):
-    c = GrpcClient(f"127.0.0.1:{local_server.overrides['grpc_inference_port']}",
-                   key_file=local_server.workdir / "key_file.json")
+    c = GrpcClient(
+        f"127.0.0.1:{local_server.overrides['grpc_inference_port']}",
+        key_file=local_server.workdir / "key_file.json",
+    )
     yield c
     c.close()
 

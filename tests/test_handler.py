@@ -1,4 +1,5 @@
 """The handler without a server: TorchServe's own Context around a real exported model."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,9 +24,9 @@ def test_initialize_reads_preprocessing_and_top_k_from_model_config(handler):
 def test_batch_of_three_with_one_corrupt(handler, exported, tiny_data, reference):
     good = split_images(tiny_data)[:2]
     data = [
-        {"body": bytearray(good[0].read_bytes())},             # raw body
+        {"body": bytearray(good[0].read_bytes())},  # raw body
         {"data": bytearray(b"\xff\xd8\xff\xe0 not really a jpeg")},  # corrupt
-        {"data": bytearray(good[1].read_bytes())},             # multipart field
+        {"data": bytearray(good[1].read_bytes())},  # multipart field
     ]
     ctx = make_context(exported, 3)
     raw = handler.handle(data, ctx)

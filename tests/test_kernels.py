@@ -10,6 +10,7 @@ optimize_for_inference. Everything must agree with the eager model within
 handlers.optimize.RTOL of the outputs' scale; where oneDNN Graph cannot be used, the
 handler must serve the model as loaded and say why in its log.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,24 @@ EXPECTED_ISA = {"default": (None, None), "avx2": ("AVX2", "AVX2"), "plainest": (
 
 
 def probe(setting: str, out: Path) -> tuple[dict, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+    }
     env.update(SETTINGS[setting], PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "tests.kernel_probe", str(out)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.kernel_probe", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, f"{setting}: the probe failed:\n{run.stderr[-4000:]}"
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
     isa = re.search(r"onednn_verbose,.*,cpu,isa:(.*)", run.stdout)
-    return json.loads(line[len("RESULT "):]), (isa.group(1).strip() if isa else "unknown")
+    return json.loads(line[len("RESULT ") :]), (isa.group(1).strip() if isa else "unknown")
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -50,7 +60,8 @@ def probe(setting: str, out: Path) -> tuple[dict, str]:
 def test_export_and_optimisation_agree_under_each_instruction_set(setting, tmp_path):
     result, onednn_isa = probe(setting, tmp_path)
     measured = f"{setting}: ATen {result['aten']}, oneDNN {onednn_isa}; " + json.dumps(
-        result["archs"], indent=1)
+        result["archs"], indent=1
+    )
     aten, onednn = EXPECTED_ISA[setting]
     assert aten is None or result["aten"] == aten, measured
     assert onednn is None or onednn in onednn_isa, measured
@@ -62,6 +73,8 @@ def test_export_and_optimisation_agree_under_each_instruction_set(setting, tmp_p
         if r["onednn"]["model"] == "OneDNNModel":
             assert "oneDNN Graph applied" in onednn_log, measured
         else:  # refused or fused nothing: the fallback, said in the log
-            assert "oneDNN Graph failed, not used" in onednn_log \
-                or "oneDNN Graph changed the outputs, not used" in onednn_log, measured
+            assert (
+                "oneDNN Graph failed, not used" in onednn_log
+                or "oneDNN Graph changed the outputs, not used" in onednn_log
+            ), measured
     print(measured)

@@ -5,6 +5,7 @@ servers register the model with batch_size 1 (measured: with batchSize 8,
 concurrent requests all failed with 503); a request batches by carrying several
 instances.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,8 +23,11 @@ pytestmark = pytest.mark.torchserve
 
 @pytest.fixture(scope="module", params=["kservev2", "kserve"])
 def envelope_server(request, model_store, tmp_path_factory):
-    ts = LocalServer(model_store, tmp_path_factory.mktemp(request.param),
-                     {"service_envelope": request.param, "load_models": ""})
+    ts = LocalServer(
+        model_store,
+        tmp_path_factory.mktemp(request.param),
+        {"service_envelope": request.param, "load_models": ""},
+    )
     with ts as client:
         client.register(f"{MODEL_NAME}.mar", batch_size=1)
         yield request.param, client
@@ -38,8 +42,13 @@ def call(envelope: str, client, images: list[bytes]) -> tuple[int, list]:
     headers = {"Authorization": f"Bearer {client.keys()['inference']}"}
     if envelope == "kservev2":
         url = f"{client.inference_url}/v2/models/{MODEL_NAME}/infer"
-        body = {"id": "req-1", "inputs": [{"name": f"image-{i}", "shape": [1], "datatype": "BYTES",
-                                            "data": [b64(img)]} for i, img in enumerate(images)]}
+        body = {
+            "id": "req-1",
+            "inputs": [
+                {"name": f"image-{i}", "shape": [1], "datatype": "BYTES", "data": [b64(img)]}
+                for i, img in enumerate(images)
+            ],
+        }
         r = requests.post(url, json=body, headers=headers, timeout=60)
         out = r.json()
         assert out["id"] == "req-1" and out["model_name"] == MODEL_NAME
@@ -47,8 +56,9 @@ def call(envelope: str, client, images: list[bytes]) -> tuple[int, list]:
         assert all(o["datatype"] == "BYTES" for o in out["outputs"])
         return r.status_code, [json.loads(o["data"][0]) for o in out["outputs"]]
     url = f"{client.inference_url}/v1/models/{MODEL_NAME}:predict"
-    r = requests.post(url, json={"instances": [{"data": b64(img)} for img in images]},
-                      headers=headers, timeout=60)
+    r = requests.post(
+        url, json={"instances": [{"data": b64(img)} for img in images]}, headers=headers, timeout=60
+    )
     return r.status_code, r.json()["predictions"]
 
 

@@ -1,5 +1,6 @@
 """The KServe layout and manifests: checked against KServe's documented fields, and the
 generated config started for real (on loopback) to prove TorchServe serves from it."""
+
 from __future__ import annotations
 
 import base64
@@ -67,16 +68,22 @@ def test_torchserve_serves_from_the_generated_config(package, tmp_path, tiny_dat
     image, so one handed to another request fails)."""
     # The pod's paths and ports, moved to this machine's loopback; the rest as generated.
     overrides = {"metrics_config": str(package / "config" / "metrics.yaml")}
-    ts = LocalServer(package / "model-store", tmp_path, overrides,
-                     base_config=package / "config" / "config.properties",
-                     log_config=package / "config" / "log4j2.xml")
+    ts = LocalServer(
+        package / "model-store",
+        tmp_path,
+        overrides,
+        base_config=package / "config" / "config.properties",
+        log_config=package / "config" / "log4j2.xml",
+    )
     imgs = distinguishable([p.read_bytes() for p in split_images(tiny_data)], reference)
 
     def infer(client, img: bytes) -> tuple[int, dict | None]:
-        body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                            "data": [base64.b64encode(img).decode()]}]}
-        r = requests.post(f"{client.inference_url}/v2/models/{MODEL_NAME}/infer", json=body,
-                          timeout=60)
+        body = {
+            "inputs": [
+                {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(img).decode()]}
+            ]
+        }
+        r = requests.post(f"{client.inference_url}/v2/models/{MODEL_NAME}/infer", json=body, timeout=60)
         return r.status_code, json.loads(r.json()["outputs"][0]["data"][0]) if r.ok else None
 
     with ts as client:  # no registration: the snapshot loads the model

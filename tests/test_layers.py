@@ -2,6 +2,7 @@
 archive ships whole and which therefore imports nothing else of the project) at the bottom,
 model definitions above it, training and serving above those, the benchmarks and the page
 on top. An import that runs upward, or two folders that import each other, fails here."""
+
 from __future__ import annotations
 
 import ast
@@ -31,9 +32,13 @@ def imports(package: str) -> dict[str, set[str]]:
 
 
 def test_no_import_runs_upward():
-    upward = [(f, package, target) for package in LAYERS
-              for target, files in imports(package).items() if LAYERS[target] > LAYERS[package]
-              for f in sorted(files)]
+    upward = [
+        (f, package, target)
+        for package in LAYERS
+        for target, files in imports(package).items()
+        if LAYERS[target] > LAYERS[package]
+        for f in sorted(files)
+    ]
     assert not upward, "imports against the layers (file, its folder, the folder above): " + str(upward)
 
 

@@ -1,4 +1,5 @@
 """The handler's own metrics, exported by a real TorchServe in prometheus mode."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Models by name: shapes, freezing, TorchScript round trip, weights loading."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,12 +18,14 @@ N = 3
 
 
 def test_registry_lists_the_models():
-    assert list_models() == ["efficientnet_lite0", "imagenet_dogs", "mobilenet_v2", "resnet50",
-                             "scratch_cnn"]
+    assert list_models() == ["efficientnet_lite0", "imagenet_dogs", "mobilenet_v2", "resnet50", "scratch_cnn"]
 
 
 def test_unknown_model_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, resnet50, scratch_cnn"):
+    with pytest.raises(
+        ValueError,
+        match="unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, resnet50, scratch_cnn",
+    ):
         get_model("resnet5", N)
 
 
@@ -51,7 +54,7 @@ def test_each_image_gets_its_own_answer(model):
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         out = m(x)
-        alone = torch.cat([m(x[i:i + 1]) for i in range(3)])
+        alone = torch.cat([m(x[i : i + 1]) for i in range(3)])
     assert out.shape == (3, N)
     # Another batch size may pick other kernels: RTOL of the logits' scale (handlers.optimize).
     assert compare(out, alone).ok, f"{name}: {compare(out, alone)}"
@@ -120,7 +123,10 @@ def test_scratch_cnn_is_the_original_baseline():
     m = get_model("scratch_cnn", N)
     convs = [x for x in m.features if isinstance(x, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
-        (3, 16, (3, 3), (1, 1)), (16, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+        (3, 16, (3, 3), (1, 1)),
+        (16, 32, (3, 3), (1, 1)),
+        (32, 64, (3, 3), (1, 1)),
+    ]
     fcs = [x for x in m.classifier if isinstance(x, torch.nn.Linear)]
     assert [(l.in_features, l.out_features) for l in fcs] == [(64 * 28 * 28, 500), (500, N)]
     assert not get_spec("scratch_cnn").pretrained
@@ -152,7 +158,6 @@ def test_unknown_weights_name_lists_the_known_ones():
         get_model("resnet50", N, weights="IMAGENET_V9")
 
 
-
 def test_offline_download_gives_one_clear_error(tmp_path, monkeypatch):
     # A real download attempt through torchvision's weights API, made to fail the way an
     # offline machine does: an empty cache and a proxy that refuses connections.
@@ -181,8 +186,9 @@ def test_imagenet_head_reproduces_the_pretrained_classifier(tmp_path):
         assert logits.shape == (2, N)
         # The branch runs the same operators on the same weights: equal but for rounding.
         assert compare(imagenet, pretrained(x)).ok
-        both = get_model("resnet50", N, weights_file=str(path), imagenet_head=True,
-                         unfreeze_layer3=True).eval()
+        both = get_model(
+            "resnet50", N, weights_file=str(path), imagenet_head=True, unfreeze_layer3=True
+        ).eval()
         assert both.shared == 2 and compare(both(x)[1], pretrained(x)).ok
     # Fine-tuning layer4 does not move the ImageNet branch.
     m.train()
@@ -208,6 +214,7 @@ def test_export_is_immune_to_the_stale_builtin_ids_that_break_scripting():
     export in ten. Here the collision is made on purpose: scripting fails, the export's
     tracing does not."""
     from torch.jit import _builtins
+
     m = get_model("mobilenet_v2", N).eval()
     padding = m.features[0][0]._reversed_padding_repeated_twice
     table = _builtins._get_builtin_table()
@@ -228,6 +235,7 @@ def test_twenty_exports_in_a_row():
     """Fresh networks, fresh addresses: scripting failed 2 of 20 in such a loop once
     training.export (which imports the quantisation stack) was imported."""
     import training.export.quantize  # noqa: F401 - registers the operators whose ids go stale
+
     x = torch.randn(1, 3, 224, 224)
     for i in range(20):
         m = get_model("mobilenet_v2", N).eval()

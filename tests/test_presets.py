@@ -1,4 +1,5 @@
 """One preprocessing: what the handler builds is what evaluation builds, within stated tolerances."""
+
 from __future__ import annotations
 
 import base64
@@ -10,15 +11,13 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from handlers.image_classifier import ImageClassifier, decode, request_image
 from handlers.decode import BadImage, decode_image, open_image
+from handlers.image_classifier import ImageClassifier, decode, request_image
 from handlers.preset import EvalPreset
-from models.augment import TrainPreset
 from handlers.settings import HandlerSettings
+from models.augment import TrainPreset
 from tests.conftest import FLOAT_ROUNDING, ONE_GREY_LEVEL, photo_jpeg, png_bytes, split_images
 from training.data.datasets import load_splits
-
-
 
 
 def assert_within_one_grey_level(got: torch.Tensor, want: torch.Tensor, share: float = 0.005):
@@ -101,16 +100,21 @@ def test_modes_become_the_rgb_they_show(mode):
     assert np.abs(got - np.array(want)).max() <= tolerance, got
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"body": bytearray(b"")}, "the request body is empty"),
-    ({"body": {"a": 1}}, "expected image bytes in the request body, got JSON"),
-    ({"body": "hello"}, "expected image bytes or base64 in the request body, got text"),
-    ({"body": bytearray(b"hello, not an image")},
-     "the request body: not a decodable image: unrecognised image format"),
-    ({"note": bytearray(b"hello")}, "form field 'note': not a decodable image"),
-    ({}, "no image in the request"),
-    ({"x": bytearray(b"1"), "y": bytearray(b"2")}, "2 files in one request"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"body": bytearray(b"")}, "the request body is empty"),
+        ({"body": {"a": 1}}, "expected image bytes in the request body, got JSON"),
+        ({"body": "hello"}, "expected image bytes or base64 in the request body, got text"),
+        (
+            {"body": bytearray(b"hello, not an image")},
+            "the request body: not a decodable image: unrecognised image format",
+        ),
+        ({"note": bytearray(b"hello")}, "form field 'note': not a decodable image"),
+        ({}, "no image in the request"),
+        ({"x": bytearray(b"1"), "y": bytearray(b"2")}, "2 files in one request"),
+    ],
+)
 def test_bad_requests_are_named(row, message):
     with pytest.raises(BadImage, match=message):
         decode(row)
@@ -240,5 +244,6 @@ def test_to_dict_gives_a_fresh_dict_each_call():
 
 def test_normalisation_constants_are_computed_once_per_mean_and_std():
     from handlers.preset import _affine
+
     preset = EvalPreset()
     assert _affine(preset.mean, preset.std) is _affine(preset.mean, preset.std)

@@ -1,5 +1,6 @@
 """int8 export (training/export/quantize.py, training/export/torchscript.py --quantize int8) and serving it:
 the accuracy guard, the handler's engine and device handling, and a real TorchServe."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,17 @@ from handlers.image_classifier import ImageClassifier
 from handlers.optimize import compare
 from serving.archive import build_archive
 from serving.server import LocalServer
-from tests.conftest import (CLASSES, MODEL_NAME, Reference, answers, assert_answer_matches,
-                            make_context, split_images)
-from training.export import torchscript as export_mod
+from tests.conftest import (
+    CLASSES,
+    MODEL_NAME,
+    Reference,
+    answers,
+    assert_answer_matches,
+    make_context,
+    split_images,
+)
 from training.export import quantize
+from training.export import torchscript as export_mod
 
 # int8 against fp32, relative to the logits' scale: 8-bit activations hold each layer's
 # values in 256 steps of its observed range, a rounding of a fraction of a percent per
@@ -28,9 +36,21 @@ INT8_NAME = MODEL_NAME + "_int8"
 
 
 def int8_args(trained, out, data, *extra) -> list[str]:
-    return ["--checkpoint", str(trained), "--out", str(out), "--top-k", "3",
-            "--quantize", "int8", "--calibration-data", str(data), "--calibration-images", "16",
-            *extra]
+    return [
+        "--checkpoint",
+        str(trained),
+        "--out",
+        str(out),
+        "--top-k",
+        "3",
+        "--quantize",
+        "int8",
+        "--calibration-data",
+        str(data),
+        "--calibration-images",
+        "16",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +72,17 @@ def test_int8_export_is_quantised_and_reports_its_accuracy(int8_export, exported
     assert report["images"] == tests and report["calibration_images"] == 16
     assert 0 <= report["agree"] <= tests
     assert report["accuracy_drop_points"] == pytest.approx(
-        100 * (report["fp32_correct"] - report["int8_correct"]) / tests)
+        100 * (report["fp32_correct"] - report["int8_correct"]) / tests
+    )
     # int8 stays close to the fp32 model it came from, on the test images together (the
     # scale is the logits' over the split: int8 quantises each layer over its whole range).
     fp32, int8 = Reference(exported), Reference(int8_export)
     images = [path.read_bytes() for path in split_images(tiny_data)]
-    agreement = compare(torch.stack([int8.logits(i) for i in images]),
-                        torch.stack([fp32.logits(i) for i in images]), rtol=INT8_RTOL)
+    agreement = compare(
+        torch.stack([int8.logits(i) for i in images]),
+        torch.stack([fp32.logits(i) for i in images]),
+        rtol=INT8_RTOL,
+    )
     assert agreement.ok, str(agreement)
 
 
@@ -74,21 +98,22 @@ JUST_BELOW = 1e-6
 
 
 def test_accuracy_guard_stops_the_export_just_below_the_drop_and_writes_nothing(
-        int8_export, trained, tiny_data, tmp_path):
+    int8_export, trained, tiny_data, tmp_path
+):
     """Calibration is seeded, so this export measures the drop the fixture's did."""
     drop = measured_drop(int8_export)
     out = tmp_path / "refused"
     # "=": a negative limit in scientific notation would read as an option of its own.
-    a = export_mod.parse_args(int8_args(trained, out, tiny_data,
-                                        f"--max-accuracy-drop={drop - JUST_BELOW!r}"))
+    a = export_mod.parse_args(
+        int8_args(trained, out, tiny_data, f"--max-accuracy-drop={drop - JUST_BELOW!r}")
+    )
     with pytest.raises(SystemExit, match="nothing written") as e:
         export_mod.export(trained, out, a)
     assert f"loses {drop:.1f} points" in str(e.value)
     assert not out.exists()
 
 
-def test_accuracy_guard_lets_the_measured_drop_itself_through(int8_export, trained, tiny_data,
-                                                             tmp_path):
+def test_accuracy_guard_lets_the_measured_drop_itself_through(int8_export, trained, tiny_data, tmp_path):
     """The limit is inclusive: a drop equal to --max-accuracy-drop is exported."""
     drop = measured_drop(int8_export)
     out = tmp_path / "at_limit"
@@ -107,8 +132,9 @@ class Negated(torch.nn.Module):
         return -self.model(x)
 
 
-def test_the_default_limit_refuses_an_int8_model_that_answers_wrong(int8_export, trained, tiny_data,
-                                                                   tmp_path, monkeypatch):
+def test_the_default_limit_refuses_an_int8_model_that_answers_wrong(
+    int8_export, trained, tiny_data, tmp_path, monkeypatch
+):
     """An int8 model whose logits come out negated (as a sign error in a scale would make
     them) meets the export's default --max-accuracy-drop, and nothing is written."""
     r = json.loads((int8_export / export_mod.QUANTIZATION_FILE).read_text())
@@ -127,10 +153,10 @@ def test_the_default_limit_refuses_an_int8_model_that_answers_wrong(int8_export,
 
 def test_int8_needs_calibration_data_of_the_models_classes(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        export_mod.parse_args(["--checkpoint", str(trained), "--out", str(tmp_path),
-                               "--quantize", "int8"])
+        export_mod.parse_args(["--checkpoint", str(trained), "--out", str(tmp_path), "--quantize", "int8"])
     assert "--calibration-data" in capsys.readouterr().err
     from training.demo.shapes import generate
+
     other = tmp_path / "other"
     generate(other, per_class=6, classes=CLASSES[:2], seed=2, quiet=True)
     a = export_mod.parse_args(int8_args(trained, tmp_path / "out", other))
@@ -176,15 +202,23 @@ def test_benchmark_runs_the_builtin_handler_on_the_same_int8_kernels(int8_export
     import zipfile
 
     from bench import exports as ex
+
     archives = ex.build_archives(INT8_NAME, int8_export, tmp_path)
     assert "quantized engine onednn" in archives["builtin_handler"]
     with zipfile.ZipFile(tmp_path / archives["builtin"]) as z:
         source = z.read("builtin_adjusted.py").decode()
     namespace: dict = {}
-    exec(compile(source.replace("from ts.torch_handler.image_classifier import ImageClassifier",
-                                "ImageClassifier = type('ImageClassifier', (), "
-                                "{'initialize': lambda self, context: None})"), "h", "exec"),
-         namespace)
+    exec(
+        compile(
+            source.replace(
+                "from ts.torch_handler.image_classifier import ImageClassifier",
+                "ImageClassifier = type('ImageClassifier', (), {'initialize': lambda self, context: None})",
+            ),
+            "h",
+            "exec",
+        ),
+        namespace,
+    )
     handler = namespace["BuiltinAdjusted"]()
     torch.backends.quantized.engine = "x86"
     handler.initialize(None)

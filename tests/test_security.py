@@ -1,5 +1,6 @@
 """What the shipped configuration and archives promise: loopback, tokens, registration only from
 the model store, archives without pickled Python objects, checksums enforced."""
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_config_listens_on_loopback_only_with_tokens_on():
     cfg = read_properties(ROOT / "config.properties")
     addresses = {k: v for k, v in cfg.items() if k.endswith("_address")}
-    assert {"inference_address", "management_address", "metrics_address",
-            "grpc_inference_address", "grpc_management_address"} <= set(addresses)
+    assert {
+        "inference_address",
+        "management_address",
+        "metrics_address",
+        "grpc_inference_address",
+        "grpc_management_address",
+    } <= set(addresses)
     for key, value in addresses.items():
         host = urlparse(value).hostname if "://" in value else value
         assert host == "127.0.0.1", (key, value)
@@ -41,8 +47,13 @@ def test_registration_of_a_path_outside_the_store_is_refused(server):
 
 
 # The runtime package ships whole; nothing of models/ or training/ does.
-ALLOWED_IN_ARCHIVE = {"image_classifier.py", "model.pt", "model-config.yaml", "index_to_name.json",
-                      "MAR-INF/MANIFEST.json"} | {f"handlers/{p.name}" for p in (ROOT / "handlers").glob("*.py")}
+ALLOWED_IN_ARCHIVE = {
+    "image_classifier.py",
+    "model.pt",
+    "model-config.yaml",
+    "index_to_name.json",
+    "MAR-INF/MANIFEST.json",
+} | {f"handlers/{p.name}" for p in (ROOT / "handlers").glob("*.py")}
 
 
 def test_archive_holds_torchscript_labels_config_and_handler_code_only(model_store, tmp_path):
@@ -62,8 +73,9 @@ def test_archive_sums_are_recorded_in_sha256sum_format(model_store):
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
 
 
 @pytest.fixture
@@ -87,9 +99,18 @@ def test_register_refuses_a_tampered_or_unknown_archive(server, tampered_store, 
     # The client refuses before asking the server; the server would otherwise load it.
     shutil.move(tampered_store / f"{MODEL_NAME}.mar", tampered_store / "other_model.mar")
     key_file = str(server.key_file)
-    args = ("serving.client", "--inference-url", server.inference_url, "--management-url",
-            server.management_url, "--key-file", key_file, "register", "--model-store",
-            str(tampered_store))
+    args = (
+        "serving.client",
+        "--inference-url",
+        server.inference_url,
+        "--management-url",
+        server.management_url,
+        "--key-file",
+        key_file,
+        "register",
+        "--model-store",
+        str(tampered_store),
+    )
     r = run(*args)
     assert r.returncode == 1 and "other_model.mar has no entry" in r.stderr
     line = f"{sha256(tampered_store / 'other_model.mar')[::-1]}  other_model.mar\n"

@@ -1,5 +1,6 @@
 """End to end against a real TorchServe on loopback: the tiny model trained, exported and
 archived by the fixtures, registered through the management API with the token."""
+
 from __future__ import annotations
 
 import json
@@ -79,16 +80,20 @@ def test_requests_without_or_with_a_wrong_token_are_refused(server, tiny_data):
         assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
     # The inference key is not a management key.
     inference_key = server.keys()["inference"]
-    r = requests.get(f"{server.management_url}/models",
-                     headers={"Authorization": f"Bearer {inference_key}"}, timeout=30)
+    r = requests.get(
+        f"{server.management_url}/models", headers={"Authorization": f"Bearer {inference_key}"}, timeout=30
+    )
     assert r.status_code == 400
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:9/model.mar",
-    "https://example.com/model.mar",
-    "file:///etc/passwd",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/model.mar",
+        "https://example.com/model.mar",
+        "file:///etc/passwd",
+    ],
+)
 def test_registration_only_from_the_local_model_store(server, url):
     with pytest.raises(TorchServeError) as e:
         server.register(url)
@@ -103,8 +108,11 @@ def test_expired_keys_are_replaced_by_the_client(model_store, tmp_path):
         old = client.keys()
 
         def ping_with_old_key() -> requests.Response:
-            return requests.get(f"{client.inference_url}/ping",
-                                headers={"Authorization": f"Bearer {old['inference']}"}, timeout=30)
+            return requests.get(
+                f"{client.inference_url}/ping",
+                headers={"Authorization": f"Bearer {old['inference']}"},
+                timeout=30,
+            )
 
         # Waits for the server to refuse the key, however long its start took; a minute is
         # twenty lifetimes of a key.

@@ -1,5 +1,6 @@
 """The handler's speed settings: threads, reduced JPEG decoding, oneDNN Graph and
 optimize_for_inference, and the CUDA-only options (half, gpu_decode), whose tensor path runs on the CPU here."""
+
 from __future__ import annotations
 
 import copy
@@ -15,15 +16,13 @@ import yaml
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
-from handlers.image_classifier import ImageClassifier, set_threads
 from handlers import optimize as optimize_mod
-from handlers.optimize import (OneDNNModel, chunk_sizes, compare, onednn_sizes, optimize_mode,
-                             optimized)
 from handlers.decode import open_image, orient_tensor
+from handlers.image_classifier import ImageClassifier, set_threads
+from handlers.optimize import OneDNNModel, chunk_sizes, compare, onednn_sizes, optimize_mode, optimized
 from handlers.preset import EvalPreset
 from handlers.settings import HandlerSettings
-from tests.conftest import (ONE_GREY_LEVEL, answers, make_context, photo_jpeg, png_bytes,
-                            split_images)
+from tests.conftest import ONE_GREY_LEVEL, answers, make_context, photo_jpeg, png_bytes, split_images
 from training.export import torchscript as export_mod
 
 # The tensor path (decode_jpeg, antialiased resize in float, crop, normalise) against the
@@ -276,8 +275,12 @@ def test_gpu_decode_batch_falls_back_per_request(exported, tiny_data, reference)
     h.gpu_decode = True
     jpeg = split_images(tiny_data)[0].read_bytes()
     png = png_bytes(open_image(split_images(tiny_data)[1].read_bytes()))
-    data = [{"body": bytearray(jpeg)}, {"body": bytearray(b"\xff\xd8\xff\xe0 not a jpeg")},
-            {"data": bytearray(png)}, {"body": "not base64!"}]
+    data = [
+        {"body": bytearray(jpeg)},
+        {"body": bytearray(b"\xff\xd8\xff\xe0 not a jpeg")},
+        {"data": bytearray(png)},
+        {"body": "not base64!"},
+    ]
     ctx = make_context(exported, 4)
     out = answers(h.handle(data, ctx))
     assert [ctx.get_response_status(i)[0] for i in range(4)] == [200, 400, 200, 400]
@@ -286,8 +289,7 @@ def test_gpu_decode_batch_falls_back_per_request(exported, tiny_data, reference)
         expected = reference.probabilities(image)
         assert answer["top_k"][0]["label"] == max(expected, key=expected.get)
         for e in answer["top_k"]:
-            assert e["probability"] == pytest.approx(expected[e["label"]],
-                                                     abs=PREPROCESSING_ANSWER_TOLERANCE)
+            assert e["probability"] == pytest.approx(expected[e["label"]], abs=PREPROCESSING_ANSWER_TOLERANCE)
 
 
 @pytest.mark.slow
@@ -301,13 +303,13 @@ def test_phone_photo_answer_agrees_with_evaluation(exported, reference):
     expected = reference.probabilities(data)
     assert out[0]["top_k"][0]["label"] == max(expected, key=expected.get)
     for e in out[0]["top_k"]:
-        assert e["probability"] == pytest.approx(expected[e["label"]],
-                                                 abs=PREPROCESSING_ANSWER_TOLERANCE)
+        assert e["probability"] == pytest.approx(expected[e["label"]], abs=PREPROCESSING_ANSWER_TOLERANCE)
 
 
 @pytest.mark.slow
 def test_initialize_moves_the_workers_objects_out_of_the_collectors_sight(exported):
     import gc
+
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
     h = handler_with(exported)

@@ -1,5 +1,6 @@
 """torchvision's classification models by name: one per family built, its head replaced,
 exported through training.export and loaded back; blocks, eval presets, errors."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ from training.fit.optim import split_parameters
 
 N = 3
 # One per family, at the smallest input each takes (ViT's patch grid fixes 224).
-FAMILIES = {"resnet18": 64, "efficientnet_v2_s": 64, "convnext_tiny": 64, "regnet_y_400mf": 64,
-            "mobilenet_v3_small": 64, "vit_b_32": 224}
+FAMILIES = {
+    "resnet18": 64,
+    "efficientnet_v2_s": 64,
+    "convnext_tiny": 64,
+    "regnet_y_400mf": 64,
+    "mobilenet_v3_small": 64,
+    "vit_b_32": 224,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -50,8 +57,22 @@ def test_export_round_trip(family, tmp_path):
     """training.export as a user runs it, from a checkpoint at this model's crop size."""
     name, m = family
     size = FAMILIES[name]
-    a = train_mod.parse_args(["--model", name, "--data", "d", "--out", str(tmp_path), "--weights", "none",
-                              "--resize-size", str(size), "--crop-size", str(size)])
+    a = train_mod.parse_args(
+        [
+            "--model",
+            name,
+            "--data",
+            "d",
+            "--out",
+            str(tmp_path),
+            "--weights",
+            "none",
+            "--resize-size",
+            str(size),
+            "--crop-size",
+            str(size),
+        ]
+    )
     ckpt = checkpoint(m, a, ["a", "b", "c"], EvalPreset(size, size), 1, {"loss": 1.0})
     torch.save(ckpt, tmp_path / "best.pt")
     out = tmp_path / "export"
@@ -80,7 +101,9 @@ def test_unfreeze_blocks_trains_the_last_blocks_and_the_head():
     v = get_model("vit_b_32", N, unfreeze_blocks=2)
     trained = {n for n, p in v.named_parameters() if p.requires_grad}
     assert {n.split(".")[2] for n in trained if n.startswith("encoder.layers.")} == {
-        "encoder_layer_10", "encoder_layer_11"}
+        "encoder_layer_10",
+        "encoder_layer_11",
+    }
     assert "conv_proj.weight" not in trained and "heads.head.weight" in trained
     head_only = get_model("convnext_tiny", N, unfreeze_blocks=0)
     assert {n.split(".")[0] for n, p in head_only.named_parameters() if p.requires_grad} == {"classifier"}
@@ -91,8 +114,10 @@ def test_unfreeze_blocks_trains_the_last_blocks_and_the_head():
 
 @pytest.mark.slow
 def test_feature_blocks_per_family():
-    counts = {name: len(feature_blocks(get_model(name, N))) for name in
-              ("resnet18", "regnet_y_400mf", "vit_b_32", "efficientnet_v2_s")}
+    counts = {
+        name: len(feature_blocks(get_model(name, N)))
+        for name in ("resnet18", "regnet_y_400mf", "vit_b_32", "efficientnet_v2_s")
+    }
     assert counts == {"resnet18": 4, "regnet_y_400mf": 4, "vit_b_32": 12, "efficientnet_v2_s": 8}
     assert feature_blocks(get_model("googlenet", N)) is None
 
@@ -116,8 +141,11 @@ def test_registered_names_keep_their_own_builders():
 
 
 def test_unknown_model_and_unknown_option_say_what_is_allowed():
-    with pytest.raises(ValueError, match="unknown model 'resnet5'; known: efficientnet_lite0, .*scratch_cnn, "
-                                         "or any torchvision classification model, e.g. resnet18"):
+    with pytest.raises(
+        ValueError,
+        match="unknown model 'resnet5'; known: efficientnet_lite0, .*scratch_cnn, "
+        "or any torchvision classification model, e.g. resnet18",
+    ):
         get_spec("resnet5")
     with pytest.raises(ValueError, match="resnet18 \\(torchvision\\) takes no dropout"):
         get_model("resnet18", N, dropout=0.3)
@@ -128,12 +156,37 @@ def test_unknown_model_and_unknown_option_say_what_is_allowed():
 @pytest.mark.slow
 def test_offline_download_names_the_weights_file_flag(tiny_data, tmp_path):
     from tests.test_models import closed_port
+
     proxy = f"http://127.0.0.1:{closed_port()}"
-    env = {"TORCH_HOME": str(tmp_path), "HTTPS_PROXY": proxy, "https_proxy": proxy,
-           "HTTP_PROXY": proxy, "http_proxy": proxy, "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "training.fit.train", "--model", "resnet18", "--data",
-                        str(tiny_data), "--out", str(tmp_path / "o"), "--weights", "DEFAULT",
-                        "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        "TORCH_HOME": str(tmp_path),
+        "HTTPS_PROXY": proxy,
+        "https_proxy": proxy,
+        "HTTP_PROXY": proxy,
+        "http_proxy": proxy,
+        "PATH": "/usr/bin:/bin",
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.fit.train",
+            "--model",
+            "resnet18",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "o"),
+            "--weights",
+            "DEFAULT",
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "cannot download resnet18 weights IMAGENET1K_V1" in r.stderr and "--weights-file" in r.stderr
 
@@ -147,11 +200,31 @@ def test_convnext_tiny_trains_exports_and_answers_through_the_handler(tiny_data,
     from tests.conftest import Reference, answers, assert_answer_matches, make_context, split_images
 
     run = tmp_path / "run"
-    train_mod.run(train_mod.parse_args([
-        "--model", "convnext_tiny", "--weights", "none", "--data", str(tiny_data), "--out", str(run),
-        "--epochs", "1",
-        "--batch-size", "10", "--workers", "0", "--resize-size", "72", "--crop-size", "64",
-        "--no-analysis"]))
+    train_mod.run(
+        train_mod.parse_args(
+            [
+                "--model",
+                "convnext_tiny",
+                "--weights",
+                "none",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "10",
+                "--workers",
+                "0",
+                "--resize-size",
+                "72",
+                "--crop-size",
+                "64",
+                "--no-analysis",
+            ]
+        )
+    )
     out = tmp_path / "export"
     export_mod.main(["--checkpoint", str(run / "best.pt"), "--out", str(out), "--top-k", "3"])
     h = ImageClassifier()

@@ -1,4 +1,5 @@
 """Training, checkpoint, export and the demo data generator."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,9 @@ import yaml
 from handlers.optimize import compare
 from models.zoo import get_spec
 from tests.conftest import CLASSES, ctrl_c_in_epoch
+from training.demo.shapes import generate
 from training.fit import train as train_mod
 from training.fit.checkpoint import load_checkpoint
-from training.demo.shapes import generate
-
 
 
 def test_demo_data_is_deterministic_and_split(tmp_path):
@@ -35,9 +35,24 @@ def test_demo_data_is_deterministic_and_split(tmp_path):
 
 @pytest.mark.slow
 def test_training_prints_epochs_and_test_accuracy(tiny_data, tmp_path, capsys):
-    a = train_mod.parse_args(["--model", "scratch_cnn", "--data", str(tiny_data), "--out",
-                              str(tmp_path), "--epochs", "2", "--batch-size", "8",
-                              "--workers", "0", "--lr", "0.005"])
+    a = train_mod.parse_args(
+        [
+            "--model",
+            "scratch_cnn",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--lr",
+            "0.005",
+        ]
+    )
     te = train_mod.run(a)
     out = capsys.readouterr().out
     assert re.search(r"^Epoch 1: train loss [\d.]+ acc [\d.]+% \| valid loss [\d.]+ acc [\d.]+%", out, re.M)
@@ -89,16 +104,25 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 def test_cli_unknown_model_lists_known_ones(tiny_data, tmp_path):
     r = run_cli("training.fit.train", "--model", "resnet5", "--data", str(tiny_data), "--out", str(tmp_path))
     assert r.returncode != 0
-    assert ("unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, "
-            "resnet50, scratch_cnn") in r.stderr
+    assert (
+        "unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, "
+        "resnet50, scratch_cnn"
+    ) in r.stderr
 
 
 @pytest.mark.slow
 def test_cli_missing_split_is_one_line(tmp_path, tiny_data):
     (tmp_path / "train" / "a").mkdir(parents=True)
     shutil.copy(next(tiny_data.glob("train/circle/*.jpg")), tmp_path / "train" / "a")
-    r = run_cli("training.fit.train", "--model", "scratch_cnn", "--data", str(tmp_path),
-                "--out", str(tmp_path / "out"))
+    r = run_cli(
+        "training.fit.train",
+        "--model",
+        "scratch_cnn",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert "valid is missing" in r.stderr
@@ -108,12 +132,37 @@ def test_cli_missing_split_is_one_line(tmp_path, tiny_data):
 @pytest.mark.slow
 def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weights):
     from tests.conftest import closed_port
+
     proxy = f"http://127.0.0.1:{closed_port()}"
-    env = {"TORCH_HOME": str(tmp_path), "HTTPS_PROXY": proxy, "https_proxy": proxy,
-           "HTTP_PROXY": proxy, "http_proxy": proxy, "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "training.fit.train", "--model", "mobilenet_v2",
-                        "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--weights", weights,
-                        "--workers", "0"], capture_output=True, text=True, timeout=120, env=env)
+    env = {
+        "TORCH_HOME": str(tmp_path),
+        "HTTPS_PROXY": proxy,
+        "https_proxy": proxy,
+        "HTTP_PROXY": proxy,
+        "http_proxy": proxy,
+        "PATH": "/usr/bin:/bin",
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.fit.train",
+            "--model",
+            "mobilenet_v2",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "o"),
+            "--weights",
+            weights,
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert "--weights-file" in r.stderr
@@ -121,26 +170,43 @@ def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weigh
 
 # --- The workbench: recipes, schedules, staged fine-tuning, resume, early stopping ---------
 
-from training.fit import distributed  # noqa: E402
 from training.data.datasets import EpochSampler, SeededSamples, class_weights, image_folder  # noqa: E402
+from training.fit import distributed  # noqa: E402
 from training.fit.optim import lr_factor  # noqa: E402
 from training.fit.recipe import RECIPES  # noqa: E402
 
 
 def small_args(data, out, *extra):
-    return train_mod.parse_args(["--model", "scratch_cnn", "--data", str(data), "--out", str(out),
-                                 "--batch-size", "10", "--workers", "0", "--lr", "0.005",
-                                 "--no-analysis", *extra])
+    return train_mod.parse_args(
+        [
+            "--model",
+            "scratch_cnn",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "10",
+            "--workers",
+            "0",
+            "--lr",
+            "0.005",
+            "--no-analysis",
+            *extra,
+        ]
+    )
 
 
 def test_recipe_sets_defaults_flags_override_and_settings_reproduce(tmp_path, tiny_data):
-    a = train_mod.parse_args(["--recipe", "dog_breeds", "--data", str(tiny_data),
-                              "--out", str(tmp_path), "--lr", "0.05"])
+    a = train_mod.parse_args(
+        ["--recipe", "dog_breeds", "--data", str(tiny_data), "--out", str(tmp_path), "--lr", "0.05"]
+    )
     recipe = yaml.safe_load((RECIPES / "dog_breeds.yaml").read_text())
     assert a.model == recipe["model"] == "resnet50"
     assert a.batch_size == recipe["batch-size"] and a.optimizer == recipe["optimizer"]
     assert a.lr == 0.05 != recipe["lr"]
     from training.fit.recipe import save_settings
+
     save_settings(a, tmp_path / "settings.yaml")
     b = train_mod.parse_args(["--recipe", str(tmp_path / "settings.yaml")])
     assert vars(b) | {"recipe": None} == vars(a) | {"recipe": None}
@@ -171,8 +237,10 @@ def test_every_recipe_sets_each_of_its_values():
 
 def test_lr_schedules_by_hand():
     import argparse
-    a = argparse.Namespace(warmup_epochs=2, schedule="cosine", epochs=6, min_lr_factor=0.0,
-                           gamma=0.5, step_size=2)
+
+    a = argparse.Namespace(
+        warmup_epochs=2, schedule="cosine", epochs=6, min_lr_factor=0.0, gamma=0.5, step_size=2
+    )
     got = [round(lr_factor(e, a), 4) for e in range(6)]
     # warm-up 1/3, 2/3; then cosine over 4 epochs: 1, cos-half points 0.8536, 0.5, 0.1464
     assert got == [0.3333, 0.6667, 1.0, 0.8536, 0.5, 0.1464]
@@ -190,7 +258,9 @@ def test_epoch_sampler_processes_together_see_the_single_process_batches():
         s.set_epoch(2)
         ranks.append(list(s))
     for k in range(3):  # global batch 10 = 5 per process
-        assert sorted(ranks[0][5 * k:5 * k + 5] + ranks[1][5 * k:5 * k + 5]) == sorted(single[10 * k:10 * k + 10])
+        assert sorted(ranks[0][5 * k : 5 * k + 5] + ranks[1][5 * k : 5 * k + 5]) == sorted(
+            single[10 * k : 10 * k + 10]
+        )
     one.set_epoch(3)
     assert list(one) != single and sorted(one) == list(range(30))
 
@@ -202,6 +272,7 @@ def test_balanced_sampler_and_class_weights_on_imbalanced_data(tmp_path):
     ds = image_folder(tmp_path, "train", None)
     assert [round(w, 4) for w in class_weights(ds).tolist()] == [round(9 / 14, 4), round(9 / 4, 4)]
     from training.data.datasets import sample_weights
+
     s = EpochSampler(len(ds), shuffle=True, weights=sample_weights(ds))
     drawn = []
     for e in range(200):
@@ -213,6 +284,7 @@ def test_balanced_sampler_and_class_weights_on_imbalanced_data(tmp_path):
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(tiny_data):
     from handlers.preset import EvalPreset
+
     t = get_spec("scratch_cnn").train_preset.transform(EvalPreset())
     ds = SeededSamples(image_folder(tiny_data, "train", t), seed=0)
     x1, _ = ds[(3, 1)]
@@ -229,6 +301,7 @@ def weights_of(run_dir):
 @pytest.mark.slow
 def test_staged_fine_tuning_trains_the_head_first(tiny_data, tmp_path):
     from models.zoo import get_model
+
     init = get_model("scratch_cnn", 3).state_dict()
     a = small_args(tiny_data, tmp_path, "--epochs", "1", "--head-epochs", "1")
     train_mod.run(a)
@@ -248,10 +321,23 @@ def test_staged_fine_tuning_trains_the_head_first(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_backbone_lr_is_scaled_for_pretrained_weights(tiny_data, tmp_path):
     import torchvision
+
     wf = tmp_path / "w.pt"
     torch.save(torchvision.models.mobilenet_v2().state_dict(), wf)  # stands in for ImageNet weights
-    a = train_mod.parse_args(["--recipe", "flying_objects", "--data", str(tiny_data),
-                              "--out", str(tmp_path / "o"), "--weights-file", str(wf), "--lr", "0.002"])
+    a = train_mod.parse_args(
+        [
+            "--recipe",
+            "flying_objects",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "o"),
+            "--weights-file",
+            str(wf),
+            "--lr",
+            "0.002",
+        ]
+    )
     r = train_mod.Run(a, distributed.Dist())
     lrs = {g["name"]: g["lr"] for g in r.optimizer.param_groups}
     assert lrs == {"head": 0.002, "backbone": 0.002 * a.backbone_lr_scale}
@@ -290,13 +376,44 @@ def test_early_stopping_and_metrics_files(tiny_data, tmp_path):
     assert yaml.safe_load((tmp_path / "settings.yaml").read_text())["patience"] == 1
 
 
-@pytest.mark.parametrize("options,optimizer,lrs", [
-    # plateau: the first epoch always improves on nothing, so the rate stays.
-    (["--optimizer", "adamw", "--schedule", "plateau", "--label-smoothing", "0.1",
-      "--balance", "weights"], torch.optim.AdamW, [0.005, 0.005]),
-    # one warm-up epoch at half the rate, then the step schedule's first step at the full rate.
-    (["--optimizer", "sgd", "--schedule", "step", "--step-size", "1", "--balance", "sampler",
-      "--warmup-epochs", "1"], torch.optim.SGD, [0.0025, 0.005])], ids=["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "options,optimizer,lrs",
+    [
+        # plateau: the first epoch always improves on nothing, so the rate stays.
+        (
+            [
+                "--optimizer",
+                "adamw",
+                "--schedule",
+                "plateau",
+                "--label-smoothing",
+                "0.1",
+                "--balance",
+                "weights",
+            ],
+            torch.optim.AdamW,
+            [0.005, 0.005],
+        ),
+        # one warm-up epoch at half the rate, then the step schedule's first step at the full rate.
+        (
+            [
+                "--optimizer",
+                "sgd",
+                "--schedule",
+                "step",
+                "--step-size",
+                "1",
+                "--balance",
+                "sampler",
+                "--warmup-epochs",
+                "1",
+            ],
+            torch.optim.SGD,
+            [0.0025, 0.005],
+        ),
+    ],
+    ids=["adamw", "sgd"],
+)
 @pytest.mark.slow
 def test_option_combinations_train(tiny_data, tmp_path, options, optimizer, lrs):
     a = small_args(tiny_data, tmp_path, "--epochs", "2", *options)

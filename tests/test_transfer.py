@@ -1,6 +1,7 @@
 """Fine-tuning a pretrained backbone: the linear probe (training/evaluation/probe.py), the BatchNorm
 statistics and trainable layers (training/fit/transfer.py), and the finetune recipe on real
 handwritten digits against the same settings from scratch and against the probe."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tests.conftest import ROOT
-from training.fit import distributed
 from training.evaluation import probe as probe_mod
+from training.fit import distributed
 from training.fit import train as train_mod
 from training.fit.transfer import keep_bn_statistics, train_all_layers
 
-
 # --- the linear probe -------------------------------------------------------------------
+
 
 def clusters(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
     """Gaussian clusters around random centres ``1`` apart per dimension on average."""
@@ -34,7 +35,7 @@ def clusters(n_per_class: int, num_classes: int, dim: int, spread: float, seed: 
 def test_logistic_fit_on_separable_features_reaches_100_percent():
     # Spread 0.05 around centres about sqrt(2 * 16) = 5.7 apart: separable by a wide margin.
     x, y = clusters(20, 4, 16, 0.05, seed=0)
-    xs, = probe_mod.standardise(x)
+    (xs,) = probe_mod.standardise(x)
     for l2 in (min(probe_mod.L2_GRID), max(probe_mod.L2_GRID)):  # the weakest and the strongest
         w, b = probe_mod.fit_logistic(xs, y, 4, l2)
         assert probe_mod.score(w, b, xs, y) == {"acc": 1.0, "correct": 80, "total": 80}, l2
@@ -44,7 +45,7 @@ def test_logistic_fit_minimises_its_objective():
     # A noisy problem, where the optimum is not just any separating plane: the fit's
     # gradient vanishes (within L-BFGS's tolerance, relative to the loss's scale of ~1).
     x, y = clusters(30, 3, 8, 1.0, seed=1)
-    xs, = probe_mod.standardise(x)
+    (xs,) = probe_mod.standardise(x)
     l2 = 1e-2
     w, b = probe_mod.fit_logistic(xs, y, 3, l2, max_iter=500)
     w.requires_grad_(True), b.requires_grad_(True)
@@ -126,11 +127,20 @@ def test_probe_names_a_head_the_forward_pass_never_calls():
 
 # --- BatchNorm statistics and trainable layers --------------------------------------------
 
+
 def bn_net():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
     with torch.no_grad():  # "pretrained" statistics, unlike those of the batches below
         for bn in (net[1], net[4]):
             bn.running_mean.fill_(0.2)
@@ -148,15 +158,16 @@ def same(a, b) -> bool:
 
 def one_epoch(net, bn_stats: str):
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 3, 12, 12, generator=g), torch.randint(0, 2, (8,), generator=g))
-            for _ in range(2)]
+    data = [
+        (torch.randn(8, 3, 12, 12, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(2)
+    ]
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-    train_mod.train_one_epoch(net, data, nn.CrossEntropyLoss(), opt, distributed.Dist(),
-                              bn_stats=bn_stats)
+    train_mod.train_one_epoch(net, data, nn.CrossEntropyLoss(), opt, distributed.Dist(), bn_stats=bn_stats)
 
 
-@pytest.mark.parametrize("mode,kept", [("frozen", (True, True)), ("update", (False, False)),
-                                       ("frozen-parts", (True, False))])
+@pytest.mark.parametrize(
+    "mode,kept", [("frozen", (True, True)), ("update", (False, False)), ("frozen-parts", (True, False))]
+)
 def test_train_steps_keep_exactly_the_statistics_bn_stats_names(mode, kept):
     net = bn_net()
     for p in list(net[0].parameters()) + list(net[1].parameters()):
@@ -188,6 +199,7 @@ def test_frozen_parts_follows_the_stage():
 
 def test_train_all_layers_unfreezes_what_the_builder_froze():
     from models.zoo import get_model
+
     m = get_model("mobilenet_v2", 3, weights=None)  # features frozen by default
     frozen = sum(not p.requires_grad for p in m.parameters())
     assert frozen > 0
@@ -198,10 +210,21 @@ def test_train_all_layers_unfreezes_what_the_builder_froze():
 @pytest.mark.slow  # builds two runs
 def test_train_all_layers_puts_every_layer_in_the_optimiser(tmp_path, tiny_data):
     import torchvision
+
     wf = tmp_path / "w.pt"
     torch.save(torchvision.models.mobilenet_v2().state_dict(), wf)  # stands in for ImageNet weights
-    args = ["--recipe", "flying_objects", "--data", str(tiny_data), "--out", str(tmp_path / "o"),
-            "--weights-file", str(wf), "--workers", "0"]
+    args = [
+        "--recipe",
+        "flying_objects",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "o"),
+        "--weights-file",
+        str(wf),
+        "--workers",
+        "0",
+    ]
     default = train_mod.Run(train_mod.parse_args(args), distributed.Dist())
     every = train_mod.Run(train_mod.parse_args(args + ["--train-all-layers"]), distributed.Dist())
     n = len(list(every.model.parameters()))
@@ -210,8 +233,18 @@ def test_train_all_layers_puts_every_layer_in_the_optimiser(tmp_path, tiny_data)
 
 def test_imagenet_head_refuses_train_all_layers(tmp_path, tiny_data, capsys):
     with pytest.raises(SystemExit):
-        train_mod.parse_args(["--recipe", "dog_breeds", "--data", str(tiny_data), "--out",
-                              str(tmp_path), "--imagenet-head", "--train-all-layers"])
+        train_mod.parse_args(
+            [
+                "--recipe",
+                "dog_breeds",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(tmp_path),
+                "--imagenet-head",
+                "--train-all-layers",
+            ]
+        )
     assert "--imagenet-head" in capsys.readouterr().err
 
 
@@ -220,13 +253,29 @@ def test_imagenet_head_refuses_train_all_layers(tmp_path, tiny_data, capsys):
 # Per class: 30 train, 10 valid, 30 test images of 32 px (the first of each class in
 # scikit-learn's order), trained at 64 px: 300 test images, so one image is 0.33 points.
 SPLITS = (30, 10, 30)
-FAST = ["--recipe", "finetune", "--hflip", "0", "--resize-size", "64", "--crop-size", "64",
-        "--epochs", "4", "--batch-size", "30", "--workers", "0", "--no-analysis"]
+FAST = [
+    "--recipe",
+    "finetune",
+    "--hflip",
+    "0",
+    "--resize-size",
+    "64",
+    "--crop-size",
+    "64",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "30",
+    "--workers",
+    "0",
+    "--no-analysis",
+]
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     from training.demo.digits import write_split_digits
+
     root = tmp_path_factory.mktemp("digits")
     assert write_split_digits(root, SPLITS, size=32) == {"train": 300, "valid": 100, "test": 300}
     return root
@@ -236,8 +285,12 @@ def digits(tmp_path_factory):
 def finetuned(digits, tmp_path_factory):
     """The run folder and printed lines of the finetune recipe on the digits, by the command."""
     out = tmp_path_factory.mktemp("finetuned")
-    r = subprocess.run([sys.executable, "-m", "training.fit.train", *FAST, "--data", str(digits),
-                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "training.fit.train", *FAST, "--data", str(digits), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r.stdout
 
@@ -254,12 +307,19 @@ def test_finetune_reports_the_linear_probe_beside_its_result(finetuned):
     settings = (out / "settings.yaml").read_text()
     assert "train-all-layers: true" in settings and "bn-stats: frozen" in settings
     # the printed lines carry the files' numbers: the probe first, then beside the result
-    m = re.search(r"^Linear probe \(logistic regression on the frozen pretrained features, 1280 "
-                  r"per image, L2 ([\d.e-]+) chosen on valid\): test accuracy [\d.]+% \((\d+)/300\)",
-                  printed, re.M)
+    m = re.search(
+        r"^Linear probe \(logistic regression on the frozen pretrained features, 1280 "
+        r"per image, L2 ([\d.e-]+) chosen on valid\): test accuracy [\d.]+% \((\d+)/300\)",
+        printed,
+        re.M,
+    )
     assert m and float(m.group(1)) == probe["l2"] and int(m.group(2)) == probe["test"]["correct"]
-    m = re.search(r"^Linear probe on the pretrained features: [\d.]+% \((\d+)/300\); "
-                  r"fine-tuned: ([\d.]+)%, ([+-][\d.]+) points$", printed, re.M)
+    m = re.search(
+        r"^Linear probe on the pretrained features: [\d.]+% \((\d+)/300\); "
+        r"fine-tuned: ([\d.]+)%, ([+-][\d.]+) points$",
+        printed,
+        re.M,
+    )
     assert m and int(m.group(1)) == probe["test"]["correct"]
     assert float(m.group(2)) == pytest.approx(100 * te["acc"], abs=0.05)
     assert float(m.group(3)) == pytest.approx(100 * (te["acc"] - probe["test"]["acc"]), abs=0.05)
@@ -272,8 +332,9 @@ def test_finetune_beats_scratch_and_matches_the_probe(finetuned, digits, tmp_pat
     out, _ = finetuned
     te = json.loads((out / "metrics.json").read_text())["test"]
     probe = json.loads((out / "probe.json").read_text())["test"]
-    scratch = train_mod.run(train_mod.parse_args(
-        FAST + ["--data", str(digits), "--out", str(tmp_path), "--weights", "none"]))
+    scratch = train_mod.run(
+        train_mod.parse_args(FAST + ["--data", str(digits), "--out", str(tmp_path), "--weights", "none"])
+    )
     # Measured on the 2-core AMD EPYC: fine-tuned 228/300, probe 214/300, scratch 30/300
     # (a randomly initialised Lite0 after 40 steps answers one class in eval mode). Another
     # CPU's kernels round differently and move a run by an image or three (docs/export.md):

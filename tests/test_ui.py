@@ -1,6 +1,7 @@
 """The upload page in a real headless browser (Debian's chromium driven by Playwright),
 against the Flask app and a real TorchServe serving both dog-breed models. Screenshots of
 the result pages are saved to test-artifacts/ (ui-dog.png is the README's picture)."""
+
 from __future__ import annotations
 
 import shutil
@@ -13,8 +14,8 @@ from playwright.sync_api import expect, sync_playwright
 
 from serving.archive import build_archive
 from serving.server import LocalServer, free_port
-from ui.app import create_app
 from tests.conftest import photo_file
+from ui.app import create_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.torchserve]
 
@@ -22,8 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As the machine notes advise: no first-run, no background traffic to a closed network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +100,8 @@ def test_upload_a_face_and_read_the_breed_shown(page, app_url, ts_client):
     assert expected["subject"] == "human"
     upload(page, app_url, "imagenet_dogs", photo_file("astronaut"))
     expect(page.locator("#headline")).to_have_text(
-        f"A person. You look like a {expected['resembles']}.", timeout=60_000)
+        f"A person. You look like a {expected['resembles']}.", timeout=60_000
+    )
     expect(page.locator("#bars .bar")).to_have_count(len(expected["top_k"]))
     screenshot(page, "ui-human.png")
 
@@ -111,8 +120,10 @@ def test_upload_a_text_file_and_read_the_error_shown(page, app_url, tmp_path):
 
 def test_torchserve_down_is_a_readable_message(dog_export, tmp_path):
     from serving.client import Client
-    dead = Client(f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", key_file=None,
-                  timeout=5)
+
+    dead = Client(
+        f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", key_file=None, timeout=5
+    )
     app = create_app(dead).test_client()
     r = app.post("/api/predict", data={"model": "x", "image": (photo_file("astronaut").open("rb"), "a.png")})
     assert r.status_code == 502 and "TorchServe is not reachable" in r.get_json()["error"]

@@ -1,13 +1,13 @@
 """Model versions through the management API, with traffic during every switch."""
-from __future__ import annotations
 
-import pytest
+from __future__ import annotations
 
 import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import yaml
 
 from serving.archive import SUMS_FILE, build_archive
@@ -61,7 +61,8 @@ def test_rollout_rollback_retire_under_traffic(exported, model_store, tmp_path, 
             while not stop.is_set():
                 r = client.predict_response(MODEL_NAME, body)
                 (seen if r.status_code == 200 else failures).append(
-                    len(r.json()["top_k"]) if r.status_code == 200 else r.status_code)
+                    len(r.json()["top_k"]) if r.status_code == 200 else r.status_code
+                )
 
         threads = [threading.Thread(target=traffic) for _ in range(3)]
         for t in threads:

@@ -2,6 +2,7 @@
 global figure state, nothing to close, no display needed, safe in threads. Every
 PNG the project draws (training analysis, data statistics, the benchmark's chart)
 is saved here."""
+
 from __future__ import annotations
 
 from pathlib import Path

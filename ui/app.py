@@ -7,6 +7,7 @@ server's key file, so the key never reaches the browser. TorchServe's refusals a
 timeouts come back as a readable message. A Flask app, as in the original, served by
 waitress (Flask's own server is for development only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,9 @@ def create_app(client: Client) -> Flask:
             body = {}
         if r.status_code != 200 or not isinstance(body, dict):
             message = body.get("message") if isinstance(body, dict) else None
-            return jsonify(error=f"{model} refused the image: {message or r.text or r.reason}"), \
-                (r.status_code if r.status_code != 200 else 502)
+            return jsonify(error=f"{model} refused the image: {message or r.text or r.reason}"), (
+                r.status_code if r.status_code != 200 else 502
+            )
         return jsonify(model=model, answer=body)
 
     @app.errorhandler(413)

@@ -30,6 +30,7 @@ errors (no such folder, a --move-to target that already exists).
     python -m training.data.clean --data data/mine
     python -m training.data.clean --data data/mine --move-to data/mine-flagged
 """
+
 from __future__ import annotations
 
 import json
@@ -44,19 +45,25 @@ from PIL import UnidentifiedImageError
 from handlers.decode import BadImage, open_image
 from serving.archive import sha256
 from training.data.datasets import shape_problem
-from training.data.files import (check_apart, class_dirs, format_table, list_files, rel,
-                                 strict_decoding, tool_parser)
+from training.data.files import (
+    check_apart,
+    class_dirs,
+    format_table,
+    list_files,
+    rel,
+    strict_decoding,
+    tool_parser,
+)
 from training.progress import Progress
 
-KINDS = ("not_image", "corrupt", "too_large", "too_small", "extreme_aspect", "duplicate",
-         "label_conflict")
+KINDS = ("not_image", "corrupt", "too_large", "too_small", "extreme_aspect", "duplicate", "label_conflict")
 EXIT_PROBLEMS = 3
 
 
 @dataclass
 class Problem:
-    path: str           # relative to the dataset root
-    kind: str           # one of KINDS
+    path: str  # relative to the dataset root
+    kind: str  # one of KINDS
     detail: str
     sha256: str = ""
     moved_to: str = ""  # filled in by move_problems
@@ -110,11 +117,19 @@ def duplicate_problems(images: list[Scanned], root: Path) -> list[Problem]:
         names = [rel(s.path, root) for s in group]
         classes = sorted({s.cls for s in group})
         if len(classes) > 1:
-            found += [Problem(n, "label_conflict", f"same bytes in classes {', '.join(classes)}: "
-                              + ", ".join(names), digest) for n in names]
+            found += [
+                Problem(
+                    n,
+                    "label_conflict",
+                    f"same bytes in classes {', '.join(classes)}: " + ", ".join(names),
+                    digest,
+                )
+                for n in names
+            ]
         else:
-            found += [Problem(n, "duplicate", f"copy of {names[0]}" + leak(n, names[0]), digest)
-                      for n in names[1:]]
+            found += [
+                Problem(n, "duplicate", f"copy of {names[0]}" + leak(n, names[0]), digest) for n in names[1:]
+            ]
     return found
 
 
@@ -141,8 +156,10 @@ def move_problems(root: Path, problems: list[Problem], dest: Path) -> None:
     if one of those targets already exists (nothing is overwritten)."""
     taken = [str(dest / p.path) for p in problems if (dest / p.path).exists()]
     if taken:
-        raise SystemExit(f"error: {len(taken)} file(s) already in {dest}, e.g. {taken[0]}; "
-                         f"restore or remove them first, or choose another --move-to")
+        raise SystemExit(
+            f"error: {len(taken)} file(s) already in {dest}, e.g. {taken[0]}; "
+            f"restore or remove them first, or choose another --move-to"
+        )
     for p in problems:
         target = dest / p.path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,11 +170,15 @@ def move_problems(root: Path, problems: list[Problem], dest: Path) -> None:
 def summary(problems: list[Problem], scanned: int) -> str:
     """Counts per kind, then one line per flagged file."""
     counts = [[k, sum(p.kind == k for p in problems)] for k in KINDS]
-    lines = [format_table(["problem", "files"], counts + [["TOTAL", len(problems)]]),
-             f"{scanned} files scanned, {len(problems)} flagged"]
+    lines = [
+        format_table(["problem", "files"], counts + [["TOTAL", len(problems)]]),
+        f"{scanned} files scanned, {len(problems)} flagged",
+    ]
     if problems:
-        lines += ["", format_table(["file", "problem", "detail"],
-                                   [[p.path, p.kind, p.detail] for p in problems])]
+        lines += [
+            "",
+            format_table(["file", "problem", "detail"], [[p.path, p.kind, p.detail] for p in problems]),
+        ]
     return "\n".join(lines)
 
 
@@ -167,27 +188,46 @@ def default_report(root: Path) -> Path:
     return root.parent / f"{root.name}-clean-report.json"
 
 
-def write_report(path: Path, root: Path, min_size: int, scanned: int,
-                 problems: list[Problem], moved_to: Path | None) -> None:
+def write_report(
+    path: Path, root: Path, min_size: int, scanned: int, problems: list[Problem], moved_to: Path | None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"root": str(root), "min_size": min_size, "files_scanned": scanned,
-              "counts": {k: sum(p.kind == k for p in problems) for k in KINDS},
-              "moved_to": str(moved_to) if moved_to else None,
-              "problems": [asdict(p) for p in problems]}
+    report = {
+        "root": str(root),
+        "min_size": min_size,
+        "files_scanned": scanned,
+        "counts": {k: sum(p.kind == k for p in problems) for k in KINDS},
+        "moved_to": str(moved_to) if moved_to else None,
+        "problems": [asdict(p) for p in problems],
+    }
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def parse_args(argv=None):
     p = tool_parser("training.data.clean", __doc__)
-    p.add_argument("--data", type=Path, required=True,
-                   help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*")
-    p.add_argument("--min-size", type=int, default=32,
-                   help="smallest usable short side in pixels (default: 32)")
-    p.add_argument("--report", type=Path, default=None,
-                   help="JSON report path (default: ROOT-clean-report.json beside ROOT)")
-    p.add_argument("--move-to", type=Path, default=None, metavar="DIR",
-                   help="move flagged files into DIR, keeping their paths relative to ROOT "
-                        "(DIR must be outside ROOT); without it nothing is moved")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*",
+    )
+    p.add_argument(
+        "--min-size", type=int, default=32, help="smallest usable short side in pixels (default: 32)"
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="JSON report path (default: ROOT-clean-report.json beside ROOT)",
+    )
+    p.add_argument(
+        "--move-to",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="move flagged files into DIR, keeping their paths relative to ROOT "
+        "(DIR must be outside ROOT); without it nothing is moved",
+    )
     return p.parse_args(argv)
 
 
@@ -208,8 +248,7 @@ def main(argv=None) -> int:
     write_report(report, a.data, a.min_size, scanned, problems, a.move_to)
     print(summary(problems, scanned))
     if a.move_to and problems:
-        print(f"moved {len(problems)} files to {a.move_to} "
-              f"(restore: cp -a {a.move_to}/. {a.data}/)")
+        print(f"moved {len(problems)} files to {a.move_to} (restore: cp -a {a.move_to}/. {a.data}/)")
     print(f"report: {report}")
     return EXIT_PROBLEMS if problems else 0
 

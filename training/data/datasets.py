@@ -10,6 +10,7 @@ Images of extreme shape are skipped, with a warning that names the file and the 
 (``shape_problem``): an image's cost in the eval transform grows with its aspect
 ratio, not its file size.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -44,8 +45,10 @@ def shape_problem(size: tuple[int, int]) -> str | None:
         return f"{w}x{h} px holds no pixels"
     aspect = max(w, h) / min(w, h)
     if aspect > MAX_ASPECT:
-        return (f"{w}x{h} px: aspect ratio {aspect:.1f}:1 is over {MAX_ASPECT}:1, and resizing "
-                f"its short side would make the long side {aspect:.0f} times longer")
+        return (
+            f"{w}x{h} px: aspect ratio {aspect:.1f}:1 is over {MAX_ASPECT}:1, and resizing "
+            f"its short side would make the long side {aspect:.0f} times longer"
+        )
     return None
 
 
@@ -66,8 +69,11 @@ def skip_extreme_shapes(ds: ImageFolder) -> ImageFolder:
         size = header_size(path)
         problem = shape_problem(size) if size else None
         if problem:
-            warnings.warn(f"skipped {path}: {problem} (training.data.clean reports it as extreme_aspect)",
-                          SkippedImage, stacklevel=3)
+            warnings.warn(
+                f"skipped {path}: {problem} (training.data.clean reports it as extreme_aspect)",
+                SkippedImage,
+                stacklevel=3,
+            )
         else:
             kept.append((path, target))
     if len(kept) < len(ds.samples):
@@ -80,20 +86,19 @@ def image_folder(root: str | Path, split: str, transform) -> ImageFolder:
     path = Path(root) / split
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{path} is missing: the dataset root needs {', '.join(SPLITS)} folders of class folders")
+            f"{path} is missing: the dataset root needs {', '.join(SPLITS)} folders of class folders"
+        )
     # open_image is the decoder the handler uses too (EXIF orientation, RGB).
     return skip_extreme_shapes(ImageFolder(str(path), transform=transform, loader=open_image))
 
 
 def load_splits(root: str | Path, train_transform, eval_transform) -> dict[str, ImageFolder]:
     """The three splits; their class folders must agree, since labels come from them."""
-    sets = {s: image_folder(root, s, train_transform if s == "train" else eval_transform)
-            for s in SPLITS}
+    sets = {s: image_folder(root, s, train_transform if s == "train" else eval_transform) for s in SPLITS}
     classes = sets["train"].classes
     for s in SPLITS[1:]:
         if sets[s].classes != classes:
-            raise ValueError(f"class folders of {s}/ differ from train/: "
-                             f"{sets[s].classes} vs {classes}")
+            raise ValueError(f"class folders of {s}/ differ from train/: {sets[s].classes} vs {classes}")
     return sets
 
 
@@ -126,8 +131,18 @@ class EpochSampler(Sampler[int]):
     number of steps; evaluation does not pad, so nothing is counted twice.
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
-                 weights: torch.Tensor | None = None, pad: bool = True, tag_epoch: bool = False):
+    def __init__(
+        self,
+        n: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        weights: torch.Tensor | None = None,
+        pad: bool = True,
+        tag_epoch: bool = False,
+    ):
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
         self.weights, self.pad, self.tag_epoch, self.epoch = weights, pad, tag_epoch, 0
 
@@ -143,11 +158,11 @@ class EpochSampler(Sampler[int]):
         else:
             idx = list(range(self.n))
         if self.pad and len(idx) % self.world:
-            idx += idx[:self.world - len(idx) % self.world]
+            idx += idx[: self.world - len(idx) % self.world]
         return idx
 
     def __iter__(self):
-        mine = self.order()[self.rank::self.world]
+        mine = self.order()[self.rank :: self.world]
         # SeededSamples needs the epoch; passing it with the index reaches persistent workers.
         return iter([(i, self.epoch) for i in mine] if self.tag_epoch else mine)
 
@@ -179,19 +194,41 @@ class SeededSamples(Dataset):
             return self.ds.transform(image), target
 
 
-def training_loader(ds: ImageFolder, batch_size: int, workers: int, seed: int, rank: int = 0,
-                    world: int = 1, balanced: bool = False) -> DataLoader:
+def training_loader(
+    ds: ImageFolder,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    balanced: bool = False,
+) -> DataLoader:
     """How training batches are drawn: this process's share of the seeded epoch order
     (drawn class-balanced with ``balanced``), each image augmented by its own seed.
     Call ``.sampler.set_epoch(e)`` before each epoch."""
-    sampler = EpochSampler(len(ds), shuffle=True, seed=seed, rank=rank, world=world,
-                           tag_epoch=True, weights=sample_weights(ds) if balanced else None)
+    sampler = EpochSampler(
+        len(ds),
+        shuffle=True,
+        seed=seed,
+        rank=rank,
+        world=world,
+        tag_epoch=True,
+        weights=sample_weights(ds) if balanced else None,
+    )
     return loader(SeededSamples(ds, seed), batch_size, False, workers, sampler=sampler)
 
 
-def loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int,
-           sampler: Sampler | None = None) -> DataLoader:
+def loader(
+    ds: Dataset, batch_size: int, shuffle: bool, workers: int, sampler: Sampler | None = None
+) -> DataLoader:
     if sampler is not None:
         shuffle = False
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=False)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=False,
+    )

@@ -4,6 +4,7 @@ strict decoding, output-folder checks and plain-text tables.
 A dataset is ImageFolder-style, either unsplit (ROOT/CLASS/*.jpg, "flat") or
 split (ROOT/{train,valid,test}/CLASS/*.jpg, as training.data.datasets reads it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from PIL import ImageFile
+
 # The extensions ImageFolder loads, so the tools see the files training will read.
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -89,8 +91,10 @@ def check_apart(source: Path, out: Path, what: str = "OUT") -> None:
     """Refuse an output folder that is the source, inside it, or contains it."""
     s, o = source.resolve(), out.resolve()
     if s == o or s in o.parents or o in s.parents:
-        raise SystemExit(f"error: {what} {out} overlaps the dataset {source}; "
-                         f"choose a folder outside it (the source is never modified)")
+        raise SystemExit(
+            f"error: {what} {out} overlaps the dataset {source}; "
+            f"choose a folder outside it (the source is never modified)"
+        )
 
 
 def prepare_out(out: Path, force: bool, replace: list[str]) -> None:
@@ -101,8 +105,10 @@ def prepare_out(out: Path, force: bool, replace: list[str]) -> None:
     """
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise SystemExit(f"error: output folder {out} is not empty; pass --force to "
-                             f"replace its {', '.join(n + '/' for n in replace)} folders")
+            raise SystemExit(
+                f"error: output folder {out} is not empty; pass --force to "
+                f"replace its {', '.join(n + '/' for n in replace)} folders"
+            )
         for name in replace:
             target = out / name
             if target.is_symlink() or target.is_file():
@@ -116,12 +122,10 @@ def format_table(header: list[str], rows: list[list]) -> str:
     """A plain-text table: numeric columns right-aligned, the others left-aligned."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) for r in rows)
-               for i in range(len(header))]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(header))]
 
     def line(r):
-        return "  ".join(c.rjust(w) if num else c.ljust(w)
-                         for c, w, num in zip(r, widths, numeric)).rstrip()
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
@@ -131,5 +135,9 @@ def tool_parser(module: str, doc: str) -> argparse.ArgumentParser:
     """An argparse parser for one tool: its docstring's first paragraph as the description,
     the rest (kept as written) after the flags."""
     head, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(prog=f"python -m {module}", description=head, epilog=rest,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=head,
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

@@ -10,6 +10,7 @@ listed and skipped, never copied.
 
     python -m training.data.resize --data data/mine --out data/mine-300
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,15 @@ from pathlib import Path
 from PIL import Image
 
 from handlers.decode import BadImage, open_image
-from training.data.files import (check_apart, class_dirs, list_images, prepare_out, rel,
-                                 strict_decoding, tool_parser)
+from training.data.files import (
+    check_apart,
+    class_dirs,
+    list_images,
+    prepare_out,
+    rel,
+    strict_decoding,
+    tool_parser,
+)
 from training.progress import Progress
 
 
@@ -51,8 +59,9 @@ def plan_outputs(files: list[Path], root: Path) -> dict[Path, str]:
     return out
 
 
-def resize_dataset(root: Path, out: Path, size: int, keep_aspect: bool,
-                   quality: int) -> tuple[int, list[tuple[str, str]]]:
+def resize_dataset(
+    root: Path, out: Path, size: int, keep_aspect: bool, quality: int
+) -> tuple[int, list[tuple[str, str]]]:
     """Resize every image of root into out; returns (written, [(file, why skipped)])."""
     files = [f for _, _, d in class_dirs(root) for f in list_images(d)]
     targets = plan_outputs(files, root)
@@ -75,19 +84,31 @@ def resize_dataset(root: Path, out: Path, size: int, keep_aspect: bool,
 
 def parse_args(argv=None):
     p = tool_parser("training.data.resize", __doc__)
-    p.add_argument("--data", type=Path, required=True,
-                   help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*")
-    p.add_argument("--out", type=Path, required=True,
-                   help="where to write the resized copy (must be empty, see --force)")
-    p.add_argument("--size", type=int, default=300,
-                   help="output side in pixels (default: 300, as the original project)")
-    p.add_argument("--keep-aspect", action="store_true",
-                   help="scale the short side to --size and keep the proportions, instead "
-                        "of stretching to exactly size x size")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="where to write the resized copy (must be empty, see --force)"
+    )
+    p.add_argument(
+        "--size", type=int, default=300, help="output side in pixels (default: 300, as the original project)"
+    )
+    p.add_argument(
+        "--keep-aspect",
+        action="store_true",
+        help="scale the short side to --size and keep the proportions, instead "
+        "of stretching to exactly size x size",
+    )
     p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-95 (default: 90)")
-    p.add_argument("--force", action="store_true",
-                   help="write into a non-empty OUT, first removing the top-level folders "
-                        "this run writes (those of the dataset root)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty OUT, first removing the top-level folders "
+        "this run writes (those of the dataset root)",
+    )
     a = p.parse_args(argv)
     if a.size < 1:
         p.error(f"--size {a.size}: must be at least 1")
@@ -107,8 +128,9 @@ def main(argv=None) -> int:
     for name, why in skipped:
         print(f"skipped {name}: {why}")
     shape = f"short side {a.size}" if a.keep_aspect else f"{a.size}x{a.size}"
-    print(f"wrote {written} JPEGs ({shape}, quality {a.quality}) to {a.out}; "
-          f"skipped {len(skipped)} undecodable")
+    print(
+        f"wrote {written} JPEGs ({shape}, quality {a.quality}) to {a.out}; skipped {len(skipped)} undecodable"
+    )
     return 0
 
 

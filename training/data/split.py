@@ -11,6 +11,7 @@ error naming it, unless --skip-small leaves it out. The source is never modified
 
     python -m training.data.split --data raw_images --out data/mine --ratios 0.8 0.1 0.1
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,15 @@ import sys
 from pathlib import Path
 
 from training.data.datasets import SPLITS
-from training.data.files import (check_apart, class_dirs, format_table, is_split_layout,
-                                 list_images, prepare_out, tool_parser)
+from training.data.files import (
+    check_apart,
+    class_dirs,
+    format_table,
+    is_split_layout,
+    list_images,
+    prepare_out,
+    tool_parser,
+)
 from training.progress import Progress
 
 
@@ -31,8 +39,7 @@ def split_sizes(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, i
     non-empty holdout split, the rest in train (which keeps at least one)."""
     total = sum(ratios)
     # 1e-9: 0.15 * 10 must round as 1.5 (half up), not as the float 1.4999999999999998.
-    holdout = [max(1, math.floor(n * r / total + 0.5 + 1e-9)) if r > 0 else 0
-               for r in ratios[1:]]
+    holdout = [max(1, math.floor(n * r / total + 0.5 + 1e-9)) if r > 0 else 0 for r in ratios[1:]]
     while n - sum(holdout) < 1 and max(holdout) > 1:  # extreme ratios: give train its one
         holdout[holdout.index(max(holdout))] -= 1
     if n - sum(holdout) < 1:
@@ -52,8 +59,11 @@ def plan_split(files_by_class: dict[str, list[Path]], ratios, seed: int) -> dict
         order = sorted(files)
         random.Random(f"{seed}:{cls}").shuffle(order)
         n_train, n_valid, _ = split_sizes(len(order), ratios)
-        cuts = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid],
-                "test": order[n_train + n_valid:]}
+        cuts = {
+            "train": order[:n_train],
+            "valid": order[n_train : n_train + n_valid],
+            "test": order[n_train + n_valid :],
+        }
         for s in SPLITS:
             plan[s][cls] = sorted(cuts[s])
     return plan
@@ -72,8 +82,12 @@ def place(src: Path, dst: Path, mode: str) -> None:
 
 def write_split(plan: dict, data: Path, out: Path, mode: str) -> int:
     """Write the plan into OUT, keeping each file's path inside its class folder."""
-    jobs = [(f, out / s / cls / f.relative_to(data / cls))
-            for s in SPLITS for cls, files in plan[s].items() for f in files]
+    jobs = [
+        (f, out / s / cls / f.relative_to(data / cls))
+        for s in SPLITS
+        for cls, files in plan[s].items()
+        for f in files
+    ]
     bar = Progress(len(jobs), f"split ({mode})")
     for i, (src, dst) in enumerate(jobs, 1):
         place(src, dst, mode)
@@ -83,32 +97,57 @@ def write_split(plan: dict, data: Path, out: Path, mode: str) -> int:
 
 def count_table(plan: dict) -> str:
     """Per-class counts of a plan, with a total row."""
-    rows = [[cls] + [len(plan[s][cls]) for s in SPLITS] + [sum(len(plan[s][cls]) for s in SPLITS)]
-            for cls in sorted(plan["train"])]
+    rows = [
+        [cls] + [len(plan[s][cls]) for s in SPLITS] + [sum(len(plan[s][cls]) for s in SPLITS)]
+        for cls in sorted(plan["train"])
+    ]
     rows.append(["TOTAL"] + [sum(r[i] for r in rows) for i in range(1, 5)])
     return format_table(["class", *SPLITS, "total"], rows)
 
 
 def parse_args(argv=None):
     p = tool_parser("training.data.split", __doc__)
-    p.add_argument("--data", type=Path, required=True,
-                   help="unsplit dataset: one folder per class of images (ROOT/CLASS/*.jpg)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="where to write train/, valid/ and test/ (must be empty, see --force)")
-    p.add_argument("--ratios", type=float, nargs=3, default=[0.8, 0.1, 0.1],
-                   metavar=("TRAIN", "VALID", "TEST"),
-                   help="split proportions, normalised by their sum (default: 0.8 0.1 0.1)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="unsplit dataset: one folder per class of images (ROOT/CLASS/*.jpg)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="where to write train/, valid/ and test/ (must be empty, see --force)",
+    )
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs=3,
+        default=[0.8, 0.1, 0.1],
+        metavar=("TRAIN", "VALID", "TEST"),
+        help="split proportions, normalised by their sum (default: 0.8 0.1 0.1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (same seed, same split)")
-    p.add_argument("--mode", choices=("copy", "hardlink", "symlink"), default="copy",
-                   help="how files reach OUT: copy (default), hardlink (same filesystem, "
-                        "no extra space; an in-place edit then changes the source too) or "
-                        "symlink (absolute links to the source)")
-    p.add_argument("--force", action="store_true",
-                   help="write into a non-empty OUT, first removing its train/, valid/ and "
-                        "test/ folders so nothing from an earlier split stays behind")
-    p.add_argument("--skip-small", action="store_true",
-                   help="leave out classes with too few images for every split, instead of "
-                        "stopping with an error that names them")
+    p.add_argument(
+        "--mode",
+        choices=("copy", "hardlink", "symlink"),
+        default="copy",
+        help="how files reach OUT: copy (default), hardlink (same filesystem, "
+        "no extra space; an in-place edit then changes the source too) or "
+        "symlink (absolute links to the source)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty OUT, first removing its train/, valid/ and "
+        "test/ folders so nothing from an earlier split stays behind",
+    )
+    p.add_argument(
+        "--skip-small",
+        action="store_true",
+        help="leave out classes with too few images for every split, instead of "
+        "stopping with an error that names them",
+    )
     a = p.parse_args(argv)
     if any(r < 0 for r in a.ratios) or a.ratios[0] <= 0:
         p.error(f"--ratios {a.ratios}: all must be >= 0 and the train ratio > 0")
@@ -120,16 +159,19 @@ def main(argv=None) -> int:
     if not a.data.is_dir():
         raise SystemExit(f"error: --data {a.data} is not a folder")
     if is_split_layout(a.data):
-        raise SystemExit(f"error: {a.data} is already split into {'/'.join(SPLITS)}; "
-                         f"--data takes ROOT/CLASS/*.jpg")
+        raise SystemExit(
+            f"error: {a.data} is already split into {'/'.join(SPLITS)}; --data takes ROOT/CLASS/*.jpg"
+        )
     check_apart(a.data, a.out)
     files = {cls: list_images(d) for _, cls, d in class_dirs(a.data)}
     need = min_images(a.ratios)
     small = {c: len(f) for c, f in files.items() if len(f) < need}
     if small and not a.skip_small:
-        raise SystemExit(f"error: classes with fewer than {need} images (one per split): "
-                         f"{small}; add images, remove them, or pass --skip-small "
-                         f"to leave them out")
+        raise SystemExit(
+            f"error: classes with fewer than {need} images (one per split): "
+            f"{small}; add images, remove them, or pass --skip-small "
+            f"to leave them out"
+        )
     files = {c: f for c, f in files.items() if c not in small}
     if not files:
         raise SystemExit(f"error: no class folder with images in {a.data}")
@@ -138,8 +180,10 @@ def main(argv=None) -> int:
     n = write_split(plan, a.data, a.out, a.mode)
     print(count_table(plan))
     if small:
-        print(f"left out (fewer than {need} images): "
-              + ", ".join(f"{c} ({k})" for c, k in sorted(small.items())))
+        print(
+            f"left out (fewer than {need} images): "
+            + ", ".join(f"{c} ({k})" for c, k in sorted(small.items()))
+        )
     print(f"wrote {n} files to {a.out} ({a.mode}, seed {a.seed})")
     return 0
 

@@ -13,6 +13,7 @@ trainer's --balance sampler (or weights) evens that out.
 
     python -m training.data.stats --data data/mine
 """
+
 from __future__ import annotations
 
 import json
@@ -46,20 +47,20 @@ def imbalance_warnings(counts: dict[str, dict[str, int]], max_ratio: float) -> l
         if len(per) < 2 or per[large] == 0:
             continue
         if per[small] == 0:
-            lines.append(f"WARNING: {split}: class {small} has no images "
-                         f"({large} has {per[large]})")
+            lines.append(f"WARNING: {split}: class {small} has no images ({large} has {per[large]})")
         elif per[large] / per[small] > max_ratio:
-            lines.append(f"WARNING: {split}: imbalanced classes: {large} has {per[large]} images, "
-                         f"{small} has {per[small]} ({per[large] / per[small]:.1f}x, "
-                         f"over {max_ratio:g}x)")
+            lines.append(
+                f"WARNING: {split}: imbalanced classes: {large} has {per[large]} images, "
+                f"{small} has {per[small]} ({per[large] / per[small]:.1f}x, "
+                f"over {max_ratio:g}x)"
+            )
     return lines
 
 
 def table(counts: dict[str, dict[str, int]]) -> str:
     splits = list(counts)
     classes = sorted({c for per in counts.values() for c in per})
-    rows = [[c] + [counts[s][c] for s in splits] + [sum(counts[s][c] for s in splits)]
-            for c in classes]
+    rows = [[c] + [counts[s][c] for s in splits] + [sum(counts[s][c] for s in splits)] for c in classes]
     rows.append(["TOTAL"] + [sum(r[i] for r in rows) for i in range(1, len(splits) + 2)])
     header = ["class", *splits] + (["total"] if len(splits) > 1 else [])
     return format_table(header, [r if len(splits) > 1 else r[:2] for r in rows])
@@ -103,15 +104,25 @@ def default_chart(root: Path) -> Path:
 
 def parse_args(argv=None):
     p = tool_parser("training.data.stats", __doc__)
-    p.add_argument("--data", type=Path, required=True,
-                   help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*")
-    p.add_argument("--chart", type=Path, default=None,
-                   help="bar chart PNG path (default: ROOT-stats.png beside ROOT)")
-    p.add_argument("--json", type=Path, default=None,
-                   help="also write the counts and warnings as JSON to this path")
-    p.add_argument("--imbalance-ratio", type=float, default=2.0,
-                   help="warn when a split's largest class has more than this many times "
-                        "the images of its smallest (default: 2.0, see below)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset root: ROOT/CLASS/* or ROOT/{train,valid,test}/CLASS/*",
+    )
+    p.add_argument(
+        "--chart", type=Path, default=None, help="bar chart PNG path (default: ROOT-stats.png beside ROOT)"
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, help="also write the counts and warnings as JSON to this path"
+    )
+    p.add_argument(
+        "--imbalance-ratio",
+        type=float,
+        default=2.0,
+        help="warn when a split's largest class has more than this many times "
+        "the images of its smallest (default: 2.0, see below)",
+    )
     return p.parse_args(argv)
 
 
@@ -125,16 +136,27 @@ def main(argv=None) -> int:
     for w in warnings:
         print(w)
     if warnings:
-        print("  to compensate in training: python -m training.fit.train ... --balance sampler "
-              "(or --balance weights for class-weighted loss)")
+        print(
+            "  to compensate in training: python -m training.fit.train ... --balance sampler "
+            "(or --balance weights for class-weighted loss)"
+        )
     chart = a.chart or default_chart(a.data)
     draw_chart(counts, chart, f"images per class: {Path(a.data).resolve().name}")
     print(f"chart: {chart}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"root": str(a.data), "counts": counts,
-                                      "imbalance_ratio": a.imbalance_ratio,
-                                      "warnings": warnings}, indent=2) + "\n")
+        a.json.write_text(
+            json.dumps(
+                {
+                    "root": str(a.data),
+                    "counts": counts,
+                    "imbalance_ratio": a.imbalance_ratio,
+                    "warnings": warnings,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"json: {a.json}")
     return 0
 

@@ -17,6 +17,7 @@ dataset that trains in seconds, for tests and quick comparisons.
 
     python -m training.demo.digits --out data/digits-small --size 32 --splits 30 10 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def _load_digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("error: training.demo.digits needs scikit-learn: "
-                         ".venv/bin/pip install -r requirements-data.txt") from None
+        raise SystemExit(
+            "error: training.demo.digits needs scikit-learn: .venv/bin/pip install -r requirements-data.txt"
+        ) from None
     return load_digits()
 
 
@@ -74,7 +76,7 @@ def write_split_digits(out: Path, per_split: tuple[int, int, int], size: int = 3
         for split, n in zip(counts, per_split):
             folder = out / split / label
             folder.mkdir(parents=True, exist_ok=True)
-            for i in indices[start:start + n]:
+            for i in indices[start : start + n]:
                 digit_image(digits.data[i], size).save(folder / f"digit_{i:04d}.png")
             start += n
             counts[split] += n
@@ -83,13 +85,23 @@ def write_split_digits(out: Path, per_split: tuple[int, int, int], size: int = 3
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True,
-                   help="folder to write the class folders into (must be empty or new)")
-    p.add_argument("--size", type=int, default=32,
-                   help="side of the written images in pixels (the source is 8x8)")
-    p.add_argument("--splits", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
-                   help="write train/ valid/ test/ with this many images of each class "
-                        "(a small dataset) instead of every image in one folder per class")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder to write the class folders into (must be empty or new)",
+    )
+    p.add_argument(
+        "--size", type=int, default=32, help="side of the written images in pixels (the source is 8x8)"
+    )
+    p.add_argument(
+        "--splits",
+        type=int,
+        nargs=3,
+        metavar=("TRAIN", "VALID", "TEST"),
+        help="write train/ valid/ test/ with this many images of each class "
+        "(a small dataset) instead of every image in one folder per class",
+    )
     a = p.parse_args(argv)
     if a.size < 8:
         p.error(f"--size {a.size}: at least 8, the digits' own resolution")
@@ -102,12 +114,18 @@ def main(argv=None) -> None:
             counts = write_split_digits(a.out, tuple(a.splits), a.size)
         except ValueError as e:
             p.error(str(e))
-        print(f"wrote {sum(counts.values())} images of {a.size}x{a.size} px to {a.out} "
-              f"({', '.join(f'{s} {n}' for s, n in counts.items())})", file=sys.stderr)
+        print(
+            f"wrote {sum(counts.values())} images of {a.size}x{a.size} px to {a.out} "
+            f"({', '.join(f'{s} {n}' for s, n in counts.items())})",
+            file=sys.stderr,
+        )
         return
     counts = write_digits(a.out, a.size)
-    print(f"wrote {sum(counts.values())} images of {a.size}x{a.size} px in {len(counts)} class "
-          f"folders to {a.out}", file=sys.stderr)
+    print(
+        f"wrote {sum(counts.values())} images of {a.size}x{a.size} px in {len(counts)} class "
+        f"folders to {a.out}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ photographs (public domain or free to use, see their packages); a folder of more
 given, and ``../shared/photos`` beside the checkout is used when it exists (a dog and a
 kitten from TorchServe's own examples on the development machines).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def photos(folder: Path | None = SHARED_PHOTOS) -> dict[str, Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="List the real photos the demo answers.")
-    p.add_argument("--folder", type=Path, default=SHARED_PHOTOS,
-                   help="a folder of more photos (default: ../shared/photos, if it exists)")
+    p.add_argument(
+        "--folder",
+        type=Path,
+        default=SHARED_PHOTOS,
+        help="a folder of more photos (default: ../shared/photos, if it exists)",
+    )
     a = p.parse_args(argv)
     for path in photos(a.folder).values():
         print(path)

@@ -13,6 +13,7 @@ shapes alone would do.
 
     python -m training.demo.shapes --out data/demo
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,7 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     c0 = _hsv(rng.random(), rng.uniform(0, 0.25), rng.uniform(0.15, 0.95))
     c1 = _hsv(rng.random(), rng.uniform(0, 0.25), rng.uniform(0.15, 0.95))
     grad = Image.linear_gradient("L").resize((size, size)).rotate(rng.uniform(0, 360))
-    img = Image.composite(Image.new("RGB", (size, size), c1),
-                          Image.new("RGB", (size, size), c0), grad)
+    img = Image.composite(Image.new("RGB", (size, size), c1), Image.new("RGB", (size, size), c0), grad)
     draw = ImageDraw.Draw(img)
     for _ in range(size * size // 200):
         x, y = rng.randrange(size), rng.randrange(size)
@@ -80,8 +80,15 @@ def draw_shape(shape: str, rng: random.Random, size: int = 256) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
 
 
-def generate(out: Path, per_class: int = 100, classes=SHAPES, size: int = 256,
-             ratios=(0.7, 0.15, 0.15), seed: int = 0, quiet: bool = False) -> dict[str, int]:
+def generate(
+    out: Path,
+    per_class: int = 100,
+    classes=SHAPES,
+    size: int = 256,
+    ratios=(0.7, 0.15, 0.15),
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[str, int]:
     """Write ``per_class`` JPEGs per class, split by ``ratios``; returns images per split."""
     counts = {"train": 0, "valid": 0, "test": 0}
     n_train = round(per_class * ratios[0])
@@ -108,8 +115,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("data/demo"), help="dataset root to write")
     p.add_argument("--per-class", type=int, default=100, help="images per class (all splits)")
-    p.add_argument("--classes", default=",".join(SHAPES),
-                   help=f"comma-separated subset of {','.join(SHAPES)}")
+    p.add_argument(
+        "--classes", default=",".join(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)}"
+    )
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     a = p.parse_args(argv)

@@ -9,6 +9,7 @@ the end of training; the CLI re-creates the files afterwards from a run folder:
 
 Figures use matplotlib's object API (training/figures.py), not pyplot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,12 @@ from torch.utils.data import SequentialSampler
 
 from handlers.decode import BadImage, open_image
 from handlers.preset import EvalPreset
-from training.fit.checkpoint import load_checkpoint
 from training.data.datasets import image_folder, loader
-from training.fit.distributed import Dist
 from training.evaluation.evaluate import evaluate
 from training.figures import Figure, save_png
+from training.fit.checkpoint import load_checkpoint
+from training.fit.distributed import Dist
+
 # The trainer imports this module only inside a function, so this is not circular.
 
 # Cell counts are written into the confusion matrix only up to this many classes.
@@ -60,6 +62,7 @@ class Predictions:
 
 # ---------------------------------------------------------------- predictions
 
+
 def from_evaluation(result: dict, samples) -> Predictions:
     """The Predictions of ``training.evaluation.evaluate.evaluate(..., collect=True)`` over a dataset
     read in order; ``samples`` is its ImageFolder's (path, label) list."""
@@ -77,18 +80,22 @@ def predict(model, data_loader, device) -> Predictions:
     The model's train/eval mode is restored afterwards.
     """
     if not isinstance(data_loader.sampler, SequentialSampler):
-        raise ValueError("predict() needs a loader built with shuffle=False: "
-                         "image paths are matched to predictions by position")
+        raise ValueError(
+            "predict() needs a loader built with shuffle=False: "
+            "image paths are matched to predictions by position"
+        )
     was_training = model.training
     try:
-        result = evaluate(model, data_loader, nn.CrossEntropyLoss(),
-                          Dist(device=torch.device(device)), collect=True)
+        result = evaluate(
+            model, data_loader, nn.CrossEntropyLoss(), Dist(device=torch.device(device)), collect=True
+        )
     finally:
         model.train(was_training)
     return from_evaluation(result, data_loader.dataset.samples)
 
 
 # -------------------------------------------------------------------- metrics
+
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> torch.Tensor:
     """Counts with rows = true class, columns = predicted class (int64)."""
@@ -122,8 +129,15 @@ def per_class_report(cm: torch.Tensor, classes) -> list[dict]:
     rows = []
     for name, t, n_pred, n_true in zip(classes, tp, predicted, support):
         precision, recall = _ratio(t, n_pred), _ratio(t, n_true)
-        rows.append({"class": name, "precision": precision, "recall": recall,
-                     "f1": _ratio(2 * precision * recall, precision + recall), "support": n_true})
+        rows.append(
+            {
+                "class": name,
+                "precision": precision,
+                "recall": recall,
+                "f1": _ratio(2 * precision * recall, precision + recall),
+                "support": n_true,
+            }
+        )
     return rows
 
 
@@ -132,23 +146,34 @@ def summary(cm: torch.Tensor) -> dict:
     rows = per_class_report(cm, [str(i) for i in range(cm.shape[0])])
     n = len(rows)
     total = int(cm.sum())
-    return {"accuracy": _ratio(int(cm.diagonal().sum()), total),
-            "macro_precision": sum(r["precision"] for r in rows) / n,
-            "macro_recall": sum(r["recall"] for r in rows) / n,
-            "macro_f1": sum(r["f1"] for r in rows) / n,
-            "total": total}
+    return {
+        "accuracy": _ratio(int(cm.diagonal().sum()), total),
+        "macro_precision": sum(r["precision"] for r in rows) / n,
+        "macro_recall": sum(r["recall"] for r in rows) / n,
+        "macro_f1": sum(r["f1"] for r in rows) / n,
+        "total": total,
+    }
 
 
 def _summary_rows(totals: dict) -> list[tuple[str, str, str, str, str]]:
     n = str(totals["total"])
-    return [("macro avg", f"{totals['macro_precision']:.3f}", f"{totals['macro_recall']:.3f}",
-             f"{totals['macro_f1']:.3f}", n),
-            ("accuracy", "", "", f"{totals['accuracy']:.3f}", n)]
+    return [
+        (
+            "macro avg",
+            f"{totals['macro_precision']:.3f}",
+            f"{totals['macro_recall']:.3f}",
+            f"{totals['macro_f1']:.3f}",
+            n,
+        ),
+        ("accuracy", "", "", f"{totals['accuracy']:.3f}", n),
+    ]
 
 
 def _cells(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
-    return [(r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
-             str(r["support"])) for r in rows]
+    return [
+        (r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
+        for r in rows
+    ]
 
 
 def report_table(rows: list[dict], totals: dict | None = None) -> str:
@@ -185,6 +210,7 @@ def write_markdown(rows: list[dict], totals: dict, path: Path) -> Path:
 
 # -------------------------------------------------------------------- figures
 
+
 def _message_png(text: str, path: Path) -> Path:
     """A small PNG that only says ``text`` (so the run folder's file list stays the same)."""
     fig = Figure(figsize=(6, 1.5))
@@ -212,8 +238,9 @@ def plot_curves(history: list[dict], path) -> Path:
     for ax, key, scale in ((ax_loss, "loss", 1), (ax_acc, "acc", 100)):
         for split, style in (("train", "o-"), ("valid", "s-")):
             ax.plot(epochs, [h[split][key] * scale for h in history], style, ms=4, label=split)
-        ax.axvline(best["epoch"], color="grey", ls="--", lw=1,
-                   label=f"best valid loss (epoch {best['epoch']})")
+        ax.axvline(
+            best["epoch"], color="grey", ls="--", lw=1, label=f"best valid loss (epoch {best['epoch']})"
+        )
         ax.plot(best["epoch"], best["valid"][key] * scale, "*", ms=14, color="C1")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -261,22 +288,28 @@ def plot_confusion(cm: torch.Tensor, classes, path) -> Path:
     norm = counts / counts.sum(1, keepdim=True).clamp(min=1)
     side = min(max(4.5, 0.17 * n + 2.5), 26.0)
     # Room for the longest class name, so long names do not squeeze the matrix.
-    names_in = (max(map(len, classes)) * _tick_fontsize(n) * 0.6 / 72
-                if n <= TICK_NAMES_MAX else 0.4)
+    names_in = max(map(len, classes)) * _tick_fontsize(n) * 0.6 / 72 if n <= TICK_NAMES_MAX else 0.4
     fig = Figure(figsize=(side + names_in + 1.5, side + names_in + 0.6), layout="constrained")
     ax = fig.subplots()
     # A square-root colour scale, so that a single error among many classes is still visible.
-    im = ax.imshow(norm.numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1),
-                   interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.6, ticks=[0, 0.05, 0.1, 0.25, 0.5, 0.75, 1],
-                 label="fraction of the true class")
+    im = ax.imshow(norm.numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    fig.colorbar(
+        im, ax=ax, shrink=0.6, ticks=[0, 0.05, 0.1, 0.25, 0.5, 0.75, 1], label="fraction of the true class"
+    )
     _confusion_ticks(ax, classes, n)
     if n <= CELL_NUMBERS_MAX:
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=9,
-                            color="white" if norm[i, j] > 0.4 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if norm[i, j] > 0.4 else "black",
+                    )
     total = int(cm.sum())
     acc = _ratio(int(cm.diagonal().sum()), total)
     ax.set_title(f"Confusion matrix: {n} classes, {total} images, accuracy {acc:.1%}")
@@ -309,8 +342,7 @@ def _thumbnail(path: str) -> Image.Image:
     return img
 
 
-def plot_misclassified(preds: Predictions, classes, path, per_class: int = 4,
-                       max_rows: int = 50) -> Path:
+def plot_misclassified(preds: Predictions, classes, path, per_class: int = 4, max_rows: int = 50) -> Path:
     """A grid of misclassified images: one row per true class with errors, most confident first.
 
     Each image is captioned "true: X / pred: Y (p=0.87)". Beyond ``max_rows`` classes
@@ -322,8 +354,9 @@ def plot_misclassified(preds: Predictions, classes, path, per_class: int = 4,
     for i in preds.wrong():
         by_class[preds.y_true[i]].append(i)
     if not by_class:
-        return _message_png(f"No misclassified images ({len(preds.y_true)} of "
-                            f"{len(preds.y_true)} correct)", path)
+        return _message_png(
+            f"No misclassified images ({len(preds.y_true)} of {len(preds.y_true)} correct)", path
+        )
     shown = sorted(sorted(by_class, key=lambda c: -len(by_class[c]))[:max_rows])
     cols = min(per_class, max(len(by_class[c]) for c in shown))
     fig = Figure(figsize=(2.0 * cols, 2.3 * len(shown) + 0.6), layout="constrained")
@@ -332,14 +365,15 @@ def plot_misclassified(preds: Predictions, classes, path, per_class: int = 4,
         errors = sorted(by_class[c], key=lambda i: -preds.confidence[i])[:per_class]
         for ax, i in zip(row, errors):
             ax.imshow(_thumbnail(preds.paths[i]))
-            caption = (f"true: {classes[c]} / pred: {classes[preds.y_pred[i]]} "
-                       f"(p={preds.confidence[i]:.2f})")
+            caption = f"true: {classes[c]} / pred: {classes[preds.y_pred[i]]} (p={preds.confidence[i]:.2f})"
             ax.set_title(textwrap.fill(caption, 30), fontsize=7)
         for ax in row:
             ax.axis("off")
     n_wrong = len(preds.wrong())
-    title = (f"Misclassified: {n_wrong} of {len(preds.y_true)} images; "
-             f"up to {per_class} per true class, most confident first")
+    title = (
+        f"Misclassified: {n_wrong} of {len(preds.y_true)} images; "
+        f"up to {per_class} per true class, most confident first"
+    )
     if len(shown) < len(by_class):
         title += f" (the {len(shown)} of {len(by_class)} classes with most errors)"
     fig.suptitle(textwrap.fill(title, 18 * cols + 10), fontsize=10)
@@ -347,6 +381,7 @@ def plot_misclassified(preds: Predictions, classes, path, per_class: int = 4,
 
 
 # ----------------------------------------------------------------- run folder
+
 
 def analyse(run_dir, history: list[dict], preds: Predictions, classes) -> list[Path]:
     """Write the run's analysis files into ``run_dir``; returns their paths."""
@@ -366,13 +401,12 @@ def analyse(run_dir, history: list[dict], preds: Predictions, classes) -> list[P
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Re-create a training run's analysis files "
-                                            "from its best.pt and metrics.json.")
-    p.add_argument("--run", required=True, type=Path,
-                   help="run folder with best.pt and metrics.json")
+    p = argparse.ArgumentParser(
+        description="Re-create a training run's analysis files from its best.pt and metrics.json."
+    )
+    p.add_argument("--run", required=True, type=Path, help="run folder with best.pt and metrics.json")
     p.add_argument("--data", required=True, type=Path, help="dataset root with train/ valid/ test/")
-    p.add_argument("--split", default="test", choices=("train", "valid", "test"),
-                   help="split to predict on")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="split to predict on")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
     p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     return p.parse_args(argv)
@@ -389,8 +423,10 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if ds.classes != ckpt["classes"]:
-        sys.exit(f"error: class folders of {a.data / a.split} differ from the checkpoint's: "
-                 f"{ds.classes} vs {ckpt['classes']}")
+        sys.exit(
+            f"error: class folders of {a.data / a.split} differ from the checkpoint's: "
+            f"{ds.classes} vs {ckpt['classes']}"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preds = predict(model.to(device), loader(ds, a.batch_size, False, a.workers), device)
     history = json.loads((a.run / "metrics.json").read_text()).get("history", [])

@@ -1,4 +1,5 @@
 """Evaluation of a classifier on a dataset, shared by training, analysis and int8 export."""
+
 from __future__ import annotations
 
 import torch

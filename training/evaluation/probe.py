@@ -11,6 +11,7 @@ training needs no scikit-learn: on 1,300 images of 1,280 features a fit takes ab
 second; extracting the features (one eval-mode pass over train, valid and test) is
 the cost.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +50,9 @@ def _raise_features(module, args):
 
 
 @torch.no_grad()  # not inference_mode: the features then feed an autograd fit
-def features(model: nn.Module, head: str, dataset, batch_size: int, workers: int,
-             device) -> tuple[torch.Tensor, torch.Tensor]:
+def features(
+    model: nn.Module, head: str, dataset, batch_size: int, workers: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of ``dataset``: the input of the head, in eval mode."""
     was_training = model.training
     model.eval()
@@ -71,20 +73,33 @@ def features(model: nn.Module, head: str, dataset, batch_size: int, workers: int
     return torch.cat(xs), torch.cat(ys)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-                 start: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) minimising mean cross-entropy + l2 / 2 * |W|^2 (bias not penalised), by
     full-batch L-BFGS with a strong-Wolfe line search: the problem is convex and small.
     ``start``: a nearby solution to begin from (the next stronger L2's). ``max_iter`` as
     scikit-learn's default: on separable features a weak L2 converges slowly towards
     ever larger weights whose predictions no longer change."""
-    w0, b0 = start or (torch.zeros(x.shape[1], num_classes, dtype=x.dtype),
-                       torch.zeros(num_classes, dtype=x.dtype))
+    w0, b0 = start or (
+        torch.zeros(x.shape[1], num_classes, dtype=x.dtype),
+        torch.zeros(num_classes, dtype=x.dtype),
+    )
     w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-7, tolerance_change=1e-10,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -109,8 +124,9 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     return [(t - mean) / std for t in (train, *others)]
 
 
-def linear_probe(model: nn.Module, head: str, splits: dict, num_classes: int, batch_size: int,
-                 workers: int, device) -> dict:
+def linear_probe(
+    model: nn.Module, head: str, splits: dict, num_classes: int, batch_size: int, workers: int, device
+) -> dict:
     """Fit on ``splits["train"]``, choose L2 on ``splits["valid"]``, score ``splits["test"]``
     (datasets with the eval transform). Does not draw from torch's global generator, so a
     run with the probe trains exactly as one without."""
@@ -125,9 +141,14 @@ def linear_probe(model: nn.Module, head: str, splits: dict, num_classes: int, ba
     valid = {l2: score(*fit, xva, yva) for l2, fit in fits.items()}
     # Ties go to the stronger regularisation, the safer choice on few images.
     best = max(L2_GRID, key=lambda l2: (valid[l2]["correct"], l2))
-    return {"test": score(*fits[best], xte, yte), "valid": valid[best],
-            "train": score(*fits[best], xtr, ytr), "l2": best, "features": xtr.shape[1],
-            "seconds": time.perf_counter() - t0}
+    return {
+        "test": score(*fits[best], xte, yte),
+        "valid": valid[best],
+        "train": score(*fits[best], xtr, ytr),
+        "l2": best,
+        "features": xtr.shape[1],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def with_transform(dataset, transform):

@@ -7,6 +7,7 @@ classes, eval preprocessing, weights) and ``metrics.json`` (no test on your data
 model's classes are ImageNet's), so that ``training.export`` and the rest of the
 pipeline treat it as any trained run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,21 +25,24 @@ CLASSES = {"imagenet_dogs": imagenet.dog_breeds}
 
 def write(model_name: str, out: Path) -> Path:
     classes = CLASSES[model_name]()
-    a = train_mod.parse_args(["--model", model_name, "--data", "-", "--out", str(out),
-                              "--weights", "DEFAULT"])
+    a = train_mod.parse_args(
+        ["--model", model_name, "--data", "-", "--out", str(out), "--weights", "DEFAULT"]
+    )
     model = get_model(model_name, len(classes), weights=a.weights).eval()
     preset = get_spec(model_name).eval_preset_for(pretrained=True)
     out.mkdir(parents=True, exist_ok=True)
     save_atomic(checkpoint(model, a, classes, preset, epoch=0, valid=None), out / "best.pt")
-    (out / "metrics.json").write_text(json.dumps(
-        {"model": model_name, "pretrained": True, "classes": len(classes)}, indent=2) + "\n")
+    (out / "metrics.json").write_text(
+        json.dumps({"model": model_name, "pretrained": True, "classes": len(classes)}, indent=2) + "\n"
+    )
     print(f"{model_name}: {len(classes)} classes, pretrained weights, checkpoint {out / 'best.pt'}")
     return out / "best.pt"
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write the checkpoint of a pretrained model that "
-                                            "needs no training.")
+    p = argparse.ArgumentParser(
+        description="Write the checkpoint of a pretrained model that needs no training."
+    )
     p.add_argument("--model", required=True, choices=sorted(CLASSES), help="pretrained model")
     p.add_argument("--out", required=True, type=Path, help="run folder to write best.pt into")
     a = p.parse_args(argv)

@@ -17,6 +17,7 @@ The quantised kernels are CPU kernels of one engine (``torch.backends.quantized`
 the export records it in model-config.yaml (``quantized_engine``) and the handler sets
 it before loading. On a CUDA worker an int8 model runs on the CPU (the handler says so).
 """
+
 from __future__ import annotations
 
 import random
@@ -43,8 +44,10 @@ BATCH = 16
 def check_engine(engine: str) -> None:
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
-        raise RuntimeError(f"quantized engine {engine!r} is not available in this torch build "
-                           f"(supported: {', '.join(e for e in supported if e != 'none')})")
+        raise RuntimeError(
+            f"quantized engine {engine!r} is not available in this torch build "
+            f"(supported: {', '.join(e for e in supported if e != 'none')})"
+        )
 
 
 def calibration_set(root: Path, preset: EvalPreset, classes: list[str], n: int, seed: int = 0):
@@ -54,9 +57,11 @@ def calibration_set(root: Path, preset: EvalPreset, classes: list[str], n: int, 
     calibrate (and check) the model on images it was not trained for."""
     ds = image_folder(root, "train", preset.transform())
     if ds.classes != list(classes):
-        raise ValueError(f"{root}/train/ has classes {ds.classes[:5]}... ({len(ds.classes)}), the "
-                         f"model {list(classes)[:5]}... ({len(classes)}): calibrate on the "
-                         f"dataset the model was trained on")
+        raise ValueError(
+            f"{root}/train/ has classes {ds.classes[:5]}... ({len(ds.classes)}), the "
+            f"model {list(classes)[:5]}... ({len(classes)}): calibrate on the "
+            f"dataset the model was trained on"
+        )
     order = list(range(len(ds)))
     random.Random(seed).shuffle(order)
     return Subset(ds, order[:n])
@@ -98,13 +103,16 @@ class Comparison:
 
     def __str__(self) -> str:
         n = self.images
-        return (f"{self.split}: top-1 fp32 {self.fp32_correct}/{n}, int8 {self.int8_correct}/{n} "
-                f"(drop {self.accuracy_drop:.1f} points), same top-1 on {self.agree}/{n}, "
-                f"max probability difference {self.max_probability_diff:.3f}")
+        return (
+            f"{self.split}: top-1 fp32 {self.fp32_correct}/{n}, int8 {self.int8_correct}/{n} "
+            f"(drop {self.accuracy_drop:.1f} points), same top-1 on {self.agree}/{n}, "
+            f"max probability difference {self.max_probability_diff:.3f}"
+        )
 
 
-def compare(fp32: torch.nn.Module, int8: torch.nn.Module, root: Path, preset: EvalPreset,
-            split: str = "test") -> Comparison:
+def compare(
+    fp32: torch.nn.Module, int8: torch.nn.Module, root: Path, preset: EvalPreset, split: str = "test"
+) -> Comparison:
     """Both models on ``split`` of the dataset at ``root``, class probabilities compared."""
     ds = image_folder(root, split, preset.transform())
     batches = DataLoader(ds, batch_size=BATCH)
@@ -120,4 +128,3 @@ def compare(fp32: torch.nn.Module, int8: torch.nn.Module, root: Path, preset: Ev
             c.max_probability_diff = max(c.max_probability_diff, float((p32 - p8).abs().max()))
             progress.update(i)
     return c
-

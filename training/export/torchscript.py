@@ -16,6 +16,7 @@ The module is saved frozen but not passed through ``torch.jit.optimize_for_infer
 with torch 2.13 such a file fails to load ("required keyword attribute 'value' is
 undefined"). Optimise after loading, if at all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from models import imagenet
 from handlers.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, tensors
 from handlers.preset import EvalPreset
 from handlers.settings import SETTINGS, HandlerSettings, ServerSettings
+from models import imagenet
 from models.zoo import get_model, get_spec
 from training.export import quantize
 from training.fit.checkpoint import load_checkpoint
@@ -66,19 +67,30 @@ def handler_settings(a: argparse.Namespace, ckpt: dict) -> HandlerSettings:
     model's registry entry gives the oneDNN Graph batch sizes unless the flags do."""
     batches = a.onednn_batches or get_spec(ckpt["model"]).onednn_batches
     return SETTINGS[a.handler](
-        top_k=min(a.top_k, ckpt["num_classes"]), threads=a.threads, jpeg_draft=a.jpeg_draft,
-        optimize=a.optimize, half=a.half, gpu_decode=a.gpu_decode,
+        top_k=min(a.top_k, ckpt["num_classes"]),
+        threads=a.threads,
+        jpeg_draft=a.jpeg_draft,
+        optimize=a.optimize,
+        half=a.half,
+        gpu_decode=a.gpu_decode,
         onednn_batches=tuple(onednn_sizes(list(batches), a.batch_size)) if batches else None,
-        quantized_engine=a.quantize_engine if a.quantize == "int8" else None)
+        quantized_engine=a.quantize_engine if a.quantize == "int8" else None,
+    )
 
 
 def model_config(ckpt: dict, a: argparse.Namespace) -> dict:
     """model-config.yaml: TorchServe's per-model keys, and the handler's section with the
     preprocessing and the handler's settings."""
     server = ServerSettings(a.workers, a.batch_size, a.max_batch_delay, a.response_timeout)
-    return {**server.to_config(),
-            "handler": {"name": a.handler, **ckpt["eval_preset"], "model": ckpt["model"],
-                        **handler_settings(a, ckpt).to_config()}}
+    return {
+        **server.to_config(),
+        "handler": {
+            "name": a.handler,
+            **ckpt["eval_preset"],
+            "model": ckpt["model"],
+            **handler_settings(a, ckpt).to_config(),
+        },
+    }
 
 
 def check_roundtrip(eager: torch.nn.Module, path: Path, crop: int) -> Agreement:
@@ -88,28 +100,35 @@ def check_roundtrip(eager: torch.nn.Module, path: Path, crop: int) -> Agreement:
     with torch.inference_mode():
         agreement = compare(torch.jit.load(str(path))(x), eager(x))
     if not agreement.ok:
-        raise RuntimeError(f"the TorchScript file does not compute what the eager model does: "
-                           f"{agreement}")
+        raise RuntimeError(f"the TorchScript file does not compute what the eager model does: {agreement}")
     return agreement
 
 
 def quantized(model: torch.nn.Module, ckpt: dict, a: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """The int8 model and its comparison with fp32; SystemExit if it loses too much accuracy."""
     preset = EvalPreset.from_dict(ckpt["eval_preset"])
-    calibration = quantize.calibration_set(a.calibration_data, preset, ckpt["classes"],
-                                           a.calibration_images)
-    print(f"int8 ({a.quantize_engine}): calibrating on {len(calibration)} images of "
-          f"{a.calibration_data}/train/", flush=True)
+    calibration = quantize.calibration_set(a.calibration_data, preset, ckpt["classes"], a.calibration_images)
+    print(
+        f"int8 ({a.quantize_engine}): calibrating on {len(calibration)} images of "
+        f"{a.calibration_data}/train/",
+        flush=True,
+    )
     int8 = quantize.quantize_int8(model, calibration, a.quantize_engine)
     result = quantize.compare(model, int8, a.calibration_data, preset)
     print(f"int8 against fp32 on {result}", flush=True)
     if result.accuracy_drop > a.max_accuracy_drop:
-        raise SystemExit(f"export stopped, nothing written: int8 loses {result.accuracy_drop:.1f} "
-                         f"points of top-1 accuracy (--max-accuracy-drop {a.max_accuracy_drop}); "
-                         f"export without --quantize, or try --quantize-engine / more "
-                         f"--calibration-images")
-    report = {"engine": a.quantize_engine, "calibration_data": str(a.calibration_data),
-              "calibration_images": len(calibration), **result.to_dict()}
+        raise SystemExit(
+            f"export stopped, nothing written: int8 loses {result.accuracy_drop:.1f} "
+            f"points of top-1 accuracy (--max-accuracy-drop {a.max_accuracy_drop}); "
+            f"export without --quantize, or try --quantize-engine / more "
+            f"--calibration-images"
+        )
+    report = {
+        "engine": a.quantize_engine,
+        "calibration_data": str(a.calibration_data),
+        "calibration_images": len(calibration),
+        **result.to_dict(),
+    }
     return int8, report
 
 
@@ -130,8 +149,12 @@ def with_dog_gate(model: torch.nn.Module, ckpt: dict, gate_name: str) -> torch.n
             return model
     gate = get_model(gate_name, len(imagenet.categories()), weights="DEFAULT").eval()
     print(f"dog detector: {gate_name}'s ImageNet classes, beside {ckpt['model']}", flush=True)
-    return imagenet.WithImageNetGate(model, gate, EvalPreset.from_dict(ckpt["eval_preset"]),
-                                     get_spec(gate_name).eval_preset_for(pretrained=True))
+    return imagenet.WithImageNetGate(
+        model,
+        gate,
+        EvalPreset.from_dict(ckpt["eval_preset"]),
+        get_spec(gate_name).eval_preset_for(pretrained=True),
+    )
 
 
 def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
@@ -150,64 +173,132 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
         (out / QUANTIZATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     labels = {str(i): display_name(name) for i, name in enumerate(ckpt["classes"])}
     (out / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
-    header = (f"# TorchServe settings for {ckpt['model']}, written by training/export/torchscript.py from "
-              f"{checkpoint}.\n# Worker/batching keys are TorchServe's; 'handler' is read by "
-              f"handlers/{a.handler}.py.\n")
+    header = (
+        f"# TorchServe settings for {ckpt['model']}, written by training/export/torchscript.py from "
+        f"{checkpoint}.\n# Worker/batching keys are TorchServe's; 'handler' is read by "
+        f"handlers/{a.handler}.py.\n"
+    )
     (out / CONFIG_FILE).write_text(header + yaml.safe_dump(model_config(ckpt, a), sort_keys=False))
-    print(f"exported {ckpt['model']} ({ckpt['num_classes']} classes"
-          f"{', int8' if report else ''}) to {out}/ [TorchScript against eager: {agreement}]")
+    print(
+        f"exported {ckpt['model']} ({ckpt['num_classes']} classes"
+        f"{', int8' if report else ''}) to {out}/ [TorchScript against eager: {agreement}]"
+    )
     return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.export",
-                                description="Export a training checkpoint for TorchServe.")
+    p = argparse.ArgumentParser(
+        prog="python -m training.export", description="Export a training checkpoint for TorchServe."
+    )
     p.add_argument("--checkpoint", required=True, type=Path, help="best.pt from training.fit.train")
     p.add_argument("--out", required=True, type=Path, help="folder to write the export into")
-    p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size,
-                   help="TorchServe batchSize")
-    p.add_argument("--max-batch-delay", type=int, default=ServerSettings.max_batch_delay,
-                   help="TorchServe maxBatchDelay in ms: how long to wait to fill a batch")
-    p.add_argument("--workers", type=int, default=ServerSettings.workers,
-                   help="TorchServe min/max workers (workers x threads <= cores)")
-    p.add_argument("--response-timeout", type=int, default=ServerSettings.response_timeout,
-                   help="TorchServe responseTimeout (s)")
+    p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size, help="TorchServe batchSize")
+    p.add_argument(
+        "--max-batch-delay",
+        type=int,
+        default=ServerSettings.max_batch_delay,
+        help="TorchServe maxBatchDelay in ms: how long to wait to fill a batch",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=ServerSettings.workers,
+        help="TorchServe min/max workers (workers x threads <= cores)",
+    )
+    p.add_argument(
+        "--response-timeout",
+        type=int,
+        default=ServerSettings.response_timeout,
+        help="TorchServe responseTimeout (s)",
+    )
     p.add_argument("--top-k", type=int, default=HandlerSettings.top_k, help="labels returned per image")
-    p.add_argument("--threads", type=int, default=HandlerSettings.threads,
-                   help="torch threads per worker; workers x threads should not exceed the cores")
-    p.add_argument("--jpeg-draft", type=float, default=HandlerSettings.jpeg_draft,
-                   help="decode large JPEGs at 1/2-1/8 scale keeping the short side >= this "
-                        "x resize_size (0: always full decode)")
-    p.add_argument("--optimize", choices=OPTIMIZE_MODES, default=HandlerSettings.optimize,
-                   help="how the handler optimises the model it loads: oneDNN Graph fusion "
-                        "per batch size (CPU workers; jit on a GPU), "
-                        "torch.jit.optimize_for_inference, or none")
-    p.add_argument("--no-optimize", dest="optimize", action="store_const", const="none",
-                   help="the same as --optimize none")
-    p.add_argument("--onednn-batches", type=int, nargs="+", metavar="N",
-                   help="--optimize onednn: the batch sizes to compile a model copy for, "
-                        "including 1 (default: 1, 2, 4, ... up to --batch-size); fewer "
-                        "copies, less memory")
-    p.add_argument("--half", action="store_true",
-                   help="CUDA workers: forward pass in fp16 (autocast); ignored on CPU")
-    p.add_argument("--gpu-decode", action="store_true",
-                   help="CUDA workers: decode JPEGs with nvJPEG and preprocess on the GPU")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: quantise for x86 CPUs (needs --calibration-data); see training/export/quantize.py")
-    p.add_argument("--calibration-data", type=Path,
-                   help="dataset root (train/ valid/ test/) the model was trained on: int8 ranges "
-                        "come from train/, the accuracy check from test/")
-    p.add_argument("--calibration-images", type=int, default=256,
-                   help="training images that calibrate the int8 activation ranges")
-    p.add_argument("--quantize-engine", choices=quantize.ENGINES, default=quantize.DEFAULT_ENGINE,
-                   help="torch.backends.quantized engine the int8 model is made for")
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
-                   help="fail if int8 test top-1 accuracy is more than this many points below fp32")
-    p.add_argument("--dog-gate", default=DEFAULT_DOG_GATE,
-                   help="--handler dog_breeds: the pretrained ImageNet network that detects dogs "
-                        "for a model without ImageNet classes of its own")
-    p.add_argument("--handler", choices=["image_classifier", "dog_breeds"], default="image_classifier",
-                   help="handlers/<name>.py serves the model: dog_breeds adds dog/human/none")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=HandlerSettings.threads,
+        help="torch threads per worker; workers x threads should not exceed the cores",
+    )
+    p.add_argument(
+        "--jpeg-draft",
+        type=float,
+        default=HandlerSettings.jpeg_draft,
+        help="decode large JPEGs at 1/2-1/8 scale keeping the short side >= this "
+        "x resize_size (0: always full decode)",
+    )
+    p.add_argument(
+        "--optimize",
+        choices=OPTIMIZE_MODES,
+        default=HandlerSettings.optimize,
+        help="how the handler optimises the model it loads: oneDNN Graph fusion "
+        "per batch size (CPU workers; jit on a GPU), "
+        "torch.jit.optimize_for_inference, or none",
+    )
+    p.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_const",
+        const="none",
+        help="the same as --optimize none",
+    )
+    p.add_argument(
+        "--onednn-batches",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="--optimize onednn: the batch sizes to compile a model copy for, "
+        "including 1 (default: 1, 2, 4, ... up to --batch-size); fewer "
+        "copies, less memory",
+    )
+    p.add_argument(
+        "--half", action="store_true", help="CUDA workers: forward pass in fp16 (autocast); ignored on CPU"
+    )
+    p.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="CUDA workers: decode JPEGs with nvJPEG and preprocess on the GPU",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: quantise for x86 CPUs (needs --calibration-data); see training/export/quantize.py",
+    )
+    p.add_argument(
+        "--calibration-data",
+        type=Path,
+        help="dataset root (train/ valid/ test/) the model was trained on: int8 ranges "
+        "come from train/, the accuracy check from test/",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=256,
+        help="training images that calibrate the int8 activation ranges",
+    )
+    p.add_argument(
+        "--quantize-engine",
+        choices=quantize.ENGINES,
+        default=quantize.DEFAULT_ENGINE,
+        help="torch.backends.quantized engine the int8 model is made for",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        help="fail if int8 test top-1 accuracy is more than this many points below fp32",
+    )
+    p.add_argument(
+        "--dog-gate",
+        default=DEFAULT_DOG_GATE,
+        help="--handler dog_breeds: the pretrained ImageNet network that detects dogs "
+        "for a model without ImageNet classes of its own",
+    )
+    p.add_argument(
+        "--handler",
+        choices=["image_classifier", "dog_breeds"],
+        default="image_classifier",
+        help="handlers/<name>.py serves the model: dog_breeds adds dog/human/none",
+    )
     a = p.parse_args(argv)
     if a.quantize == "int8" and a.calibration_data is None:
         p.error("--quantize int8 needs --calibration-data (the dataset the model was trained on)")

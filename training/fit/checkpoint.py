@@ -1,6 +1,7 @@
 """The self-describing checkpoint: what training writes, and export, analysis and
 quantisation read to rebuild the model (its name, options, classes and eval preprocessing
 travel with the weights, as torchvision's and nanoGPT's checkpoints carry their arguments)."""
+
 from __future__ import annotations
 
 import argparse

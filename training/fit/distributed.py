@@ -5,6 +5,7 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on GPUs and
 gloo on CPUs. Only rank 0 prints, writes files and saves checkpoints.
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ v2's transforms draw from torch's global generator; each batch's draws are made 
 a fork of it seeded by (seed, epoch, step), so they are the same whatever happened
 before: in a resumed run, under any number of loader workers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,10 +24,19 @@ STREAM = 1 << 48
 class BatchMix:
     """Mixes a batch (images, integer labels) into (images, class probabilities), or leaves it."""
 
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 prob: float = 1.0, switch_prob: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        seed: int = 0,
+    ):
         if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"mixup and cutmix alphas must be >= 0 (0: off), got {mixup_alpha}, {cutmix_alpha}")
+            raise ValueError(
+                f"mixup and cutmix alphas must be >= 0 (0: off), got {mixup_alpha}, {cutmix_alpha}"
+            )
         for name, p in (("mix prob", prob), ("mix switch prob", switch_prob)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} is a probability in 0..1, got {p}")

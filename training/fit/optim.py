@@ -2,6 +2,7 @@
 
 Small lookup tables rather than if/elif chains: a new optimiser or schedule is one entry.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,16 +11,22 @@ import torch
 from torch import nn
 
 OPTIMIZERS = {
-    "sgd": lambda groups, a: torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum,
-                                             weight_decay=a.weight_decay),
+    "sgd": lambda groups, a: torch.optim.SGD(
+        groups, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay
+    ),
     "adam": lambda groups, a: torch.optim.Adam(groups, lr=a.lr, weight_decay=a.weight_decay),
     "adamw": lambda groups, a: torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay),
 }
 
 # Layers whose parameters set a scale and shift, not features: decaying them towards zero
 # fights the normalisation (torchvision's --norm-weight-decay, timm's no-decay list).
-NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
 
 SCHEDULES = ("none", "step", "plateau", "cosine", "onecycle")
 # Schedules stepped after every optimiser step rather than every epoch: a short fine-tuning
@@ -58,12 +65,14 @@ def decay_groups(params: list, group: dict, a, exempt: set[int]) -> list[dict]:
         return [{"params": params, **group}]
     decayed = [p for p in params if id(p) not in exempt]
     exempted = [p for p in params if id(p) in exempt]
-    return ([{"params": decayed, **group}] if decayed else []) + \
-        ([{"params": exempted, **group, "weight_decay": other, "decay": "norm_bias"}] if exempted else [])
+    return ([{"params": decayed, **group}] if decayed else []) + (
+        [{"params": exempted, **group, "weight_decay": other, "decay": "norm_bias"}] if exempted else []
+    )
 
 
-def build_optimizer(head_params: list, backbone: list, a, backbone_scale: float,
-                    model: nn.Module | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    head_params: list, backbone: list, a, backbone_scale: float, model: nn.Module | None = None
+) -> torch.optim.Optimizer:
     """One optimiser, two groups: the head at ``lr``, the backbone at ``lr * backbone_scale``;
     each split once more when norms and biases decay at ``a.norm_bias_decay`` (``model``
     tells which they are).
@@ -99,8 +108,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, a, steps_per_epoch: int = 
     if a.schedule == "onecycle":
         return one_cycle(optimizer, a, steps_per_epoch)
     if a.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=a.gamma,
-                                                          patience=a.plateau_patience)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=a.gamma, patience=a.plateau_patience
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, a))
 
 
@@ -114,9 +124,12 @@ def one_cycle(optimizer: torch.optim.Optimizer, a, steps_per_epoch: int):
     # OneCycleLR divides by the length of each phase: both must be over one step long.
     rise = min(max(rise, 1.5), total - 0.5)
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=total,
         pct_start=rise / total,
-        cycle_momentum=a.optimizer != "sgd" or a.momentum > 0)
+        cycle_momentum=a.optimizer != "sgd" or a.momentum > 0,
+    )
 
 
 def set_backbone_trainable(backbone: list, trainable: bool) -> None:

@@ -6,6 +6,7 @@ A recipe's keys are the trainer's flags (``batch-size`` or ``batch_size``); the
 recipe sets the defaults and flags given on the command line override them
 (timm's train.py does the same). The resolved settings are saved with the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in dests:
-            raise ValueError(f"recipe {path}: unknown setting {key!r}; known: "
-                             + ", ".join(sorted(d.replace("_", "-") for d in dests)))
+            raise ValueError(
+                f"recipe {path}: unknown setting {key!r}; known: "
+                + ", ".join(sorted(d.replace("_", "-") for d in dests))
+            )
         action = dests[dest]
         takes_list = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0)
         if takes_list and value is not None and not isinstance(value, list):
@@ -65,7 +68,10 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
 
 def save_settings(a: argparse.Namespace, path: Path) -> None:
     """The resolved settings, as a recipe that reproduces the run."""
-    plain = {k.replace("_", "-"): (str(v) if isinstance(v, Path) else v)
-             for k, v in vars(a).items() if k not in ("recipe", "resume", "restart")}
+    plain = {
+        k.replace("_", "-"): (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(a).items()
+        if k not in ("recipe", "resume", "restart")
+    }
     header = f"# Resolved settings of this run (recipe: {a.recipe or 'none'}); usable as --recipe.\n"
     path.write_text(header + yaml.safe_dump(plain, sort_keys=False))

@@ -26,6 +26,7 @@ Mixup/CutMix (training/fit/mixing.py) mix whole batches; with ``--ema-decay`` an
 moving average of the weights is validated beside them every epoch, and whichever has
 the lower valid loss is what best.pt holds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +44,27 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from handlers.preset import EvalPreset
 from models.augment import AUTO_AUGMENT, TrainPreset
-from models.zoo import get_model, get_spec, known_models
 from models.weights import WeightsUnavailable
-from training.fit import distributed
+from models.zoo import get_model, get_spec, known_models
+from training.data.datasets import BALANCE, EpochSampler, class_weights, load_splits, loader, training_loader
 from training.evaluation.analysis import analyse, from_evaluation
-from training.fit.checkpoint import checkpoint, load_checkpoint, model_options, save_atomic
-from training.data.datasets import (BALANCE, EpochSampler, class_weights, load_splits, loader,
-                           training_loader)
-from training.fit.optim import (OPTIMIZERS, PER_STEP_SCHEDULES, SCHEDULES, build_optimizer,
-                            build_scheduler, set_backbone_trainable, split_parameters)
 from training.evaluation.evaluate import class_logits, evaluate
-from training.fit.mixing import BatchMix
 from training.evaluation.probe import linear_probe, with_transform
-from training.progress import Progress
+from training.fit import distributed
+from training.fit.checkpoint import checkpoint, load_checkpoint, model_options, save_atomic
+from training.fit.mixing import BatchMix
+from training.fit.optim import (
+    OPTIMIZERS,
+    PER_STEP_SCHEDULES,
+    SCHEDULES,
+    build_optimizer,
+    build_scheduler,
+    set_backbone_trainable,
+    split_parameters,
+)
 from training.fit.recipe import parse_with_recipe, save_settings
 from training.fit.transfer import BN_STATS, keep_bn_statistics, train_all_layers
+from training.progress import Progress
 
 
 def _autocast(d: distributed.Dist, amp: bool):
@@ -76,10 +83,21 @@ def _step(loss, optimizer, scaler) -> None:
         optimizer.step()
 
 
-def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scaler=None,
-                    amp: bool = False, label: str = "train", mix: BatchMix | None = None,
-                    ema: AveragedModel | None = None, epoch: int = 0, bn_stats: str = "update",
-                    after_step=None) -> dict:
+def train_one_epoch(
+    model,
+    data,
+    criterion,
+    optimizer,
+    d: distributed.Dist,
+    scaler=None,
+    amp: bool = False,
+    label: str = "train",
+    mix: BatchMix | None = None,
+    ema: AveragedModel | None = None,
+    epoch: int = 0,
+    bn_stats: str = "update",
+    after_step=None,
+) -> dict:
     """One pass over ``data``; returns mean loss, accuracy and images/s over all processes.
 
     ``mix`` mixes each batch (its labels become probabilities; accuracy then counts the
@@ -113,131 +131,250 @@ def train_one_epoch(model, data, criterion, optimizer, d: distributed.Dist, scal
             progress.update(i, loss=loss_sum / seen, img_s=f"{rate:.1f}")
     seconds = time.perf_counter() - start
     loss_sum, correct, seen = distributed.all_sum(d, loss_sum, correct, seen)
-    return {"loss": loss_sum / seen, "acc": correct / seen, "correct": int(correct),
-            "total": int(seen), "images_per_s": seen / seconds}
+    return {
+        "loss": loss_sum / seen,
+        "acc": correct / seen,
+        "correct": int(correct),
+        "total": int(seen),
+        "images_per_s": seen / seconds,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train an image classifier on an ImageFolder dataset (train/ valid/ test/).",
-        epilog="Recipes in training/fit/recipes/ set the defaults (--recipe dog_breeds); flags override.")
+        epilog="Recipes in training/fit/recipes/ set the defaults (--recipe dog_breeds); flags override.",
+    )
     p.add_argument("--recipe", help="YAML file of settings (or the name of one in training/fit/recipes/)")
     p.add_argument("--model", required=True, help=f"one of: {known_models()}")
     p.add_argument("--data", required=True, type=Path, help="dataset root with train/ valid/ test/")
     p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and metrics")
     p.add_argument("--epochs", type=int, default=10, help="training epochs in all")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="images per step in all; split across processes under torchrun")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per step in all; split across processes under torchrun",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="optimiser")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate of the head")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
-    g.add_argument("--norm-bias-decay", type=float,
-                   help="weight decay of normalisation layers' parameters and of every bias "
-                        "(default: --weight-decay; 0 as torchvision's and timm's recipes)")
-    g.add_argument("--schedule", choices=SCHEDULES, default="none",
-                   help="learning-rate schedule, stepped per epoch; onecycle (torch's OneCycleLR: "
-                        "warm-up to --lr, cosine down to about 0) after every step")
-    g.add_argument("--warmup-epochs", type=int, default=0,
-                   help="linear warm-up epochs before the step or cosine schedule; onecycle: the "
-                        "epochs of its rise (default: 30%% of the run)")
+    g.add_argument(
+        "--norm-bias-decay",
+        type=float,
+        help="weight decay of normalisation layers' parameters and of every bias "
+        "(default: --weight-decay; 0 as torchvision's and timm's recipes)",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="none",
+        help="learning-rate schedule, stepped per epoch; onecycle (torch's OneCycleLR: "
+        "warm-up to --lr, cosine down to about 0) after every step",
+    )
+    g.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="linear warm-up epochs before the step or cosine schedule; onecycle: the "
+        "epochs of its rise (default: 30%% of the run)",
+    )
     g.add_argument("--step-size", type=int, default=5, help="step: epochs between decays")
     g.add_argument("--gamma", type=float, default=0.1, help="step and plateau: decay factor")
-    g.add_argument("--plateau-patience", type=int, default=2,
-                   help="plateau: epochs without improvement before decaying")
+    g.add_argument(
+        "--plateau-patience", type=int, default=2, help="plateau: epochs without improvement before decaying"
+    )
     g.add_argument("--min-lr-factor", type=float, default=0.0, help="cosine: final lr / initial lr")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss")
-    g.add_argument("--balance", choices=BALANCE, default="none",
-                   help="imbalanced classes: loss weights, or a sampler that draws classes equally")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision (fp16 autocast) on CUDA; no effect on CPUs")
-    g.add_argument("--ema-decay", type=float, default=0.0,
-                   help="exponential moving average of the weights, updated every step with this "
-                        "decay (0: off); validated beside the weights each epoch, the better is kept")
+    g.add_argument(
+        "--balance",
+        choices=BALANCE,
+        default="none",
+        help="imbalanced classes: loss weights, or a sampler that draws classes equally",
+    )
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mixed precision (fp16 autocast) on CUDA; no effect on CPUs",
+    )
+    g.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="exponential moving average of the weights, updated every step with this "
+        "decay (0: off); validated beside the weights each epoch, the better is kept",
+    )
     add_augmentation_flags(p)
     s = p.add_argument_group("staged fine-tuning")
-    s.add_argument("--head-epochs", type=int, default=0,
-                   help="epochs that train only the classifier head before the backbone joins")
-    s.add_argument("--backbone-lr-scale", type=float, default=0.1,
-                   help="backbone learning rate = lr x this, for pretrained weights "
-                        "(a randomly initialised backbone trains at lr)")
-    s.add_argument("--train-all-layers", action=argparse.BooleanOptionalAction, default=False,
-                   help="train every layer (after --head-epochs), whatever the model freezes by "
-                        "default (resnet50: conv1..layer3; mobilenet_v2, efficientnet_lite0: the "
-                        "features but --unfreeze-blocks)")
-    s.add_argument("--bn-stats", choices=BN_STATS, default="update",
-                   help="BatchNorm statistics while training from pretrained weights: update "
-                        "(batch statistics, running ones follow the data: the original projects), "
-                        "frozen-parts (layers not trained in the stage keep their pretrained ones), "
-                        "frozen (every layer keeps them); random initialisation always updates")
-    s.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
-                   help="from pretrained weights: fit a logistic regression on the frozen "
-                        "features (train split) and report its test accuracy beside the result")
+    s.add_argument(
+        "--head-epochs",
+        type=int,
+        default=0,
+        help="epochs that train only the classifier head before the backbone joins",
+    )
+    s.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=0.1,
+        help="backbone learning rate = lr x this, for pretrained weights "
+        "(a randomly initialised backbone trains at lr)",
+    )
+    s.add_argument(
+        "--train-all-layers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train every layer (after --head-epochs), whatever the model freezes by "
+        "default (resnet50: conv1..layer3; mobilenet_v2, efficientnet_lite0: the "
+        "features but --unfreeze-blocks)",
+    )
+    s.add_argument(
+        "--bn-stats",
+        choices=BN_STATS,
+        default="update",
+        help="BatchNorm statistics while training from pretrained weights: update "
+        "(batch statistics, running ones follow the data: the original projects), "
+        "frozen-parts (layers not trained in the stage keep their pretrained ones), "
+        "frozen (every layer keeps them); random initialisation always updates",
+    )
+    s.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="from pretrained weights: fit a logistic regression on the frozen "
+        "features (train split) and report its test accuracy beside the result",
+    )
     m = p.add_argument_group("model")
-    m.add_argument("--weights", default="DEFAULT",
-                   help="torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2), "
-                        "downloaded when online, or 'none' for random initialisation")
+    m.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2), "
+        "downloaded when online, or 'none' for random initialisation",
+    )
     m.add_argument("--weights-file", type=Path, help="local torchvision state dict (offline machines)")
-    m.add_argument("--unfreeze-layer3", action=argparse.BooleanOptionalAction, default=False,
-                   help="resnet50: train layer3 too (the original project's second stage)")
-    m.add_argument("--unfreeze-blocks", type=int,
-                   help="train the last N feature blocks (mobilenet_v2: 19, efficientnet_lite0: 18, "
-                        "torchvision models: their stages or blocks); unset: the model's default "
-                        "(torchvision models: every layer trains)")
-    m.add_argument("--imagenet-head", action=argparse.BooleanOptionalAction, default=False,
-                   help="resnet50: keep the pretrained ImageNet classifier as a second output "
-                        "(the dog-breed handler's dog detector); needs ImageNet weights")
+    m.add_argument(
+        "--unfreeze-layer3",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="resnet50: train layer3 too (the original project's second stage)",
+    )
+    m.add_argument(
+        "--unfreeze-blocks",
+        type=int,
+        help="train the last N feature blocks (mobilenet_v2: 19, efficientnet_lite0: 18, "
+        "torchvision models: their stages or blocks); unset: the model's default "
+        "(torchvision models: every layer trains)",
+    )
+    m.add_argument(
+        "--imagenet-head",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="resnet50: keep the pretrained ImageNet classifier as a second output "
+        "(the dog-breed handler's dog detector); needs ImageNet weights",
+    )
     m.add_argument("--dropout", type=float, help="dropout of the head (the builder's default if unset)")
-    m.add_argument("--resize-size", type=int,
-                   help="eval preprocessing: short side resized to this (default: the weights' own, "
-                        "else 256)")
-    m.add_argument("--crop-size", type=int,
-                   help="eval preprocessing: centre crop side, the resolution served (default: the "
-                        "weights' own, else 224)")
+    m.add_argument(
+        "--resize-size",
+        type=int,
+        help="eval preprocessing: short side resized to this (default: the weights' own, else 256)",
+    )
+    m.add_argument(
+        "--crop-size",
+        type=int,
+        help="eval preprocessing: centre crop side, the resolution served (default: the "
+        "weights' own, else 224)",
+    )
     r = p.add_argument_group("run")
-    r.add_argument("--patience", type=int, default=0,
-                   help="early stopping: stop after this many epochs without a better valid loss (0: off)")
+    r.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="early stopping: stop after this many epochs without a better valid loss (0: off)",
+    )
     r.add_argument("--min-delta", type=float, default=0.0, help="early stopping: smallest improvement")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     r.add_argument("--restart", action="store_true", help="start over although --out holds an unfinished run")
     r.add_argument("--workers", type=int, default=2, help="data-loader worker processes (per process)")
     r.add_argument("--seed", type=int, default=0, help="random seed: same seed, same run")
-    r.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the analysis PNGs at the end")
+    r.add_argument(
+        "--analysis",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the analysis PNGs at the end",
+    )
     return p
 
 
 # Augmentation flags and the TrainPreset fields they set; unset, the architecture's own value.
-AUGMENTATION = {"hflip": "hflip", "rotation": "rotation", "crop_scale": "scale",
-                "crop_ratio": "ratio", "color_jitter": "color_jitter",
-                "auto_augment": "auto_augment", "random_erasing": "random_erasing",
-                "train_crop_size": "crop_size"}
+AUGMENTATION = {
+    "hflip": "hflip",
+    "rotation": "rotation",
+    "crop_scale": "scale",
+    "crop_ratio": "ratio",
+    "color_jitter": "color_jitter",
+    "auto_augment": "auto_augment",
+    "random_erasing": "random_erasing",
+    "train_crop_size": "crop_size",
+}
 
 
 def add_augmentation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("augmentation", "unset: the architecture's own choice (saved in settings.yaml)")
-    g.add_argument("--hflip", type=float, help="probability of a horizontal flip; 0 for digits, text, "
-                   "arrows: anything whose class a mirror changes")
+    g.add_argument(
+        "--hflip",
+        type=float,
+        help="probability of a horizontal flip; 0 for digits, text, "
+        "arrows: anything whose class a mirror changes",
+    )
     g.add_argument("--rotation", type=float, help="random rotation by up to this many degrees either way")
-    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="random resized crop: fraction of the image's area a crop covers")
-    g.add_argument("--crop-ratio", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="random resized crop: aspect ratio (width / height) range of a crop")
+    g.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="random resized crop: fraction of the image's area a crop covers",
+    )
+    g.add_argument(
+        "--crop-ratio",
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="random resized crop: aspect ratio (width / height) range of a crop",
+    )
     g.add_argument("--color-jitter", type=float, help="brightness, contrast and saturation jitter (0: off)")
-    g.add_argument("--auto-augment", choices=list(AUTO_AUGMENT),
-                   help="one policy of random operations: TrivialAugmentWide, RandAugment, AutoAugment")
+    g.add_argument(
+        "--auto-augment",
+        choices=list(AUTO_AUGMENT),
+        help="one policy of random operations: TrivialAugmentWide, RandAugment, AutoAugment",
+    )
     g.add_argument("--random-erasing", type=float, help="probability of erasing a random rectangle")
-    g.add_argument("--train-crop-size", type=int,
-                   help="training resolution (default: --crop-size); smaller trains faster, and a "
-                        "model evaluated a little larger than it trained often scores better")
-    g.add_argument("--mixup-alpha", type=float, default=0.0,
-                   help="mixup of whole batches, weight ~ Beta(alpha, alpha) (0: off)")
+    g.add_argument(
+        "--train-crop-size",
+        type=int,
+        help="training resolution (default: --crop-size); smaller trains faster, and a "
+        "model evaluated a little larger than it trained often scores better",
+    )
+    g.add_argument(
+        "--mixup-alpha",
+        type=float,
+        default=0.0,
+        help="mixup of whole batches, weight ~ Beta(alpha, alpha) (0: off)",
+    )
     g.add_argument("--cutmix-alpha", type=float, default=0.0, help="cutmix of whole batches (0: off)")
-    g.add_argument("--mix-prob", type=float, default=1.0,
-                   help="probability that a batch is mixed, when mixup or cutmix is on")
-    g.add_argument("--mix-switch-prob", type=float, default=0.5,
-                   help="with both on: probability that a mixed batch is cut-mixed rather than mixed up")
+    g.add_argument(
+        "--mix-prob",
+        type=float,
+        default=1.0,
+        help="probability that a batch is mixed, when mixup or cutmix is on",
+    )
+    g.add_argument(
+        "--mix-switch-prob",
+        type=float,
+        default=0.5,
+        help="with both on: probability that a mixed batch is cut-mixed rather than mixed up",
+    )
 
 
 def resolve_presets(a: argparse.Namespace, spec) -> None:
@@ -247,8 +384,10 @@ def resolve_presets(a: argparse.Namespace, spec) -> None:
     a.resize_size = a.resize_size or own.resize_size
     a.crop_size = a.crop_size or own.crop_size
     if a.crop_size > a.resize_size:
-        raise ValueError(f"--crop-size {a.crop_size} is larger than --resize-size {a.resize_size}: "
-                         "the centre crop would be padded")
+        raise ValueError(
+            f"--crop-size {a.crop_size} is larger than --resize-size {a.resize_size}: "
+            "the centre crop would be padded"
+        )
     defaults = spec.train_preset.to_dict() | {"crop_size": a.crop_size}
     for flag, field in AUGMENTATION.items():
         if getattr(a, flag) is None:
@@ -257,8 +396,12 @@ def resolve_presets(a: argparse.Namespace, spec) -> None:
 
 
 def train_preset(a: argparse.Namespace) -> TrainPreset:
-    return TrainPreset(**{field: tuple(v) if isinstance(v := getattr(a, flag), list) else v
-                          for flag, field in AUGMENTATION.items()})
+    return TrainPreset(
+        **{
+            field: tuple(v) if isinstance(v := getattr(a, flag), list) else v
+            for flag, field in AUGMENTATION.items()
+        }
+    )
 
 
 def eval_preset(a: argparse.Namespace, spec) -> EvalPreset:
@@ -281,11 +424,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     if a.imagenet_head and a.train_all_layers:
-        p.error("--imagenet-head keeps the pretrained layers it copies: it cannot take "
-                "--train-all-layers (use --unfreeze-layer3)")
+        p.error(
+            "--imagenet-head keeps the pretrained layers it copies: it cannot take "
+            "--train-all-layers (use --unfreeze-layer3)"
+        )
     if a.imagenet_head and not (a.weights or a.weights_file):
-        p.error("--imagenet-head needs ImageNet weights (--weights DEFAULT or --weights-file): "
-                "a randomly initialised head knows no ImageNet classes")
+        p.error(
+            "--imagenet-head needs ImageNet weights (--weights DEFAULT or --weights-file): "
+            "a randomly initialised head knows no ImageNet classes"
+        )
     if a.schedule == "plateau" and a.warmup_epochs:
         p.error("--warmup-epochs works with the step and cosine schedules, not plateau")
     if a.resume and a.restart:
@@ -307,11 +454,13 @@ class Run:
             raise ValueError(f"--batch-size {a.batch_size} must divide by the {d.world} processes")
         spec = get_spec(a.model)
         self.eval_preset, self.train_preset = eval_preset(a, spec), train_preset(a)
-        self.sets = load_splits(a.data, self.train_preset.transform(self.eval_preset),
-                                self.eval_preset.transform())
+        self.sets = load_splits(
+            a.data, self.train_preset.transform(self.eval_preset), self.eval_preset.transform()
+        )
         self.classes = self.sets["train"].classes
-        self.model = get_model(a.model, len(self.classes), weights=a.weights,
-                               weights_file=a.weights_file, **model_options(a)).to(d.device)
+        self.model = get_model(
+            a.model, len(self.classes), weights=a.weights, weights_file=a.weights_file, **model_options(a)
+        ).to(d.device)
         check_input_sizes(self.model, a, d.device)
         if a.train_all_layers:
             train_all_layers(self.model)
@@ -323,20 +472,36 @@ class Run:
         # Random initialisation has no statistics worth keeping: its BatchNorm layers learn them.
         self.bn_stats = a.bn_stats if self.pretrained else "update"
         self.optimizer = build_optimizer(self.head, self.backbone, a, self.backbone_scale, self.model)
-        self.mix = BatchMix(len(self.classes), a.mixup_alpha, a.cutmix_alpha, a.mix_prob,
-                            a.mix_switch_prob, a.seed)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(a.ema_decay),
-                                  use_buffers=True) if a.ema_decay else None)
+        self.mix = BatchMix(
+            len(self.classes), a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob, a.seed
+        )
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(a.ema_decay), use_buffers=True)
+            if a.ema_decay
+            else None
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=a.amp and d.device.type == "cuda")
         weights = class_weights(self.sets["train"]).to(d.device) if a.balance == "weights" else None
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=a.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()
         per_process = a.batch_size // d.world
-        self.train_dl = training_loader(self.sets["train"], per_process, a.workers, a.seed,
-                                        d.rank, d.world, balanced=a.balance == "sampler")
+        self.train_dl = training_loader(
+            self.sets["train"],
+            per_process,
+            a.workers,
+            a.seed,
+            d.rank,
+            d.world,
+            balanced=a.balance == "sampler",
+        )
         valid = self.sets["valid"]
-        self.valid_dl = loader(valid, per_process, False, a.workers, sampler=EpochSampler(
-            len(valid), shuffle=False, rank=d.rank, world=d.world, pad=False))
+        self.valid_dl = loader(
+            valid,
+            per_process,
+            False,
+            a.workers,
+            sampler=EpochSampler(len(valid), shuffle=False, rank=d.rank, world=d.world, pad=False),
+        )
         self.scheduler = build_scheduler(self.optimizer, a, len(self.train_dl))
         self.per_step = a.schedule in PER_STEP_SCHEDULES
         self.probe: dict | None = None
@@ -347,11 +512,13 @@ class Run:
     def summary(self) -> str:
         a = self.a
         sizes = ", ".join(f"{s} {len(ds)}" for s, ds in self.sets.items())
-        return (f"{a.model}: {len(self.classes)} classes, {sizes} images, device {self.d.device}"
-                + (f", {self.d.world} processes" if self.d.active else "")
-                + f"; trains {len(self.head)} head tensors at lr {a.lr:g} and "
-                f"{len(self.backbone)} backbone tensors at lr {a.lr * self.backbone_scale:g}"
-                + (f"; BatchNorm statistics: {self.bn_stats}" if self.bn_stats != "update" else ""))
+        return (
+            f"{a.model}: {len(self.classes)} classes, {sizes} images, device {self.d.device}"
+            + (f", {self.d.world} processes" if self.d.active else "")
+            + f"; trains {len(self.head)} head tensors at lr {a.lr:g} and "
+            f"{len(self.backbone)} backbone tensors at lr {a.lr * self.backbone_scale:g}"
+            + (f"; BatchNorm statistics: {self.bn_stats}" if self.bn_stats != "update" else "")
+        )
 
     def fit_probe(self, resuming: bool) -> dict:
         """The linear probe on the pretrained features (before any training step), written
@@ -361,8 +528,15 @@ class Run:
             return json.loads(path.read_text())
         t = self.eval_preset.transform()
         splits = {s: with_transform(ds, t) for s, ds in self.sets.items()}
-        probe = linear_probe(self.model, self.head_name, splits, len(self.classes),
-                             self.a.batch_size, self.a.workers, self.d.device)
+        probe = linear_probe(
+            self.model,
+            self.head_name,
+            splits,
+            len(self.classes),
+            self.a.batch_size,
+            self.a.workers,
+            self.d.device,
+        )
         path.write_text(json.dumps(probe, indent=2))
         print(probe_line(probe), flush=True)
         return probe
@@ -374,24 +548,38 @@ class Run:
             set_backbone_trainable(self.backbone, stage == 2)
             self.ddp = distributed.wrap(self.model, self.d)
             if self.stage is not None and self.d.main:
-                print(f"Stage 2 from epoch {epoch + 1}: backbone joins at lr "
-                      f"{self.a.lr * self.backbone_scale:g}", flush=True)
+                print(
+                    f"Stage 2 from epoch {epoch + 1}: backbone joins at lr "
+                    f"{self.a.lr * self.backbone_scale:g}",
+                    flush=True,
+                )
             self.stage = stage
 
     def state(self, epoch: int, finished: bool = False) -> dict:
         """Everything needed to continue after ``epoch`` (0-based) as if never interrupted."""
-        return {"epoch": epoch, "finished": finished, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "history": self.history, "best": self.best,
-                "bad_epochs": self.bad_epochs, "rng": torch.get_rng_state(),
-                "model_name": self.a.model, "classes": list(self.classes),
-                "ema": self.ema.state_dict() if self.ema else None}
+        return {
+            "epoch": epoch,
+            "finished": finished,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "rng": torch.get_rng_state(),
+            "model_name": self.a.model,
+            "classes": list(self.classes),
+            "ema": self.ema.state_dict() if self.ema else None,
+        }
 
     def restore(self, path: Path) -> None:
         s = torch.load(path, map_location="cpu", weights_only=True)
         if s["model_name"] != self.a.model or s["classes"] != list(self.classes):
-            raise ValueError(f"{path} is a run of {s['model_name']} on classes {s['classes'][:5]}...; "
-                             f"it cannot continue as {self.a.model} on this data")
+            raise ValueError(
+                f"{path} is a run of {s['model_name']} on classes {s['classes'][:5]}...; "
+                f"it cannot continue as {self.a.model} on this data"
+            )
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
@@ -419,19 +607,39 @@ class Run:
         self.train_dl.sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        tr = train_one_epoch(self.ddp, self.train_dl, self.criterion, self.optimizer, d, self.scaler,
-                             a.amp, label=f"epoch {epoch + 1}/{a.epochs}",
-                             mix=self.mix if self.mix.active else None, ema=self.ema, epoch=epoch,
-                             bn_stats=self.bn_stats,
-                             after_step=self.scheduler.step if self.per_step else None)
+        tr = train_one_epoch(
+            self.ddp,
+            self.train_dl,
+            self.criterion,
+            self.optimizer,
+            d,
+            self.scaler,
+            a.amp,
+            label=f"epoch {epoch + 1}/{a.epochs}",
+            mix=self.mix if self.mix.active else None,
+            ema=self.ema,
+            epoch=epoch,
+            bn_stats=self.bn_stats,
+            after_step=self.scheduler.step if self.per_step else None,
+        )
         raw = evaluate(self.model, self.valid_dl, self.eval_criterion, d)
         ema = evaluate(self.ema.module, self.valid_dl, self.eval_criterion, d) if self.ema else None
         # The weights this epoch offers: the average where it validates better.
         weights, va = ("ema", ema) if ema and ema["loss"] < raw["loss"] else ("raw", raw)
         self.step_schedule(va["loss"])
-        self.history.append({"epoch": epoch + 1, "stage": self.stage, "lr": lr, "train": tr,
-                             "valid": va, "weights": weights, "valid_raw": raw, "valid_ema": ema,
-                             "seconds": time.perf_counter() - t0})
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                "stage": self.stage,
+                "lr": lr,
+                "train": tr,
+                "valid": va,
+                "weights": weights,
+                "valid_raw": raw,
+                "valid_ema": ema,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         improved = va["loss"] < self.best - a.min_delta
         self.best = min(self.best, va["loss"])
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
@@ -439,12 +647,19 @@ class Run:
         if d.main:
             if improved:
                 model = self.ema.module if weights == "ema" else self.model
-                save_atomic(checkpoint(model, a, self.classes, self.eval_preset, epoch + 1, va,
-                                       weights, self.train_preset), a.out / "best.pt")
+                save_atomic(
+                    checkpoint(
+                        model, a, self.classes, self.eval_preset, epoch + 1, va, weights, self.train_preset
+                    ),
+                    a.out / "best.pt",
+                )
             save_atomic(self.state(epoch, finished=stop or epoch + 1 == a.epochs), a.out / "last.pt")
             write_history(self.history, a.out)
-            print(epoch_line(epoch, tr, raw, ema, lr, time.perf_counter() - t0)
-                  + (f"  (saved best.pt: {weights} weights)" if improved else ""), flush=True)
+            print(
+                epoch_line(epoch, tr, raw, ema, lr, time.perf_counter() - t0)
+                + (f"  (saved best.pt: {weights} weights)" if improved else ""),
+                flush=True,
+            )
             if stop:
                 print(f"Early stopping: no better valid loss for {a.patience} epochs", flush=True)
         return not stop
@@ -452,17 +667,21 @@ class Run:
 
 def probe_line(probe: dict) -> str:
     te = probe["test"]
-    return (f"Linear probe (logistic regression on the frozen pretrained features, "
-            f"{probe['features']} per image, L2 {probe['l2']:g} chosen on valid): "
-            f"test accuracy {te['acc']:.1%} ({te['correct']}/{te['total']}), {probe['seconds']:.0f}s")
+    return (
+        f"Linear probe (logistic regression on the frozen pretrained features, "
+        f"{probe['features']} per image, L2 {probe['l2']:g} chosen on valid): "
+        f"test accuracy {te['acc']:.1%} ({te['correct']}/{te['total']}), {probe['seconds']:.0f}s"
+    )
 
 
 def epoch_line(epoch: int, tr: dict, raw: dict, ema: dict | None, lr: float, seconds: float) -> str:
     """The line printed after each epoch: train, valid (and the average's valid), lr, speed."""
     ema_part = f" | ema valid loss {ema['loss']:.4f} acc {ema['acc']:.1%}" if ema else ""
-    return (f"Epoch {epoch + 1}: train loss {tr['loss']:.4f} acc {tr['acc']:.1%} | "
-            f"valid loss {raw['loss']:.4f} acc {raw['acc']:.1%}{ema_part} | lr {lr:.2e} | "
-            f"{tr['images_per_s']:.1f} img/s | {seconds:.0f}s")
+    return (
+        f"Epoch {epoch + 1}: train loss {tr['loss']:.4f} acc {tr['acc']:.1%} | "
+        f"valid loss {raw['loss']:.4f} acc {raw['acc']:.1%}{ema_part} | lr {lr:.2e} | "
+        f"{tr['images_per_s']:.1f} img/s | {seconds:.0f}s"
+    )
 
 
 def check_input_sizes(model: nn.Module, a: argparse.Namespace, device) -> None:
@@ -484,16 +703,36 @@ def check_input_sizes(model: nn.Module, a: argparse.Namespace, device) -> None:
 
 def write_history(history: list[dict], out: Path) -> None:
     """metrics.csv, one row per epoch (metrics.json gets the same at the end)."""
-    cols = ["epoch", "stage", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc",
-            "train_images_per_s", "seconds", "weights"]
+    cols = [
+        "epoch",
+        "stage",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "valid_loss",
+        "valid_acc",
+        "train_images_per_s",
+        "seconds",
+        "weights",
+    ]
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for h in history:
-            w.writerow([h["epoch"], h["stage"], f"{h['lr']:.6g}", f"{h['train']['loss']:.6f}",
-                        f"{h['train']['acc']:.6f}", f"{h['valid']['loss']:.6f}",
-                        f"{h['valid']['acc']:.6f}", f"{h['train']['images_per_s']:.2f}",
-                        f"{h['seconds']:.2f}", h.get("weights", "raw")])
+            w.writerow(
+                [
+                    h["epoch"],
+                    h["stage"],
+                    f"{h['lr']:.6g}",
+                    f"{h['train']['loss']:.6f}",
+                    f"{h['train']['acc']:.6f}",
+                    f"{h['valid']['loss']:.6f}",
+                    f"{h['valid']['acc']:.6f}",
+                    f"{h['train']['images_per_s']:.2f}",
+                    f"{h['seconds']:.2f}",
+                    h.get("weights", "raw"),
+                ]
+            )
 
 
 def prepare_out(a: argparse.Namespace) -> Path | None:
@@ -508,8 +747,10 @@ def prepare_out(a: argparse.Namespace) -> Path | None:
     if last.exists() and not a.restart:
         s = torch.load(last, map_location="cpu", weights_only=True)
         if not s["finished"]:
-            raise ValueError(f"{a.out} holds an unfinished run (epoch {s['epoch'] + 1} done): "
-                             "pass --resume to continue it or --restart to start over")
+            raise ValueError(
+                f"{a.out} holds an unfinished run (epoch {s['epoch'] + 1} done): "
+                "pass --resume to continue it or --restart to start over"
+            )
     return None
 
 
@@ -518,28 +759,46 @@ def test_and_analyse(run: Run) -> dict:
     a, one = run.a, distributed.Dist(device=run.d.device)
     model, ckpt = load_checkpoint(a.out / "best.pt")
     test = run.sets["test"]
-    te = evaluate(model.to(one.device), loader(test, a.batch_size, False, a.workers),
-                  run.eval_criterion, one, collect=True)
+    te = evaluate(
+        model.to(one.device),
+        loader(test, a.batch_size, False, a.workers),
+        run.eval_criterion,
+        one,
+        collect=True,
+    )
     print(f"best.pt: epoch {ckpt['epoch']}, {ckpt['weights']} weights")
     print(f"Test Loss: {te['loss']:.6f}")
     print(f"Test Accuracy: {te['acc']:.0%} ({te['correct']}/{te['total']})")
     if run.probe:
         p = run.probe["test"]
-        print(f"Linear probe on the pretrained features: {p['acc']:.1%} ({p['correct']}/{p['total']}); "
-              f"fine-tuned: {te['acc']:.1%}, {100 * (te['acc'] - p['acc']):+.1f} points")
+        print(
+            f"Linear probe on the pretrained features: {p['acc']:.1%} ({p['correct']}/{p['total']}); "
+            f"fine-tuned: {te['acc']:.1%}, {100 * (te['acc'] - p['acc']):+.1f} points"
+        )
     files = []
     if a.analysis:
         preds = from_evaluation(te, test.samples)
         files = [str(f) for f in analyse(a.out, run.history, preds, run.classes)]
     te.pop("predictions")
-    metrics = {"model": a.model, "best_epoch": ckpt["epoch"], "best_weights": ckpt["weights"],
-               "test": te, "history": run.history,
-               "stopped_early": len(run.history) < a.epochs, "files": files,
-               "linear_probe": run.probe}
+    metrics = {
+        "model": a.model,
+        "best_epoch": ckpt["epoch"],
+        "best_weights": ckpt["weights"],
+        "test": te,
+        "history": run.history,
+        "stopped_early": len(run.history) < a.epochs,
+        "files": files,
+        "linear_probe": run.probe,
+    }
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print("Wrote: " + ", ".join(str(a.out / n) for n in
-                               ("best.pt", "last.pt", "settings.yaml", "metrics.csv", "metrics.json")
-                               + (("probe.json",) if run.probe else ())))
+    print(
+        "Wrote: "
+        + ", ".join(
+            str(a.out / n)
+            for n in ("best.pt", "last.pt", "settings.yaml", "metrics.csv", "metrics.json")
+            + (("probe.json",) if run.probe else ())
+        )
+    )
     for f in files:
         print(f"Wrote: {f}")
     return te
@@ -567,16 +826,18 @@ def _run(a: argparse.Namespace, d: distributed.Dist) -> dict | None:
         r.restore(resume_from)
     if d.main:
         save_settings(a, a.out / "settings.yaml")
-        print(r.summary() + (f"; resuming after epoch {r.start_epoch}" if resume_from else ""),
-              flush=True)
+        print(r.summary() + (f"; resuming after epoch {r.start_epoch}" if resume_from else ""), flush=True)
     try:
         for epoch in range(r.start_epoch, a.epochs):
             if not r.epoch(epoch):
                 break
     except KeyboardInterrupt:
         if d.main:
-            print(f"\nInterrupted: {len(r.history)} epochs are saved in {a.out / 'last.pt'}; "
-                  "run the same command with --resume to continue.", file=sys.stderr)
+            print(
+                f"\nInterrupted: {len(r.history)} epochs are saved in {a.out / 'last.pt'}; "
+                "run the same command with --resume to continue.",
+                file=sys.stderr,
+            )
         raise
     distributed.barrier(d)
     return test_and_analyse(r) if d.main else None

@@ -8,6 +8,7 @@ read. Left in train mode on a small batch of unlike images (digits, not photos),
 frozen features a head trains on are not those it is evaluated on (docs/training.md has
 the measurements).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -37,7 +38,8 @@ def keep_bn_statistics(model: nn.Module, mode: str) -> int:
     kept = 0
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-                mode == "frozen" or not any(p.requires_grad for p in m.parameters())):
+            mode == "frozen" or not any(p.requires_grad for p in m.parameters())
+        ):
             m.eval()
             kept += 1
     return kept
