@@ -77,11 +77,11 @@ def test_recipe_turns_the_flip_off_and_settings_yaml_says_so(tiny_data, tmp_path
 def test_unset_augmentation_is_the_architectures_own_and_flags_override(tmp_path):
     base = ["--data", "d", "--out", str(tmp_path), "--weights", "none"]
     r50 = train_mod.parse_args(["--model", "resnet50", *base])
-    assert (r50.rotation, r50.hflip, r50.crop_scale, r50.color_jitter) == (10.0, 0.5, [0.5, 1.0], 0.0)
+    assert (r50.rotation, r50.hflip, r50.crop_scale, r50.color_jitter) == (10.0, 0.5, (0.5, 1.0), 0.0)
     mnv2 = train_mod.parse_args(["--model", "mobilenet_v2", *base, "--rotation", "3"])
     assert (mnv2.rotation, mnv2.color_jitter) == (3.0, 0.2)
     r18 = train_mod.parse_args(["--model", "resnet18", *base])  # torchvision's own preset
-    assert (r18.rotation, r18.crop_scale, r18.auto_augment) == (0.0, [0.08, 1.0], "none")
+    assert (r18.rotation, r18.crop_scale, r18.auto_augment) == (0.0, (0.08, 1.0), "none")
     assert (r18.resize_size, r18.crop_size, r18.train_crop_size) == (256, 224, 224)
 
 
@@ -261,7 +261,7 @@ def test_norms_and_biases_are_not_decayed(tmp_path):
 
     m = get_model("resnet18", 3)
     head, backbone = split_parameters(m, "fc")
-    opt = build_optimizer(head, backbone, a, 1.0, m)
+    opt = build_optimizer(head, backbone, a.optim, 1.0, m)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     for p in m.parameters():
         p.grad = torch.zeros_like(p)  # a step with no gradient: only weight decay moves a weight

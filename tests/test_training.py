@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -18,6 +19,7 @@ from tests.conftest import CLASSES, ctrl_c_in_epoch
 from training.demo.shapes import generate
 from training.fit import train as train_mod
 from training.fit.checkpoint import load_checkpoint
+from training.fit.settings import TrainSettings
 
 
 def test_demo_data_is_deterministic_and_split(tmp_path):
@@ -172,7 +174,7 @@ def test_cli_offline_weights_error_names_weights_file(tiny_data, tmp_path, weigh
 
 from training.data.datasets import EpochSampler, SeededSamples, class_weights, image_folder  # noqa: E402
 from training.fit import distributed  # noqa: E402
-from training.fit.optim import lr_factor  # noqa: E402
+from training.fit.optim import OptimSettings, lr_factor  # noqa: E402
 from training.fit.recipe import RECIPES  # noqa: E402
 
 
@@ -209,7 +211,14 @@ def test_recipe_sets_defaults_flags_override_and_settings_reproduce(tmp_path, ti
 
     save_settings(a, tmp_path / "settings.yaml")
     b = train_mod.parse_args(["--recipe", str(tmp_path / "settings.yaml")])
-    assert vars(b) | {"recipe": None} == vars(a) | {"recipe": None}
+    assert dataclasses.replace(b, recipe=None) == dataclasses.replace(a, recipe=None)
+
+
+def test_every_flag_is_a_setting_and_every_setting_a_flag():
+    dests = {x.dest for x in train_mod.build_parser()._actions if x.dest != "help"}
+    assert dests == {f.name for f in dataclasses.fields(TrainSettings)}
+    # and the optimiser's settings are the trainer's, under the same names
+    assert {f.name for f in dataclasses.fields(OptimSettings)} <= dests
 
 
 @pytest.mark.slow
@@ -236,15 +245,11 @@ def test_every_recipe_sets_each_of_its_values():
 
 
 def test_lr_schedules_by_hand():
-    import argparse
-
-    a = argparse.Namespace(
-        warmup_epochs=2, schedule="cosine", epochs=6, min_lr_factor=0.0, gamma=0.5, step_size=2
-    )
+    a = OptimSettings(warmup_epochs=2, schedule="cosine", epochs=6, min_lr_factor=0.0, gamma=0.5, step_size=2)
     got = [round(lr_factor(e, a), 4) for e in range(6)]
     # warm-up 1/3, 2/3; then cosine over 4 epochs: 1, cos-half points 0.8536, 0.5, 0.1464
     assert got == [0.3333, 0.6667, 1.0, 0.8536, 0.5, 0.1464]
-    a.schedule = "step"
+    a = dataclasses.replace(a, schedule="step")
     assert [lr_factor(e, a) for e in range(2, 7)] == [1.0, 1.0, 0.5, 0.5, 0.25]
 
 

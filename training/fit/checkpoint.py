@@ -4,37 +4,42 @@ travel with the weights, as torchvision's and nanoGPT's checkpoints carry their 
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from models.zoo import get_model
 
+if TYPE_CHECKING:
+    from training.fit.settings import TrainSettings
 
-def model_options(a: argparse.Namespace) -> dict:
+
+def model_options(cfg: TrainSettings) -> dict:
     """Builder keywords that shape the network (saved in the checkpoint to rebuild it)."""
-    opts = {k: True for k in ("unfreeze_layer3", "imagenet_head") if getattr(a, k)}
-    if a.unfreeze_blocks is not None:
-        opts["unfreeze_blocks"] = a.unfreeze_blocks
-    if a.dropout is not None:
-        opts["dropout"] = a.dropout
+    opts = {k: True for k in ("unfreeze_layer3", "imagenet_head") if getattr(cfg, k)}
+    if cfg.unfreeze_blocks is not None:
+        opts["unfreeze_blocks"] = cfg.unfreeze_blocks
+    if cfg.dropout is not None:
+        opts["dropout"] = cfg.dropout
     return opts
 
 
-def checkpoint(model, a, classes, eval_preset, epoch, valid, weights="raw", train_preset=None) -> dict:
+def checkpoint(
+    model, cfg: TrainSettings, classes, eval_preset, epoch, valid, weights="raw", train_preset=None
+) -> dict:
     """``weights``: "raw" for the trained weights, "ema" for their moving average."""
     return {
-        "model": a.model,
-        "model_options": model_options(a),
+        "model": cfg.model,
+        "model_options": model_options(cfg),
         "num_classes": len(classes),
         "classes": list(classes),
         "eval_preset": eval_preset.to_dict(),
         "train_preset": train_preset.to_dict() if train_preset else None,
         "weights": weights,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "args": cfg.plain(),
         "epoch": epoch,
         "valid": valid,
         "state_dict": model.state_dict(),

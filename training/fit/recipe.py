@@ -1,6 +1,6 @@
 """Training recipes: YAML files of argument defaults, one per model (training/fit/recipes/).
 
-    python -m training.fit.train --recipe training/fit/recipes/dog_breeds.yaml --data DIR --out runs/x --lr 0.01
+    python -m training.fit.train --recipe dog_breeds --data DIR --out runs/x --lr 0.01
 
 A recipe's keys are the trainer's flags (``batch-size`` or ``batch_size``); the
 recipe sets the defaults and flags given on the command line override them
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from training.fit.settings import TrainSettings
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
@@ -66,12 +70,8 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
     return parser.parse_args(argv)
 
 
-def save_settings(a: argparse.Namespace, path: Path) -> None:
+def save_settings(cfg: TrainSettings, path: Path) -> None:
     """The resolved settings, as a recipe that reproduces the run."""
-    plain = {
-        k.replace("_", "-"): (str(v) if isinstance(v, Path) else v)
-        for k, v in vars(a).items()
-        if k not in ("recipe", "resume", "restart")
-    }
-    header = f"# Resolved settings of this run (recipe: {a.recipe or 'none'}); usable as --recipe.\n"
+    plain = {k.replace("_", "-"): v for k, v in cfg.plain(leave_out=("recipe", "resume", "restart")).items()}
+    header = f"# Resolved settings of this run (recipe: {cfg.recipe or 'none'}); usable as --recipe.\n"
     path.write_text(header + yaml.safe_dump(plain, sort_keys=False))

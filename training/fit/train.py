@@ -1,6 +1,6 @@
 """Train a registered model on an ImageFolder dataset and keep the best checkpoint.
 
-    python -m training.fit.train --recipe training/fit/recipes/dog_breeds.yaml --data DIR --out runs/dog_breeds
+    python -m training.fit.train --recipe dog_breeds --data DIR --out runs/dog_breeds
     torchrun --nproc-per-node 2 -m training.fit.train --recipe ... (distributed data parallel)
 
 Each epoch prints train/valid loss and accuracy; the checkpoint with the lowest
@@ -63,6 +63,7 @@ from training.fit.optim import (
     split_parameters,
 )
 from training.fit.recipe import parse_with_recipe, save_settings
+from training.fit.settings import TrainSettings
 from training.fit.transfer import BN_STATS, keep_bn_statistics, train_all_layers
 from training.progress import Progress
 
@@ -377,67 +378,64 @@ def add_augmentation_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_presets(a: argparse.Namespace, spec) -> None:
+def resolve_presets(cfg: TrainSettings, spec) -> None:
     """Fill unset eval sizes and augmentation from the model (and its weights) in place, so
     that settings.yaml says what the run used. Raises ValueError for impossible values."""
-    own = spec.eval_preset_for(bool(a.weights or a.weights_file), a.weights)
-    a.resize_size = a.resize_size or own.resize_size
-    a.crop_size = a.crop_size or own.crop_size
-    if a.crop_size > a.resize_size:
+    own = spec.eval_preset_for(cfg.pretrained, cfg.weights)
+    cfg.resize_size = cfg.resize_size or own.resize_size
+    cfg.crop_size = cfg.crop_size or own.crop_size
+    if cfg.crop_size > cfg.resize_size:
         raise ValueError(
-            f"--crop-size {a.crop_size} is larger than --resize-size {a.resize_size}: "
+            f"--crop-size {cfg.crop_size} is larger than --resize-size {cfg.resize_size}: "
             "the centre crop would be padded"
         )
-    defaults = spec.train_preset.to_dict() | {"crop_size": a.crop_size}
+    defaults = spec.train_preset.to_dict() | {"crop_size": cfg.crop_size}
     for flag, field in AUGMENTATION.items():
-        if getattr(a, flag) is None:
-            setattr(a, flag, defaults[field])
-    train_preset(a)  # its checks, now rather than after the model is built
+        if getattr(cfg, flag) is None:
+            value = defaults[field]
+            setattr(cfg, flag, tuple(value) if isinstance(value, list) else value)
+    train_preset(cfg)  # its checks, now rather than after the model is built
 
 
-def train_preset(a: argparse.Namespace) -> TrainPreset:
-    return TrainPreset(
-        **{
-            field: tuple(v) if isinstance(v := getattr(a, flag), list) else v
-            for flag, field in AUGMENTATION.items()
-        }
-    )
+def train_preset(cfg: TrainSettings) -> TrainPreset:
+    return TrainPreset(**{field: getattr(cfg, flag) for flag, field in AUGMENTATION.items()})
 
 
-def eval_preset(a: argparse.Namespace, spec) -> EvalPreset:
-    own = spec.eval_preset_for(bool(a.weights or a.weights_file), a.weights)
-    return EvalPreset(a.resize_size, a.crop_size, own.mean, own.std)
+def eval_preset(cfg: TrainSettings, spec) -> EvalPreset:
+    own = spec.eval_preset_for(cfg.pretrained, cfg.weights)
+    return EvalPreset(cfg.resize_size, cfg.crop_size, own.mean, own.std)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> TrainSettings:
+    """The flags (over the recipe's defaults), checked and resolved into the run's settings."""
     p = build_parser()
-    a = parse_with_recipe(p, argv)
+    cfg = TrainSettings.from_namespace(parse_with_recipe(p, argv))
     try:
-        spec = get_spec(a.model)
+        spec = get_spec(cfg.model)
     except ValueError as e:
         p.error(str(e))
-    if not a.weights or a.weights.lower() == "none" or a.weights_file or not spec.pretrained:
-        a.weights = None
+    if not cfg.weights or cfg.weights.lower() == "none" or cfg.weights_file or not spec.pretrained:
+        cfg.weights = None
     try:
-        resolve_presets(a, spec)
-        BatchMix(2, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob)
+        resolve_presets(cfg, spec)
+        BatchMix(2, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_switch_prob)
     except ValueError as e:
         p.error(str(e))
-    if a.imagenet_head and a.train_all_layers:
+    if cfg.imagenet_head and cfg.train_all_layers:
         p.error(
             "--imagenet-head keeps the pretrained layers it copies: it cannot take "
             "--train-all-layers (use --unfreeze-layer3)"
         )
-    if a.imagenet_head and not (a.weights or a.weights_file):
+    if cfg.imagenet_head and not cfg.pretrained:
         p.error(
             "--imagenet-head needs ImageNet weights (--weights DEFAULT or --weights-file): "
             "a randomly initialised head knows no ImageNet classes"
         )
-    if a.schedule == "plateau" and a.warmup_epochs:
+    if cfg.schedule == "plateau" and cfg.warmup_epochs:
         p.error("--warmup-epochs works with the step and cosine schedules, not plateau")
-    if a.resume and a.restart:
+    if cfg.resume and cfg.restart:
         p.error("--resume and --restart exclude each other")
-    return a
+    return cfg
 
 
 def _seed(seed: int) -> None:
@@ -448,82 +446,86 @@ def _seed(seed: int) -> None:
 class Run:
     """One training run: its data, model, optimiser and the files in its folder."""
 
-    def __init__(self, a: argparse.Namespace, d: distributed.Dist):
-        self.a, self.d = a, d
-        if a.batch_size % d.world:
-            raise ValueError(f"--batch-size {a.batch_size} must divide by the {d.world} processes")
-        spec = get_spec(a.model)
-        self.eval_preset, self.train_preset = eval_preset(a, spec), train_preset(a)
+    def __init__(self, cfg: TrainSettings, d: distributed.Dist):
+        self.cfg, self.d = cfg, d
+        if cfg.batch_size % d.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} must divide by the {d.world} processes")
+        spec = get_spec(cfg.model)
+        self.eval_preset, self.train_preset = eval_preset(cfg, spec), train_preset(cfg)
         self.sets = load_splits(
-            a.data, self.train_preset.transform(self.eval_preset), self.eval_preset.transform()
+            cfg.data, self.train_preset.transform(self.eval_preset), self.eval_preset.transform()
         )
         self.classes = self.sets["train"].classes
         self.model = get_model(
-            a.model, len(self.classes), weights=a.weights, weights_file=a.weights_file, **model_options(a)
+            cfg.model,
+            len(self.classes),
+            weights=cfg.weights,
+            weights_file=cfg.weights_file,
+            **model_options(cfg),
         ).to(d.device)
-        check_input_sizes(self.model, a, d.device)
-        if a.train_all_layers:
+        check_input_sizes(self.model, cfg, d.device)
+        if cfg.train_all_layers:
             train_all_layers(self.model)
         self.head_name = spec.head_of(self.model)
         self.head, self.backbone = split_parameters(self.model, self.head_name)
-        self.pretrained = bool(a.weights or a.weights_file)
+        self.pretrained = cfg.pretrained
         # A lower rate protects pretrained features; a randomly initialised backbone has none.
-        self.backbone_scale = a.backbone_lr_scale if self.pretrained else 1.0
+        self.backbone_scale = cfg.backbone_lr_scale if self.pretrained else 1.0
         # Random initialisation has no statistics worth keeping: its BatchNorm layers learn them.
-        self.bn_stats = a.bn_stats if self.pretrained else "update"
-        self.optimizer = build_optimizer(self.head, self.backbone, a, self.backbone_scale, self.model)
+        self.bn_stats = cfg.bn_stats if self.pretrained else "update"
+        self.optimizer = build_optimizer(self.head, self.backbone, cfg.optim, self.backbone_scale, self.model)
         self.mix = BatchMix(
-            len(self.classes), a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob, a.seed
+            len(self.classes), cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, cfg.mix_switch_prob, cfg.seed
         )
         self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(a.ema_decay), use_buffers=True)
-            if a.ema_decay
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            if cfg.ema_decay
             else None
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=a.amp and d.device.type == "cuda")
-        weights = class_weights(self.sets["train"]).to(d.device) if a.balance == "weights" else None
-        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=a.label_smoothing)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and d.device.type == "cuda")
+        weights = class_weights(self.sets["train"]).to(d.device) if cfg.balance == "weights" else None
+        self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()
-        per_process = a.batch_size // d.world
+        per_process = cfg.batch_size // d.world
         self.train_dl = training_loader(
             self.sets["train"],
             per_process,
-            a.workers,
-            a.seed,
+            cfg.workers,
+            cfg.seed,
             d.rank,
             d.world,
-            balanced=a.balance == "sampler",
+            balanced=cfg.balance == "sampler",
         )
         valid = self.sets["valid"]
         self.valid_dl = loader(
             valid,
             per_process,
             False,
-            a.workers,
+            cfg.workers,
             sampler=EpochSampler(len(valid), shuffle=False, rank=d.rank, world=d.world, pad=False),
         )
-        self.scheduler = build_scheduler(self.optimizer, a, len(self.train_dl))
-        self.per_step = a.schedule in PER_STEP_SCHEDULES
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, len(self.train_dl))
+        self.per_step = cfg.schedule in PER_STEP_SCHEDULES
         self.probe: dict | None = None
         self.history: list[dict] = []
         self.best, self.bad_epochs, self.start_epoch = float("inf"), 0, 0
         self.stage = None
 
     def summary(self) -> str:
-        a = self.a
+        cfg = self.cfg
         sizes = ", ".join(f"{s} {len(ds)}" for s, ds in self.sets.items())
         return (
-            f"{a.model}: {len(self.classes)} classes, {sizes} images, device {self.d.device}"
+            f"{cfg.model}: {len(self.classes)} classes, {sizes} images, device {self.d.device}"
             + (f", {self.d.world} processes" if self.d.active else "")
-            + f"; trains {len(self.head)} head tensors at lr {a.lr:g} and "
-            f"{len(self.backbone)} backbone tensors at lr {a.lr * self.backbone_scale:g}"
+            + f"; trains {len(self.head)} head tensors at lr {cfg.lr:g} and "
+            f"{len(self.backbone)} backbone tensors at lr {cfg.lr * self.backbone_scale:g}"
             + (f"; BatchNorm statistics: {self.bn_stats}" if self.bn_stats != "update" else "")
         )
 
     def fit_probe(self, resuming: bool) -> dict:
         """The linear probe on the pretrained features (before any training step), written
         to probe.json; a resumed run reads it back, its model being no longer pretrained."""
-        path = self.a.out / "probe.json"
+        path = self.cfg.out / "probe.json"
         if resuming and path.exists():
             return json.loads(path.read_text())
         t = self.eval_preset.transform()
@@ -533,8 +535,8 @@ class Run:
             self.head_name,
             splits,
             len(self.classes),
-            self.a.batch_size,
-            self.a.workers,
+            self.cfg.batch_size,
+            self.cfg.workers,
             self.d.device,
         )
         path.write_text(json.dumps(probe, indent=2))
@@ -543,14 +545,14 @@ class Run:
 
     def set_stage(self, epoch: int) -> None:
         """Stage 1 (head only) for the first head-epochs, then stage 2 with the backbone."""
-        stage = 1 if epoch < self.a.head_epochs and self.backbone else 2
+        stage = 1 if epoch < self.cfg.head_epochs and self.backbone else 2
         if stage != self.stage:
             set_backbone_trainable(self.backbone, stage == 2)
             self.ddp = distributed.wrap(self.model, self.d)
             if self.stage is not None and self.d.main:
                 print(
                     f"Stage 2 from epoch {epoch + 1}: backbone joins at lr "
-                    f"{self.a.lr * self.backbone_scale:g}",
+                    f"{self.cfg.lr * self.backbone_scale:g}",
                     flush=True,
                 )
             self.stage = stage
@@ -568,17 +570,17 @@ class Run:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "rng": torch.get_rng_state(),
-            "model_name": self.a.model,
+            "model_name": self.cfg.model,
             "classes": list(self.classes),
             "ema": self.ema.state_dict() if self.ema else None,
         }
 
     def restore(self, path: Path) -> None:
         s = torch.load(path, map_location="cpu", weights_only=True)
-        if s["model_name"] != self.a.model or s["classes"] != list(self.classes):
+        if s["model_name"] != self.cfg.model or s["classes"] != list(self.classes):
             raise ValueError(
                 f"{path} is a run of {s['model_name']} on classes {s['classes'][:5]}...; "
-                f"it cannot continue as {self.a.model} on this data"
+                f"it cannot continue as {self.cfg.model} on this data"
             )
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
@@ -602,7 +604,7 @@ class Run:
 
     def epoch(self, epoch: int) -> bool:
         """Train and validate one epoch, save checkpoints; returns False when early stopping says stop."""
-        a, d = self.a, self.d
+        cfg, d = self.cfg, self.d
         self.set_stage(epoch)
         self.train_dl.sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -614,8 +616,8 @@ class Run:
             self.optimizer,
             d,
             self.scaler,
-            a.amp,
-            label=f"epoch {epoch + 1}/{a.epochs}",
+            cfg.amp,
+            label=f"epoch {epoch + 1}/{cfg.epochs}",
             mix=self.mix if self.mix.active else None,
             ema=self.ema,
             epoch=epoch,
@@ -640,28 +642,28 @@ class Run:
                 "seconds": time.perf_counter() - t0,
             }
         )
-        improved = va["loss"] < self.best - a.min_delta
+        improved = va["loss"] < self.best - cfg.min_delta
         self.best = min(self.best, va["loss"])
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
-        stop = bool(a.patience) and self.bad_epochs >= a.patience
+        stop = bool(cfg.patience) and self.bad_epochs >= cfg.patience
         if d.main:
             if improved:
                 model = self.ema.module if weights == "ema" else self.model
                 save_atomic(
                     checkpoint(
-                        model, a, self.classes, self.eval_preset, epoch + 1, va, weights, self.train_preset
+                        model, cfg, self.classes, self.eval_preset, epoch + 1, va, weights, self.train_preset
                     ),
-                    a.out / "best.pt",
+                    cfg.out / "best.pt",
                 )
-            save_atomic(self.state(epoch, finished=stop or epoch + 1 == a.epochs), a.out / "last.pt")
-            write_history(self.history, a.out)
+            save_atomic(self.state(epoch, finished=stop or epoch + 1 == cfg.epochs), cfg.out / "last.pt")
+            write_history(self.history, cfg.out)
             print(
                 epoch_line(epoch, tr, raw, ema, lr, time.perf_counter() - t0)
                 + (f"  (saved best.pt: {weights} weights)" if improved else ""),
                 flush=True,
             )
             if stop:
-                print(f"Early stopping: no better valid loss for {a.patience} epochs", flush=True)
+                print(f"Early stopping: no better valid loss for {cfg.patience} epochs", flush=True)
         return not stop
 
 
@@ -684,19 +686,19 @@ def epoch_line(epoch: int, tr: dict, raw: dict, ema: dict | None, lr: float, sec
     )
 
 
-def check_input_sizes(model: nn.Module, a: argparse.Namespace, device) -> None:
+def check_input_sizes(model: nn.Module, cfg: TrainSettings, device) -> None:
     """Refuse, before training, crop sizes the network cannot take (scratch_cnn's fixed
     Linear wants 224, ViT its own image size), with the flags to change."""
     was_training = model.training
     model.eval()
     try:
-        for flag, size in (("--train-crop-size", a.train_crop_size), ("--crop-size", a.crop_size)):
+        for flag, size in (("--train-crop-size", cfg.train_crop_size), ("--crop-size", cfg.crop_size)):
             try:
                 with torch.no_grad():
                     model(torch.zeros(1, 3, size, size, device=device))
             except (RuntimeError, AssertionError, ValueError) as e:
                 first = (str(e).splitlines() or [type(e).__name__])[0]
-                raise ValueError(f"{a.model} cannot take {size} px inputs ({flag} {size}): {first}") from e
+                raise ValueError(f"{cfg.model} cannot take {size} px inputs ({flag} {size}): {first}") from e
     finally:
         model.train(was_training)
 
@@ -735,20 +737,20 @@ def write_history(history: list[dict], out: Path) -> None:
             )
 
 
-def prepare_out(a: argparse.Namespace) -> Path | None:
+def prepare_out(cfg: TrainSettings) -> Path | None:
     """The run folder; the last.pt to resume from, if any. An unfinished run is never
     overwritten by accident."""
-    a.out.mkdir(parents=True, exist_ok=True)
-    last = a.out / "last.pt"
-    if a.resume:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    last = cfg.out / "last.pt"
+    if cfg.resume:
         if not last.exists():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
         return last
-    if last.exists() and not a.restart:
+    if last.exists() and not cfg.restart:
         s = torch.load(last, map_location="cpu", weights_only=True)
         if not s["finished"]:
             raise ValueError(
-                f"{a.out} holds an unfinished run (epoch {s['epoch'] + 1} done): "
+                f"{cfg.out} holds an unfinished run (epoch {s['epoch'] + 1} done): "
                 "pass --resume to continue it or --restart to start over"
             )
     return None
@@ -756,12 +758,12 @@ def prepare_out(a: argparse.Namespace) -> Path | None:
 
 def test_and_analyse(run: Run) -> dict:
     """Test the best checkpoint in one process; write metrics.json and the analysis."""
-    a, one = run.a, distributed.Dist(device=run.d.device)
-    model, ckpt = load_checkpoint(a.out / "best.pt")
+    cfg, one = run.cfg, distributed.Dist(device=run.d.device)
+    model, ckpt = load_checkpoint(cfg.out / "best.pt")
     test = run.sets["test"]
     te = evaluate(
         model.to(one.device),
-        loader(test, a.batch_size, False, a.workers),
+        loader(test, cfg.batch_size, False, cfg.workers),
         run.eval_criterion,
         one,
         collect=True,
@@ -776,25 +778,25 @@ def test_and_analyse(run: Run) -> dict:
             f"fine-tuned: {te['acc']:.1%}, {100 * (te['acc'] - p['acc']):+.1f} points"
         )
     files = []
-    if a.analysis:
+    if cfg.analysis:
         preds = from_evaluation(te, test.samples)
-        files = [str(f) for f in analyse(a.out, run.history, preds, run.classes)]
+        files = [str(f) for f in analyse(cfg.out, run.history, preds, run.classes)]
     te.pop("predictions")
     metrics = {
-        "model": a.model,
+        "model": cfg.model,
         "best_epoch": ckpt["epoch"],
         "best_weights": ckpt["weights"],
         "test": te,
         "history": run.history,
-        "stopped_early": len(run.history) < a.epochs,
+        "stopped_early": len(run.history) < cfg.epochs,
         "files": files,
         "linear_probe": run.probe,
     }
-    (a.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(
         "Wrote: "
         + ", ".join(
-            str(a.out / n)
+            str(cfg.out / n)
             for n in ("best.pt", "last.pt", "settings.yaml", "metrics.csv", "metrics.json")
             + (("probe.json",) if run.probe else ())
         )
@@ -804,11 +806,11 @@ def test_and_analyse(run: Run) -> dict:
     return te
 
 
-def run(a: argparse.Namespace) -> dict | None:
+def run(cfg: TrainSettings) -> dict | None:
     """Train, keep the best checkpoint by validation loss, test it; returns the test metrics
     (in the main process; None in the others)."""
     d = distributed.setup()
-    result = _run(a, d)
+    result = _run(cfg, d)
     # Every process leaves together, and only after success: destroying the group while
     # another process still uses it can hang, and a failed process exits without it
     # (torchrun then stops the others).
@@ -816,25 +818,25 @@ def run(a: argparse.Namespace) -> dict | None:
     return result
 
 
-def _run(a: argparse.Namespace, d: distributed.Dist) -> dict | None:
-    _seed(a.seed)
-    resume_from = prepare_out(a)
-    r = Run(a, d)
-    if d.main and a.probe and r.pretrained:
+def _run(cfg: TrainSettings, d: distributed.Dist) -> dict | None:
+    _seed(cfg.seed)
+    resume_from = prepare_out(cfg)
+    r = Run(cfg, d)
+    if d.main and cfg.probe and r.pretrained:
         r.probe = r.fit_probe(resuming=resume_from is not None)
     if resume_from:
         r.restore(resume_from)
     if d.main:
-        save_settings(a, a.out / "settings.yaml")
+        save_settings(cfg, cfg.out / "settings.yaml")
         print(r.summary() + (f"; resuming after epoch {r.start_epoch}" if resume_from else ""), flush=True)
     try:
-        for epoch in range(r.start_epoch, a.epochs):
+        for epoch in range(r.start_epoch, cfg.epochs):
             if not r.epoch(epoch):
                 break
     except KeyboardInterrupt:
         if d.main:
             print(
-                f"\nInterrupted: {len(r.history)} epochs are saved in {a.out / 'last.pt'}; "
+                f"\nInterrupted: {len(r.history)} epochs are saved in {cfg.out / 'last.pt'}; "
                 "run the same command with --resume to continue.",
                 file=sys.stderr,
             )
@@ -844,9 +846,9 @@ def _run(a: argparse.Namespace, d: distributed.Dist) -> dict | None:
 
 
 def main(argv=None):
-    a = parse_args(argv)
+    cfg = parse_args(argv)
     try:
-        run(a)
+        run(cfg)
     except (WeightsUnavailable, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
