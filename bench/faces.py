@@ -273,16 +273,9 @@ def dog_export(export: Path | None, out: Path) -> Path:
     if (made / "model.pt").exists():
         return made
     from training.export import pretrained
-    from training.export import torchscript as export_mod
 
-    target = out / "imagenet_dogs_export"
-    if not (target / "model.pt").exists():
-        checkpoint = pretrained.write("imagenet_dogs", out / "imagenet_dogs_run")
-        a = export_mod.parse_args(
-            ["--checkpoint", str(checkpoint), "--out", str(target), "--handler", "dog_breeds"]
-        )
-        export_mod.export(checkpoint, target, a)
-    return target
+    target = out / "imagenet_dogs"
+    return target if (target / "model.pt").exists() else pretrained.write_export("imagenet_dogs", out)
 
 
 # ---- measuring ----

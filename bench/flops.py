@@ -27,6 +27,7 @@ from bench import report
 from bench.exports import MODELS, prepare_export
 from bench.preprocess import paired_medians_ms
 from handlers.optimize import optimize
+from handlers.preset import EvalPreset
 from training.export import torchscript as export_mod
 
 MODES = ("none", "jit", "onednn")
@@ -39,7 +40,7 @@ def forward_flops(model, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def measure(model_pt: Path, batch_sizes: list[int], rounds: int, crop: int = 224) -> dict:
+def measure(model_pt: Path, batch_sizes: list[int], rounds: int, crop: int = EvalPreset.crop_size) -> dict:
     """GFLOP/s of the matrix multiply and of each mode × batch size, on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -48,6 +48,7 @@ from ts.context import Context, RequestProcessor
 from bench.images import image_args, read_image_args
 from handlers.dog_breeds import DogBreedClassifier
 from handlers.image_classifier import ImageClassifier, decode
+from handlers.preset import EvalPreset
 
 # model-config.yaml's handler name -> the handler class a worker runs.
 HANDLERS = {"image_classifier": ImageClassifier, "dog_breeds": DogBreedClassifier}
@@ -230,7 +231,7 @@ class SingleImageTimer:
         self.close()
 
 
-def outputs(model, crop: int = 224, device: torch.device | str = "cpu") -> int:
+def outputs(model, crop: int = EvalPreset.crop_size, device: torch.device | str = "cpu") -> int:
     """How many tensors the model returns (2 with an ImageNet head)."""
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, crop, crop, device=device))

@@ -35,8 +35,8 @@ from bench import exports as ex
 from bench.images import SIZES, make_images
 from bench.load import Target
 from bench.lone import lone_requests
-from handlers.settings import HandlerSettings, ServerSettings
 from serving.server import ROOT, free_port
+from training.export.torchscript import add_server_flags
 
 ALL = [report.SERVED, report.BUILTIN, report.DEFAULT, report.FLASK]  # plus in-process, always
 
@@ -431,22 +431,7 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         help="rounds of the dog app's served cell and in-process run taking turns",
     )
-    p.add_argument(
-        "--workers", type=int, default=None, help="TorchServe workers per model (default: cores / --threads)"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=HandlerSettings.threads,
-        help="torch threads per worker: OMP_NUM_THREADS and model-config.yaml's threads",
-    )
-    p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size, help="TorchServe batch size")
-    p.add_argument(
-        "--max-batch-delay",
-        type=int,
-        default=ServerSettings.max_batch_delay,
-        help="TorchServe max batch delay (ms)",
-    )
+    add_server_flags(p, workers=None)
     p.add_argument(
         "--requests",
         type=int,

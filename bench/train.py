@@ -87,7 +87,8 @@ def measure(model_name: str, data: Path, batch: int, steps: int, workers: list[i
         opt.step()
 
     rows = []
-    x = torch.randn(batch, 3, 224, 224)
+    crop = EvalPreset().crop_size
+    x = torch.randn(batch, 3, crop, crop)
     y = torch.randint(0, MODELS[model_name], (batch,))
     loaders = {}
     for w in workers:

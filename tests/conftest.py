@@ -130,12 +130,7 @@ def dog_export(trained, tmp_path_factory) -> Path:
 def imagenet_dogs_export(tmp_path_factory) -> Path:
     """The dog-breed model that needs no training (training/export/pretrained.py), exported as
     `make export` does."""
-    run = tmp_path_factory.mktemp("imagenet_dogs_run")
-    checkpoint = pretrained.write("imagenet_dogs", run)
-    out = tmp_path_factory.mktemp("imagenet_dogs_export") / "imagenet_dogs"
-    a = export_mod.parse_args(["--checkpoint", str(checkpoint), "--out", str(out), "--handler", "dog_breeds"])
-    export_mod.export(checkpoint, out, a)
-    return out
+    return pretrained.write_export("imagenet_dogs", tmp_path_factory.mktemp("imagenet_dogs_export"))
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,9 @@ from models.zoo import get_model, get_spec
 from training.fit import train as train_mod
 from training.fit.checkpoint import checkpoint, save_atomic
 
-# The pretrained models this command knows, with their class names.
+# The pretrained models this command knows, with their class names and the handler that serves them.
 CLASSES = {"imagenet_dogs": imagenet.dog_breeds}
+HANDLERS = {"imagenet_dogs": "dog_breeds"}
 
 
 def write(model_name: str, out: Path) -> Path:
@@ -37,6 +38,19 @@ def write(model_name: str, out: Path) -> Path:
     )
     print(f"{model_name}: {len(classes)} classes, pretrained weights, checkpoint {out / 'best.pt'}")
     return out / "best.pt"
+
+
+def write_export(model_name: str, work: Path) -> Path:
+    """The checkpoint and its export, as `make export` writes them: ``work/<model_name>/``
+    (model.pt, labels, model-config.yaml), the checkpoint in ``work/<model_name>_run/``."""
+    from training.export import torchscript
+
+    checkpoint = write(model_name, work / f"{model_name}_run")
+    out = work / model_name
+    a = torchscript.parse_args(
+        ["--checkpoint", str(checkpoint), "--out", str(out), "--handler", HANDLERS[model_name]]
+    )
+    return torchscript.export(checkpoint, out, a)
 
 
 def main(argv=None) -> None:

@@ -44,7 +44,7 @@ CONFIG_FILE = "model-config.yaml"
 QUANTIZATION_FILE = "quantization.json"
 
 
-def to_torchscript(model: torch.nn.Module, crop: int = 224) -> torch.jit.ScriptModule:
+def to_torchscript(model: torch.nn.Module, crop: int = EvalPreset.crop_size) -> torch.jit.ScriptModule:
     """The eval-mode model traced on a batch of two crops, then frozen.
 
     Traced rather than scripted: these networks have no data-dependent control flow,
@@ -186,12 +186,9 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
     return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m training.export", description="Export a training checkpoint for TorchServe."
-    )
-    p.add_argument("--checkpoint", required=True, type=Path, help="best.pt from training.fit.train")
-    p.add_argument("--out", required=True, type=Path, help="folder to write the export into")
+def add_server_flags(p: argparse.ArgumentParser, workers: int | None = ServerSettings.workers) -> None:
+    """How TorchServe runs a model: the export writes them into model-config.yaml, and the
+    benchmark serves with them (its ``workers`` default: None, to fill the cores)."""
     p.add_argument("--batch-size", type=int, default=ServerSettings.batch_size, help="TorchServe batchSize")
     p.add_argument(
         "--max-batch-delay",
@@ -202,9 +199,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--workers",
         type=int,
-        default=ServerSettings.workers,
-        help="TorchServe min/max workers (workers x threads <= cores)",
+        default=workers,
+        help="TorchServe min/max workers (workers x threads <= cores)"
+        + ("" if workers else "; default: cores / --threads"),
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=HandlerSettings.threads,
+        help="torch threads per worker (OMP_NUM_THREADS); workers x threads should not exceed the cores",
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m training.export", description="Export a training checkpoint for TorchServe."
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="best.pt from training.fit.train")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the export into")
+    add_server_flags(p)
     p.add_argument(
         "--response-timeout",
         type=int,
@@ -212,12 +225,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="TorchServe responseTimeout (s)",
     )
     p.add_argument("--top-k", type=int, default=HandlerSettings.top_k, help="labels returned per image")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=HandlerSettings.threads,
-        help="torch threads per worker; workers x threads should not exceed the cores",
-    )
     p.add_argument(
         "--jpeg-draft",
         type=float,
