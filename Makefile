@@ -54,11 +54,12 @@ MODELS := imagenet_dogs $(TRAINED)
 DOG_MODELS := imagenet_dogs dog_breeds
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test test-fast bench bench-int8 bench-flops bench-deps test-deps bench-train clean
+.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test test-fast lint bench bench-int8 bench-flops bench-deps test-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
 	@echo "make test      run the test suite (installs first);  make test-fast  the tests that start no server or browser"
+	@echo "make lint      ruff (lint and format check) and mypy of handlers/"
 	@echo "steps:         venv data train export archive serve register predict stop"
 	@echo "make check-data  data problems and class counts (training.data.clean, training.data.stats; DATA=...)"
 	@echo "make bench-train training throughput table;  make bench   serving benchmark (bench-int8: on int8 exports; bench-flops: forward pass vs matmul)"
@@ -124,8 +125,8 @@ $(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export/torchscript.py $(EX
 	  $(if $(and $(QUANTIZE),$(filter $(TRAINED),$*)),--quantize $(QUANTIZE) --calibration-data $(DATA))
 
 archive: $(MARS)
-# Rebuilt when any module the archives may ship changes (serving/archive.py lists what they ship).
-$(STORE)/%.mar: $(EXPORT)/%/model.pt $(wildcard handlers/*.py models/*.py)
+# Rebuilt when the runtime they ship (handlers/, whole) changes.
+$(STORE)/%.mar: $(EXPORT)/%/model.pt $(wildcard handlers/*.py)
 	$(PY) -m serving.archive --exports $(EXPORT) --model-store $(STORE) --only $*
 
 # config.properties loads every archive of the model store at start (load_models=all),
@@ -298,6 +299,14 @@ test: venv check-java grpc browser test-deps
 # Everything that starts no TorchServe, no browser and nothing over about 2 s: about a minute.
 test-fast: venv test-deps
 	$(PY) -m pytest -q -m "not torchserve and not browser and not slow" tests
+
+# The linter, the formatter's check and the type check of the runtime (pyproject.toml holds
+# their settings); `ruff format .` and `ruff check --fix .` mend most of what they report.
+lint: venv
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-lint.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean: 
 	@if [ -f $(RUN)/tmp/.model_server.pid ]; then $(MAKE) stop; fi

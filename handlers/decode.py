@@ -113,7 +113,7 @@ _SRGB = ImageCms.createProfile("sRGB")
 
 
 def _tiff_tag(img: Image.Image, tag: int, default: int) -> int:
-    value = img.tag_v2.get(tag, default)
+    value = getattr(img, "tag_v2", {}).get(tag, default)  # TIFF images have tags
     return value[0] if isinstance(value, tuple) else value
 
 
@@ -245,7 +245,9 @@ def _to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
         img = img.convert("RGB")  # P, 1, YCbCr, LAB (D50, as ICC), HSV: no profile of theirs
     transform = _srgb_transform(icc, img.mode) if icc else None
     if transform is not None:
-        return ImageCms.applyTransform(img, transform)
+        converted = ImageCms.applyTransform(img, transform)  # a new image: inPlace is False
+        assert converted is not None
+        return converted
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

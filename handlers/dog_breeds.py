@@ -100,7 +100,7 @@ def grey_copy(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     instead of three, and a bilinear filter that first reduces a big photo by whole factors."""
     grey = image.convert("L")
     if grey.size != size:
-        grey = grey.resize(size, Image.BILINEAR, reducing_gap=2.0)
+        grey = grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     return np.asarray(grey)
 
 

@@ -140,6 +140,7 @@ class ImageClassifier(BaseHandler):
     # Used before (or without) initialize, e.g. by tests of preprocess alone.
     min_short = 0
     gpu_decode = half = False
+    device: torch.device  # BaseHandler.initialize sets it
 
     settings_class = HandlerSettings  # what this handler reads from the handler: section
 

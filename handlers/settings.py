@@ -9,6 +9,7 @@ model without exporting it again. The archive ships this module with the handler
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class HandlerSettings:
         their defaults, keys of other settings (the preprocessing, the name) are ignored."""
         known = {f.name for f in fields(cls)}
         # YAML writes the tuple-valued settings (onednn_batches, class ranges) as lists.
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in known}
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in known
+        }
         return cls(**values)
 
 

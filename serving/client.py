@@ -319,7 +319,8 @@ def main(argv=None):
                     c.unregister(mar.stem)
                     print(f"{mar.stem}: unregistered, to register its new archive")
                 print(
-                    f"{mar.stem}: {c.register(mar.name, a.batch_size, a.max_batch_delay, a.workers)['status']}"
+                    f"{mar.stem}: "
+                    f"{c.register(mar.name, a.batch_size, a.max_batch_delay, a.workers)['status']}"
                 )
         elif a.cmd == "models":
             _print([c.describe(m["modelName"])[0] for m in c.models()])

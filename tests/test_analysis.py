@@ -59,11 +59,11 @@ def history(losses=(1.0, 0.6, 0.7)):
     return [
         {
             "epoch": i,
-            "train": {"loss": l + 0.1, "acc": 0.5 + 0.1 * i},
-            "valid": {"loss": l, "acc": 0.4 + 0.1 * i},
+            "train": {"loss": loss + 0.1, "acc": 0.5 + 0.1 * i},
+            "valid": {"loss": loss, "acc": 0.4 + 0.1 * i},
             "lr": 0.01 / i,
         }
-        for i, l in enumerate(losses, 1)
+        for i, loss in enumerate(losses, 1)
     ]
 
 
@@ -119,7 +119,7 @@ def test_report_table_lines():
     assert lines[0].split() == ["class", "precision", "recall", "f1", "support"]
     assert lines[2].split() == ["bee", "0.667", "1.000", "0.800", "2"]
     assert lines[-1].split() == ["accuracy", "0.667", "6"]
-    assert len({len(l) for l in lines if l}) == 1  # fixed width
+    assert len({len(line) for line in lines if line}) == 1  # fixed width
 
 
 def test_best_epoch_is_lowest_valid_loss():

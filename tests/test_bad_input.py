@@ -110,7 +110,7 @@ def variants(photo: Image.Image) -> dict[str, tuple[bytes, Image.Image]]:
 
 def test_formats_are_classified_as_their_decoded_image(server, photo, reference):
     pid = worker_pid(server)
-    for name, (data, expected_image) in variants(photo).items():
+    for data, expected_image in variants(photo).values():
         got = server.predict(MODEL_NAME, data)
         expected = server.predict(MODEL_NAME, png_bytes(expected_image))
         tolerance = reference.expected(png_bytes(expected_image)).tolerance

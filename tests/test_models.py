@@ -24,7 +24,8 @@ def test_registry_lists_the_models():
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(
         ValueError,
-        match="unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, resnet50, scratch_cnn",
+        match="unknown model 'resnet5'; known: efficientnet_lite0, imagenet_dogs, mobilenet_v2, "
+        "resnet50, scratch_cnn",
     ):
         get_model("resnet5", N)
 
@@ -101,7 +102,7 @@ def test_mobilenet_v2_freezes_features():
     assert not any(p.requires_grad for p in m.features.parameters())
     assert all(p.requires_grad for p in m.classifier.parameters())
     linears = [x for x in m.classifier if isinstance(x, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(1280, 256), (256, N)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(1280, 256), (256, N)]
     m2 = get_model("mobilenet_v2", N, unfreeze_blocks=2)
     assert [any(p.requires_grad for p in b.parameters()) for b in m2.features][-3:] == [False, True, True]
 
@@ -128,7 +129,7 @@ def test_scratch_cnn_is_the_original_baseline():
         (32, 64, (3, 3), (1, 1)),
     ]
     fcs = [x for x in m.classifier if isinstance(x, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in fcs] == [(64 * 28 * 28, 500), (500, N)]
+    assert [(fc.in_features, fc.out_features) for fc in fcs] == [(64 * 28 * 28, 500), (500, N)]
     assert not get_spec("scratch_cnn").pretrained
     with pytest.raises(ValueError, match="no pretrained weights"):
         get_model("scratch_cnn", N, weights="DEFAULT")

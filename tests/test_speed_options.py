@@ -1,5 +1,6 @@
 """The handler's speed settings: threads, reduced JPEG decoding, oneDNN Graph and
-optimize_for_inference, and the CUDA-only options (half, gpu_decode), whose tensor path runs on the CPU here."""
+optimize_for_inference, and the CUDA-only options (half, gpu_decode), whose tensor path runs on
+the CPU here."""
 
 from __future__ import annotations
 
