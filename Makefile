@@ -34,6 +34,10 @@ EXPORT_ARGS ?= --workers $(EXPORT_WORKERS)
 # calibrated on $(DATA)/train; the export stops, writing nothing, if test accuracy drops
 # by more than 1 point. Off by default: fp32 answers exactly what evaluation measured.
 QUANTIZE ?=
+# PRECISION: the served models' number format on CPU workers (handlers/precision.py):
+# auto (bf16 where the CPU has bf16 units, else fp32), fp32 or bf16. auto and bf16 add a
+# bf16 copy to each model.pt, gated for accuracy at export (docs/export.md).
+PRECISION ?= auto
 
 # glibc returns freed memory to the OS too eagerly for PyTorch's allocation pattern of
 # large short-lived tensors (page faults on every batch); docs/performance.md says how much
@@ -114,15 +118,16 @@ export: $(MODELS:%=$(EXPORT)/%/model.pt)
 # `make archive QUANTIZE=int8` (and back without it) re-exports instead of
 # keeping the previous files.
 EXPORT_SETTINGS = $(EXPORT)/.settings
-EXPORT_SETTINGS_LINE = $(EXPORT_ARGS) quantize=$(QUANTIZE)
+EXPORT_SETTINGS_LINE = $(EXPORT_ARGS) quantize=$(QUANTIZE) precision=$(PRECISION)
 $(EXPORT_SETTINGS): FORCE
 	@mkdir -p $(EXPORT)
 	@echo '$(EXPORT_SETTINGS_LINE)' | cmp -s - $@ || echo '$(EXPORT_SETTINGS_LINE)' > $@
 FORCE:
-$(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json training/export/torchscript.py $(EXPORT_SETTINGS)
+$(EXPORT)/%/model.pt: $(RUNS)/%/metrics.json $(wildcard training/export/*.py) $(EXPORT_SETTINGS)
 	$(PY) -m training.export --checkpoint $(RUNS)/$*/best.pt --out $(EXPORT)/$* $(EXPORT_ARGS) \
-	  $(if $(filter $(DOG_MODELS),$*),--handler dog_breeds) \
-	  $(if $(and $(QUANTIZE),$(filter $(TRAINED),$*)),--quantize $(QUANTIZE) --calibration-data $(DATA))
+	  --precision $(PRECISION) $(if $(filter $(DOG_MODELS),$*),--handler dog_breeds) \
+	  $(if $(filter $(TRAINED),$*),--data $(DATA)) \
+	  $(if $(and $(QUANTIZE),$(filter $(TRAINED),$*)),--quantize $(QUANTIZE))
 
 archive: $(MARS)
 # Rebuilt when the runtime they ship (handlers/, whole) changes.

@@ -53,7 +53,8 @@ from handlers.decode import (
     needs_colour_conversion,
     orient_tensor,
 )
-from handlers.optimize import onednn_sizes, optimize, optimize_mode
+from handlers.optimize import Method, onednn_sizes, optimize, optimize_mode
+from handlers.precision import BF16_METHOD, BF16_RTOL, resolve_precision
 from handlers.preset import EvalPreset
 from handlers.settings import HandlerSettings
 
@@ -140,6 +141,7 @@ class ImageClassifier(BaseHandler):
     # Used before (or without) initialize, e.g. by tests of preprocess alone.
     min_short = 0
     gpu_decode = half = False
+    precision = "fp32"  # what the forward pass runs in (initialize resolves the setting)
     device: torch.device  # BaseHandler.initialize sets it
 
     settings_class = HandlerSettings  # what this handler reads from the handler: section
@@ -191,6 +193,17 @@ class ImageClassifier(BaseHandler):
             mode = "none"  # under fp16 autocast the optimised graph's fused ops have no autocast rules
         batches = list(s.onednn_batches) if s.onednn_batches else None
         sizes = onednn_sizes(batches, self.max_batch)
+        self.precision = resolve_precision(s.precision, model, self.device)
+        if self.precision == "bf16":
+            return optimize(
+                Method(model, BF16_METHOD),
+                mode,
+                lambda: Method(torch.jit.load(model_pt_path), BF16_METHOD),
+                self.preset.crop_size,
+                self.device,
+                sizes,
+                rtol=BF16_RTOL,
+            )
         return optimize(
             model, mode, lambda: torch.jit.load(model_pt_path), self.preset.crop_size, self.device, sizes
         )

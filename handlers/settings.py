@@ -56,6 +56,10 @@ class HandlerSettings:
     # optimize onednn: the batch sizes to compile a copy of the model for, 1 among them;
     # None: 1, 2, 4, ... up to batchSize.
     onednn_batches: tuple[int, ...] | None = None
+    # The forward pass's number format on CPU workers: fp32, bf16 (the export's bfloat16
+    # copy, gated for accuracy at export) or auto: bf16 where the CPU has bf16 units, else
+    # fp32 (handlers/precision.py). A model file without a bf16 copy runs in fp32.
+    precision: str = "auto"
     half: bool = False  # CUDA workers: the forward pass under fp16 autocast
     gpu_decode: bool = False  # CUDA workers: JPEGs decoded by nvJPEG, preprocessed on the GPU
     # An int8 model (training/export/torchscript.py --quantize int8): the torch.backends.quantized

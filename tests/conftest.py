@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import socket
 import uuid
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ def exported(trained, tmp_path_factory) -> Path:
             "300",
             "--top-k",
             "3",
+            # The tests compare served answers with in-process fp32 ones at fp32 tolerances,
+            # on every CPU; tests/test_bf16.py serves and checks the bf16 copy.
+            "--precision",
+            "fp32",
         ]
     )
     export_mod.export(trained, out, a)
@@ -121,6 +126,7 @@ def dog_export(trained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dog_export") / "tiny_dogs"
     a = export_mod.parse_args(
         ["--checkpoint", str(trained), "--out", str(out), "--top-k", "3", "--handler", "dog_breeds"]
+        + ["--precision", "fp32"]
     )
     export_mod.export(trained, out, a)
     return out
@@ -131,6 +137,20 @@ def imagenet_dogs_export(tmp_path_factory) -> Path:
     """The dog-breed model that needs no training (training/export/pretrained.py), exported as
     `make export` does."""
     return pretrained.write_export("imagenet_dogs", tmp_path_factory.mktemp("imagenet_dogs_export"))
+
+
+def with_precision(export_dir: Path, precision: str, parent: Path) -> Path:
+    """A copy of an export (model.pt linked, not copied) whose model-config.yaml sets the
+    handler's ``precision``; ``bf16`` runs the file's bf16 copy on every CPU."""
+    out = parent / export_dir.name
+    out.mkdir(parents=True)
+    for f in export_dir.iterdir():
+        if f.name != export_mod.CONFIG_FILE:
+            os.link(f, out / f.name)
+    config = yaml.safe_load((export_dir / export_mod.CONFIG_FILE).read_text())
+    config["handler"]["precision"] = precision
+    (out / export_mod.CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import torch
 
 from handlers.decode import open_image
 from handlers.image_classifier import ImageClassifier
-from handlers.optimize import compare
+from handlers.optimize import RTOL, compare
+from handlers.precision import BF16_RTOL
 from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from tests.conftest import make_context
-from training.export import pretrained
+from training.export import bf16, pretrained
 from training.export import torchscript as export_mod
+from training.export.bf16 import keeps_decisive_answers
 from training.fit import train as train_mod
 from training.fit.checkpoint import checkpoint, load_checkpoint, model_options
 
@@ -83,7 +86,9 @@ def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.M
     """The model exported by training.export (which checks its own round trip on noise),
     and how the file agrees with the eager model on the photos."""
     path, model = saved_checkpoint(arch, out, photos)
-    ex = export_mod.parse_args(["--checkpoint", str(path), "--out", str(out / arch)])
+    # fp32: the bf16 gate on a hundred photos would take most of an hour where bf16 is
+    # emulated (tests/test_bf16.py tests it); the copy is added by with_bf16_copy
+    ex = export_mod.parse_args(["--checkpoint", str(path), "--out", str(out / arch), "--precision", "fp32"])
     export_mod.export(path, out / arch, ex)
     with torch.inference_mode():
         agreement = compare(torch.jit.load(str(out / arch / export_mod.MODEL_FILE))(photos), model(photos))
@@ -92,6 +97,16 @@ def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.M
         model,
         {"agreement": str(agreement), "ok": agreement.ok, "relative": agreement.relative},
     )
+
+
+def with_bf16_copy(export_dir: Path, eager: torch.nn.Module) -> Path:
+    """The export beside it, its model.pt with the bf16 copy that training.export adds
+    (training/export/bf16.py's tracing, without the gate)."""
+    out = export_dir.with_name(export_dir.name + "_bf16")
+    shutil.copytree(export_dir, out)
+    crop = EvalPreset.from_dict(make_context(export_dir, 1).model_yaml_config["handler"]).crop_size
+    bf16.to_torchscript(eager, crop).save(str(out / export_mod.MODEL_FILE))
+    return out
 
 
 class Records(logging.Handler):
@@ -103,25 +118,32 @@ class Records(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def served(export_dir: Path, eager: torch.nn.Module, photos: torch.Tensor, mode: str) -> dict:
-    """The handler's model under ``mode``, its log lines, and how it agrees with eager."""
+def served(
+    export_dir: Path, eager: torch.nn.Module, photos: torch.Tensor, mode: str, precision: str = "fp32"
+) -> dict:
+    """The handler's model under ``mode`` and ``precision``, its log lines, and how it agrees
+    with eager (within BF16_RTOL for the bf16 copy)."""
     records = Records()
     logging.getLogger("handlers.optimize").addHandler(records)
     logging.getLogger("handlers.optimize").setLevel(logging.INFO)
     try:
         ctx = make_context(export_dir, 1)
         ctx.model_yaml_config["handler"]["optimize"] = mode
+        ctx.model_yaml_config["handler"]["precision"] = precision
         handler = ImageClassifier()
         handler.initialize(ctx)
     finally:
         logging.getLogger("handlers.optimize").removeHandler(records)
     with torch.inference_mode():
-        agreement = compare(handler.model(photos), eager(photos))
+        agreement = compare(handler.model(photos), eager(photos), BF16_RTOL if precision == "bf16" else RTOL)
+    # bf16 is judged as the export's gate judges it on photos: the decisive answers keep their class.
+    ok = keeps_decisive_answers(agreement) if precision == "bf16" else agreement.ok
     return {
         "model": type(handler.model).__name__,
+        "precision": handler.precision,
         "log": records.lines,
         "agreement": str(agreement),
-        "ok": agreement.ok,
+        "ok": ok,
         "relative": agreement.relative,
     }
 
@@ -143,6 +165,8 @@ def main(out: Path) -> None:
         result["archs"][arch] = {
             "export": exported,
             **{mode: served(export_dir, eager, photos, mode) for mode in ("onednn", "jit")},
+            # the export's bf16 copy, native or emulated by these kernels
+            "onednn_bf16": served(with_bf16_copy(export_dir, eager), eager, photos, "onednn", "bf16"),
         }
     sys.stdout.flush()
     print("RESULT " + json.dumps(result), flush=True)

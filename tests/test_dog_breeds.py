@@ -27,7 +27,15 @@ from handlers.settings import DogBreedSettings, HandlerSettings
 from models import imagenet
 from serving.archive import build_archive
 from serving.server import LocalServer
-from tests.conftest import answers, make_context, photo_file, png_bytes, shared_photo, split_images
+from tests.conftest import (
+    answers,
+    make_context,
+    photo_file,
+    png_bytes,
+    shared_photo,
+    split_images,
+    with_precision,
+)
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +183,15 @@ def test_a_dog_outweighs_the_other_animals_and_an_animal_has_half_the_probabilit
 # ---- the dog app on real photos (../shared/photos) ----
 
 
-@pytest.fixture(scope="module")
-def dog_app(imagenet_dogs_export):
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def dog_app(imagenet_dogs_export, request, tmp_path_factory):
     """The served imagenet_dogs handler (as `make demo` exports it) and ``ask(paths)``:
-    {file name: the handler's answer}, through its whole code path (handle), 8 at a time."""
-    h = handler_for(imagenet_dogs_export)
+    {file name: the handler's answer}, through its whole code path (handle), 8 at a time;
+    in fp32 and in the export's bf16 copy (run on every CPU, emulated where it has no bf16
+    units): the verdicts must hold in both."""
+    export = with_precision(imagenet_dogs_export, request.param, tmp_path_factory.mktemp(request.param))
+    h = handler_for(export)
+    assert h.precision == request.param
 
     def ask(paths: list[Path]) -> dict[str, dict]:
         out = {}
@@ -188,7 +200,7 @@ def dog_app(imagenet_dogs_export):
             out.update(
                 zip(
                     (p.name for p in chunk),
-                    classify(h, imagenet_dogs_export, [p.read_bytes() for p in chunk]),
+                    classify(h, export, [p.read_bytes() for p in chunk]),
                 )
             )
         return out

@@ -6,9 +6,10 @@ avx2, avx512) and oneDNN by its own (ONEDNN_MAX_CPU_ISA: SSE41, AVX, AVX2, AVX51
 tests/kernel_probe.py in a fresh process: the demo's architectures (ResNet50 and
 MobileNetV2 with BatchNorm statistics from real photos, EfficientNet-Lite0 with its real
 ImageNet weights) exported by training.export and loaded by the handler with oneDNN Graph and with
-optimize_for_inference. Everything must agree with the eager model within
-handlers.optimize.RTOL of the outputs' scale; where oneDNN Graph cannot be used, the
-handler must serve the model as loaded and say why in its log.
+optimize_for_inference, and the export's bf16 copy with oneDNN Graph (emulated where the
+kernels have no bf16 instructions). Everything must agree with the eager model within
+handlers.optimize.RTOL of the outputs' scale (bf16: handlers.precision.BF16_RTOL); where
+oneDNN Graph cannot be used, the handler must serve the model as loaded and say why in its log.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def test_export_and_optimisation_agree_under_each_instruction_set(setting, tmp_p
     assert onednn is None or onednn in onednn_isa, measured
     for arch, r in result["archs"].items():
         assert r["export"]["ok"], f"{arch} export: {measured}"
-        for mode in ("onednn", "jit"):
+        for mode in ("onednn", "jit", "onednn_bf16"):
             assert r[mode]["ok"], f"{arch} {mode}: {measured}"
+        assert r["onednn_bf16"]["precision"] == "bf16" and r["onednn"]["precision"] == "fp32", measured
         onednn_log = " ".join(r["onednn"]["log"])
         if r["onednn"]["model"] == "OneDNNModel":
             assert "oneDNN Graph applied" in onednn_log, measured

@@ -160,7 +160,7 @@ def test_int8_needs_calibration_data_of_the_models_classes(trained, tmp_path, ca
     other = tmp_path / "other"
     generate(other, per_class=6, classes=CLASSES[:2], seed=2, quiet=True)
     a = export_mod.parse_args(int8_args(trained, tmp_path / "out", other))
-    with pytest.raises(ValueError, match="calibrate on the dataset the model was trained on"):
+    with pytest.raises(ValueError, match="give the dataset the model was trained on"):
         export_mod.export(trained, tmp_path / "out", a)
 
 

@@ -28,11 +28,12 @@ import torch
 import yaml
 
 from handlers.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, tensors
+from handlers.precision import PRECISIONS
 from handlers.preset import EvalPreset
 from handlers.settings import SETTINGS, HandlerSettings, ServerSettings
 from models import imagenet
 from models.zoo import get_model, get_spec
-from training.export import quantize
+from training.export import bf16, gate, quantize
 from training.fit.checkpoint import load_checkpoint
 
 MODEL_FILE = "model.pt"
@@ -75,6 +76,7 @@ def handler_settings(a: argparse.Namespace, ckpt: dict) -> HandlerSettings:
         gpu_decode=a.gpu_decode,
         onednn_batches=tuple(onednn_sizes(list(batches), a.batch_size)) if batches else None,
         quantized_engine=a.quantize_engine if a.quantize == "int8" else None,
+        precision=a.precision,
     )
 
 
@@ -107,29 +109,64 @@ def check_roundtrip(eager: torch.nn.Module, path: Path, crop: int) -> Agreement:
 def quantized(model: torch.nn.Module, ckpt: dict, a: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """The int8 model and its comparison with fp32; SystemExit if it loses too much accuracy."""
     preset = EvalPreset.from_dict(ckpt["eval_preset"])
-    calibration = quantize.calibration_set(a.calibration_data, preset, ckpt["classes"], a.calibration_images)
+    calibration = quantize.calibration_set(a.data, preset, ckpt["classes"], a.calibration_images)
     print(
-        f"int8 ({a.quantize_engine}): calibrating on {len(calibration)} images of "
-        f"{a.calibration_data}/train/",
+        f"int8 ({a.quantize_engine}): calibrating on {len(calibration)} images of {a.data}/train/",
         flush=True,
     )
     int8 = quantize.quantize_int8(model, calibration, a.quantize_engine)
-    result = quantize.compare(model, int8, a.calibration_data, preset)
+    result = gate.compare(model, int8, a.data, preset)
     print(f"int8 against fp32 on {result}", flush=True)
-    if result.accuracy_drop > a.max_accuracy_drop:
-        raise SystemExit(
-            f"export stopped, nothing written: int8 loses {result.accuracy_drop:.1f} "
-            f"points of top-1 accuracy (--max-accuracy-drop {a.max_accuracy_drop}); "
-            f"export without --quantize, or try --quantize-engine / more "
-            f"--calibration-images"
-        )
+    gate.refuse(
+        gate.loss(result, a.max_accuracy_drop, "--max-accuracy-drop"),
+        "export without --quantize, or try --quantize-engine / more --calibration-images",
+    )
     report = {
         "engine": a.quantize_engine,
-        "calibration_data": str(a.calibration_data),
+        "calibration_data": str(a.data),
         "calibration_images": len(calibration),
         **result.to_dict(),
     }
     return int8, report
+
+
+def bf16_gate(scripted, ckpt: dict, a: argparse.Namespace) -> tuple[dict, str | None]:
+    """The bf16 copy against fp32 (training/export/bf16.py): on the dataset's valid/ split
+    when ``--data`` is given, else on real photos without labels. Returns the numbers and
+    what bf16 loses (None when it passes)."""
+    preset = EvalPreset.from_dict(ckpt["eval_preset"])
+    if a.data is not None:
+        result = bf16.on_split(scripted, a.data, preset, ckpt["classes"])
+        print(f"bf16 against fp32 on {result}", flush=True)
+        report = {"data": str(a.data), **result.to_dict()}
+        return report, gate.loss(result, a.max_bf16_drop, "--max-bf16-drop")
+    photos = bf16.on_photos(scripted, preset)
+    print(
+        f"bf16 against fp32 on {photos['images']} real photos (no labels: give --data for "
+        f"accuracy): same top-1 on {photos['agree']}; outputs {photos['outputs']}",
+        flush=True,
+    )
+    lost = f"bf16 changes answers that fp32 gives decisively ({photos['outputs']})"
+    return photos, None if photos["ok"] else lost
+
+
+def with_bf16(model: torch.nn.Module, ckpt: dict, a: argparse.Namespace):
+    """(TorchScript module, bf16.json's content or None) for ``--precision``: with the bf16
+    copy when it passes its gate. A copy that fails stops ``--precision bf16`` (SystemExit,
+    nothing written); under ``auto`` it is left out, the export saying so, and the model
+    is served in fp32."""
+    crop = ckpt["eval_preset"]["crop_size"]
+    if a.precision == "fp32":
+        return to_torchscript(model, crop), None
+    scripted = bf16.to_torchscript(model, crop)
+    report, lost = bf16_gate(scripted, ckpt, a)
+    if lost is None:
+        return scripted, {**report, "served": True}
+    if a.precision == "bf16":
+        gate.refuse(lost, "export with --precision auto or fp32 to serve fp32")
+    print(f"precision auto: no bf16 copy, {lost}; the model is served in fp32", flush=True)
+    a.precision = "fp32"
+    return to_torchscript(model, crop), {**report, "served": False, "why_not": lost}
 
 
 def display_name(folder: str) -> str:
@@ -164,13 +201,15 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
         model, report = quantized(model, ckpt, a)
     if a.handler == "dog_breeds":
         model = with_dog_gate(model, ckpt, a.dog_gate)
-    out.mkdir(parents=True, exist_ok=True)
     crop = ckpt["eval_preset"]["crop_size"]
-    to_torchscript(model, crop).save(str(out / MODEL_FILE))
+    scripted, bf16_report = with_bf16(model, ckpt, a)
+    out.mkdir(parents=True, exist_ok=True)
+    scripted.save(str(out / MODEL_FILE))
     agreement = check_roundtrip(model, out / MODEL_FILE, crop)
-    (out / QUANTIZATION_FILE).unlink(missing_ok=True)
-    if report:
-        (out / QUANTIZATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    for name, content in ((QUANTIZATION_FILE, report), (bf16.REPORT_FILE, bf16_report)):
+        (out / name).unlink(missing_ok=True)
+        if content:
+            (out / name).write_text(json.dumps(content, indent=2) + "\n")
     labels = {str(i): display_name(name) for i, name in enumerate(ckpt["classes"])}
     (out / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
     header = (
@@ -181,7 +220,9 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
     (out / CONFIG_FILE).write_text(header + yaml.safe_dump(model_config(ckpt, a), sort_keys=False))
     print(
         f"exported {ckpt['model']} ({ckpt['num_classes']} classes"
-        f"{', int8' if report else ''}) to {out}/ [TorchScript against eager: {agreement}]"
+        f"{', int8' if report else ''}{', with a bf16 copy' if a.precision != 'fp32' else ''}) "
+        f"to {out}/ "
+        f"[TorchScript against eager: {agreement}]"
     )
     return out
 
@@ -271,10 +312,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="int8: quantise for x86 CPUs (needs --calibration-data); see training/export/quantize.py",
     )
     p.add_argument(
+        "--data",
         "--calibration-data",
+        dest="data",
         type=Path,
-        help="dataset root (train/ valid/ test/) the model was trained on: int8 ranges "
-        "come from train/, the accuracy check from test/",
+        help="dataset root (train/ valid/ test/) the model was trained on: the bf16 gate "
+        "reads valid/; int8 ranges come from train/, its accuracy check from test/",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=HandlerSettings.precision,
+        help="the forward pass's number format on CPU workers: auto (bf16 where the CPU has "
+        "bf16 units, else fp32), fp32, or bf16; auto and bf16 add a bfloat16 copy to "
+        "model.pt, gated for accuracy first (training/export/bf16.py)",
+    )
+    p.add_argument(
+        "--max-bf16-drop",
+        type=float,
+        default=0.5,
+        help="refuse bf16 if its valid top-1 accuracy is more than this many points below fp32",
     )
     p.add_argument(
         "--calibration-images",
@@ -307,8 +364,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="handlers/<name>.py serves the model: dog_breeds adds dog/human/none",
     )
     a = p.parse_args(argv)
-    if a.quantize == "int8" and a.calibration_data is None:
+    if a.quantize == "int8" and a.data is None:
         p.error("--quantize int8 needs --calibration-data (the dataset the model was trained on)")
+    if a.quantize == "int8":
+        if a.precision == "bf16":
+            p.error("--quantize int8 and --precision bf16 exclude each other")
+        a.precision = "fp32"  # an int8 model has no bf16 copy
     if a.onednn_batches:
         try:  # the handler's own rule for model-config.yaml's onednn_batches
             onednn_sizes(a.onednn_batches, a.batch_size)

@@ -1,0 +1,98 @@
+"""bf16 at export: the model's bfloat16 copy beside it in the same TorchScript file, and
+the accuracy gate it must pass to be offered.
+
+The file's ``forward`` is the fp32 model exactly as before; its ``forward_bf16`` runs a
+bfloat16 copy of the weights on the input cast to bfloat16 and returns float32 outputs.
+The handler picks one at worker start (handlers/precision.py). Before anything is written
+the copy is measured against fp32, on the validation split of ``--validation-data`` (top-1
+accuracy of each and their agreement), else on real photos (the packaged ones, and
+../shared/photos when present: agreement only, no labels); the export refuses when
+accuracy drops by more than ``--max-bf16-drop`` points, or, without labels, when a photo
+whose fp32 answer is decisive changes class.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from handlers.optimize import Method, tensors
+from handlers.optimize import compare as compare_outputs
+from handlers.precision import BF16_METHOD, BF16_RTOL
+from handlers.preset import EvalPreset
+from training.demo.photos import SHARED_PHOTOS, packaged
+from training.export import gate
+
+REPORT_FILE = "bf16.json"
+
+
+def _as_float(out):
+    return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+
+class WithBf16(nn.Module):
+    """``forward``: the model; ``forward_bf16``: its bfloat16 copy, float32 in and out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.fp32 = model
+        self.bf16 = copy.deepcopy(model).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.fp32(x)
+
+    def forward_bf16(self, x):
+        return _as_float(self.bf16(x.to(torch.bfloat16)))
+
+
+def to_torchscript(model: nn.Module, crop: int) -> torch.jit.ScriptModule:
+    """Both methods traced on a batch of two crops, then frozen (``forward_bf16`` kept)."""
+    example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        traced = torch.jit.trace_module(
+            WithBf16(model.eval()).eval(), {"forward": example, BF16_METHOD: example}, check_trace=False
+        )
+    return torch.jit.freeze(traced, preserved_attrs=[BF16_METHOD])
+
+
+def on_split(module, root: Path, preset: EvalPreset, classes: list[str]) -> gate.Comparison:
+    """fp32 against bf16 on the validation split of the dataset the model learnt."""
+    gate.dataset(root, "valid", preset, classes)  # the model's classes, or a clear error
+    return gate.compare(module, Method(module, BF16_METHOD), root, preset, split="valid", kind="bf16")
+
+
+def photo_paths() -> list[Path]:
+    folders = [SHARED_PHOTOS, SHARED_PHOTOS / "dogs", SHARED_PHOTOS / "people"]
+    found = [p for f in folders if f.is_dir() for p in sorted(f.iterdir())]
+    found = [p for p in found if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    return found + [p for p in packaged().values() if p.exists()]
+
+
+def keeps_decisive_answers(agreement) -> bool:
+    """The verdict without labels: every answer that fp32 gives by a margin over BF16_RTOL of
+    the outputs' scale keeps its class (and the outputs are comparable at all)."""
+    return not agreement.mismatch and agreement.flipped_rows == 0
+
+
+def on_photos(module, preset: EvalPreset) -> dict:
+    """fp32 against bf16 on real photos, without labels: top-1 agreement, and whether the
+    answers fp32 gives decisively keep their class (``keeps_decisive_answers``)."""
+    t = preset.transform()
+    paths = photo_paths()
+    x = torch.stack([t(Image.open(p).convert("RGB")) for p in paths])
+    bf16_model = Method(module, BF16_METHOD)
+    with torch.inference_mode():
+        fp32 = torch.cat([tensors(module(x[i : i + 16]))[0] for i in range(0, len(x), 16)])
+        bf16 = torch.cat([tensors(bf16_model(x[i : i + 16]))[0] for i in range(0, len(x), 16)])
+    agreement = compare_outputs(bf16, fp32, BF16_RTOL)
+    return {
+        "images": len(paths),
+        "agree": int((fp32.argmax(1) == bf16.argmax(1)).sum()),
+        "max_probability_diff": float((fp32.softmax(1) - bf16.softmax(1)).abs().max()),
+        "outputs": str(agreement),
+        "ok": keeps_decisive_answers(agreement),
+    }
