@@ -107,12 +107,14 @@ def summary(group: str, names: list[str], runs: dict, served_answers: list[str])
     }
 
 
-def run(a, work: Path, settings: dict) -> dict:
-    """The dog app's part of the results."""
+def run(a, work: Path, settings: dict, precision: str = "fp32") -> dict:
+    """The dog app's part of the results, in ``precision``."""
     sets, missing = photo_sets(photos())
-    meta = ex.prepare_export(NAME, a.exports, work, settings, shlex.split(a.export_args), "dog_breeds")
+    export_args = [*shlex.split(a.export_args), "--precision", precision]
+    meta = ex.prepare_export(NAME, a.exports, work, settings, export_args, "dog_breeds")
     out = {
         "name": NAME,
+        "precision": precision,
         "origin": meta["origin"],
         "export": meta["export"],
         "model_config": meta["model_config"],

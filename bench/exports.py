@@ -31,6 +31,7 @@ import yaml
 
 from handlers.preset import EvalPreset
 from serving.archive import archiver, build_archive, handler_of
+from training.export import bf16
 from training.export import torchscript as export_mod
 
 # Served name -> architecture and classes of its random stand-in.
@@ -77,7 +78,8 @@ def random_export(name: str, out: Path, dog_gate: bool = False) -> None:
         ckpt = {"eval_preset": EvalPreset().to_dict(), "model": arch}
         model = export_mod.with_dog_gate(model, ckpt, export_mod.DEFAULT_DOG_GATE).eval()
     out.mkdir(parents=True, exist_ok=True)
-    export_mod.to_torchscript(model).save(str(out / export_mod.MODEL_FILE))
+    # with its bf16 copy, as the export writes by default (ungated: random weights)
+    bf16.to_torchscript(model, EvalPreset.crop_size).save(str(out / export_mod.MODEL_FILE))
     labels = {str(i): f"class_{i:03d}" for i in range(classes)}
     (out / export_mod.LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
 
@@ -118,6 +120,14 @@ def bench_config(
     return export_mod.model_config(ckpt, a)
 
 
+def has_bf16_copy(model_pt: Path) -> bool:
+    import torch
+
+    from handlers.precision import BF16_METHOD
+
+    return hasattr(torch.jit.load(str(model_pt)), BF16_METHOD)
+
+
 def usable(src: Path, handler_name: str) -> bool:
     """Whether the export ``src`` can be served by handlers/<handler_name>.py: the dog app's
     handler needs the dog detector that only a dog_breeds export carries."""
@@ -133,10 +143,11 @@ def prepare_export(
     settings: dict,
     export_args: list[str] = (),
     handler_name: str = "image_classifier",
+    served_name: str | None = None,
 ) -> dict:
-    """work/exports/<name>/ with the benchmark's model-config.yaml for
-    handlers/<handler_name>.py; returns what it holds."""
-    out = work / "exports" / name
+    """work/exports/<served_name>/ (default: ``name``) with the benchmark's model-config.yaml
+    for handlers/<handler_name>.py, from export/<name>/; returns what it holds."""
+    out = work / "exports" / (served_name or name)
     src = exports / name
     dog_gate = handler_name == "dog_breeds"
     if usable(src, handler_name):
@@ -161,7 +172,10 @@ def prepare_export(
     cfg = bench_config(handler, arch, classes, settings, list(export_args), handler_name)
     if handler.get("quantized_engine"):  # the model file is int8: its engine comes with it
         cfg["handler"]["quantized_engine"] = handler["quantized_engine"]
+        cfg["handler"]["precision"] = "fp32"
         origin += f", int8 ({handler['quantized_engine']})"
+    if cfg["handler"].get("precision") == "bf16" and not has_bf16_copy(out / export_mod.MODEL_FILE):
+        origin += ", no bf16 copy in model.pt: runs fp32"
     (out / export_mod.CONFIG_FILE).write_text(
         "# Written by bench/exports.py (training.export.model_config) for the serving benchmark.\n"
         + yaml.safe_dump(cfg, sort_keys=False)

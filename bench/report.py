@@ -160,7 +160,21 @@ def machine() -> dict:
         # Other processes' load makes the numbers noisy: a quiet machine reads ~0 here.
         "load_average_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bf16": bf16_support(),
     }
+
+
+def bf16_support() -> dict:
+    """The CPU's bf16 flags and whether the handler's precision auto picks bf16 here."""
+    from handlers.precision import BF16_FLAGS, cpu_flags, native_bf16
+
+    native, why = native_bf16()
+    return {"flags": [f for f in BF16_FLAGS if f in cpu_flags()], "native": native, "why": why}
+
+
+def dog_apps(results: dict) -> list[dict]:
+    """The dog app's results, one per precision measured."""
+    return [v for k, v in results.items() if k.startswith("dog_app") and v]
 
 
 # -- markdown ---------------------------------------------------------------------------
@@ -224,19 +238,19 @@ def summary_rows(results: dict) -> list[dict]:
                     "face check ms/photo": None,
                 }
             )
-    dog = results.get("dog_app") or {}
-    for group, g in dog.get("groups", {}).items():
-        rows.append(
-            {
-                "app": f"dog app ({dog['name']})",
-                "handler": "dog_breeds",
-                "photos": f"{group}: {', '.join(g['photos'])}",
-                served_col: g["served_images_per_s"],
-                "in-process img/s": g["in_process_images_per_s"],
-                "served ÷ in-process": g["served/in-process"],
-                "face check ms/photo": g["face_check_ms_mean"],
-            }
-        )
+    for dog in dog_apps(results):
+        for group, g in dog.get("groups", {}).items():
+            rows.append(
+                {
+                    "app": f"dog app ({dog['name']}, {dog.get('precision', 'fp32')})",
+                    "handler": "dog_breeds",
+                    "photos": f"{group}: {', '.join(g['photos'])}",
+                    served_col: g["served_images_per_s"],
+                    "in-process img/s": g["in_process_images_per_s"],
+                    "served ÷ in-process": g["served/in-process"],
+                    "face check ms/photo": g["face_check_ms_mean"],
+                }
+            )
     return rows
 
 
@@ -387,6 +401,7 @@ def header(results: dict, chart: str | None) -> list[str]:
         f"- Date: {m['date']}",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {gpus}; torch {m['torch']}, Python {m['python']}",
         f"- Command: `{results['command']}`",
+        f"- bf16: {bf16_line(m.get('bf16'))}",
         f"- Load average at start {m['load_average_1_5_15_at_start'][0]}, at end "
         f"{m.get('load_average_1_5_15_at_end', ['?'])[0]}; CPU steal during the run "
         f"{percent(m.get('cpu_steal'))}; the run took {results.get('duration_s', 0) / 60:.1f} min",
@@ -397,6 +412,13 @@ def header(results: dict, chart: str | None) -> list[str]:
     if chart:
         lines += [f"![images/s by concurrent clients, per model and photo size]({chart})", ""]
     return lines
+
+
+def bf16_line(b: dict | None) -> str:
+    if not b:
+        return "not recorded"
+    flags = ", ".join(b["flags"]) or "no bf16 flags"
+    return f"CPU flags {flags}; " + ("native" if b["native"] else "emulated by oneDNN") + f" ({b['why']})"
 
 
 def section(title: str, text: str, rows: list[dict]) -> list[str]:
@@ -445,8 +467,53 @@ def model_lines(name: str, model: dict) -> list[str]:
     return lines
 
 
+def precision_rows(results: dict) -> list[dict]:
+    """Per model and photos measured in both precisions: bf16's rates against fp32's."""
+    c = top_concurrency(results)
+    rows = []
+    for name, model in results["models"].items():
+        other = results["models"].get(f"{name}_bf16")
+        if other is None:
+            continue
+        for size, ip in model["in_process"]["sizes"].items():
+            ip16 = other["in_process"]["sizes"].get(size, {}).get("best_images_per_s")
+            s32, s16 = served_rate(model, size, c), served_rate(other, size, c)
+            rows.append(
+                {
+                    "app": name,
+                    "photos": f"generated {size} JPEGs",
+                    f"served fp32 img/s, c={c}": s32,
+                    "served bf16": s16,
+                    "served bf16 ÷ fp32": ratio(s16, s32),
+                    "in-process fp32 img/s": ip["best_images_per_s"],
+                    "in-process bf16": ip16,
+                    "in-process bf16 ÷ fp32": ratio(ip16, ip["best_images_per_s"]),
+                }
+            )
+    dogs = {d.get("precision", "fp32"): d for d in dog_apps(results)}
+    if "fp32" in dogs and "bf16" in dogs:
+        for group, g in dogs["fp32"].get("groups", {}).items():
+            h = dogs["bf16"].get("groups", {}).get(group, {})
+            rows.append(
+                {
+                    "app": f"dog app ({dogs['fp32']['name']})",
+                    "photos": group,
+                    f"served fp32 img/s, c={c}": g["served_images_per_s"],
+                    "served bf16": h.get("served_images_per_s"),
+                    "served bf16 ÷ fp32": ratio(h.get("served_images_per_s"), g["served_images_per_s"]),
+                    "in-process fp32 img/s": g["in_process_images_per_s"],
+                    "in-process bf16": h.get("in_process_images_per_s"),
+                    "in-process bf16 ÷ fp32": ratio(
+                        h.get("in_process_images_per_s"), g["in_process_images_per_s"]
+                    ),
+                }
+            )
+    return rows
+
+
 def dog_lines(dog: dict) -> list[str]:
-    lines = [f"## The dog app: {dog['name']} with handlers/dog_breeds.py ({dog['origin']})", ""]
+    title = f"{dog['name']}, {dog.get('precision', 'fp32')}"
+    lines = [f"## The dog app: {title} with handlers/dog_breeds.py ({dog['origin']})", ""]
     lines += [f"No {group}: {why}." for group, why in dog.get("missing", {}).items()]
     if not dog.get("groups"):
         return lines + [""]
@@ -472,8 +539,14 @@ def markdown(results: dict, chart: str | None = CHART) -> str:
     )
     for name, model in results["models"].items():
         lines += model_lines(name, model)
-    if results.get("dog_app"):
-        lines += dog_lines(results["dog_app"])
+    for dog in dog_apps(results):
+        lines += dog_lines(dog)
+    lines += section(
+        "bf16 against fp32",
+        "The same export and photos; served at the highest concurrency, in-process at its "
+        "best batch size; ratios of the same run.",
+        precision_rows(results),
+    )
     lines += section(
         "Preprocessing alone",
         "One thread, median, the two paths taking turns: the plain "

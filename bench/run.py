@@ -35,6 +35,7 @@ from bench import exports as ex
 from bench.images import SIZES, make_images
 from bench.load import Target
 from bench.lone import lone_requests
+from handlers.precision import native_bf16
 from serving.server import ROOT, free_port
 from training.export.torchscript import add_server_flags
 
@@ -237,10 +238,19 @@ def contestant_settings(a, skip: dict, flask_info: dict | None, handler: dict) -
 
 
 # -- the run ----------------------------------------------------------------------------
-def run_model(a, name: str, image_files, images, work: Path, settings: dict, skip: dict) -> dict:
-    """One model under the project's base handler against every contestant."""
+def label(name: str, precision: str) -> str:
+    """A model's name in the results and on the server: ``name``, ``name_bf16`` in bf16."""
+    return name if precision == "fp32" else f"{name}_{precision}"
+
+
+def run_model(
+    a, source: str, image_files, images, work: Path, settings: dict, skip: dict, precision: str = "fp32"
+) -> dict:
+    """One model, in one precision, under the project's base handler against every contestant."""
+    name = label(source, precision)
     print(f"\n== {name} ==", flush=True)
-    meta = ex.prepare_export(name, a.exports, work, settings, shlex.split(a.export_args))
+    export_args = [*shlex.split(a.export_args), "--precision", precision]
+    meta = ex.prepare_export(source, a.exports, work, settings, export_args, served_name=name)
     export = Path(meta["export"])
     archives = ex.build_archives(name, export, work / "model_store")
     model = {**meta, "builtin_handler": archives["builtin_handler"]}
@@ -349,11 +359,17 @@ def run(a) -> dict:
             "inprocess_batch_sizes": a.inprocess_batch_sizes,
             "images": {s: {"count": len(v), "bytes": [len(b) for b in v]} for s, v in images.items()},
         },
-        "models": {name: run_model(a, name, image_files, images, work, settings, skip) for name in a.models},
+        "models": {
+            label(name, p): run_model(a, name, image_files, images, work, settings, skip, p)
+            for name in a.models
+            for p in a.precisions
+        },
     }
     if a.dog_app:
-        print("\n== the dog app ==", flush=True)
-        results["dog_app"] = dog_app.run(a, work / "dog_app", settings)
+        for p in a.precisions:
+            print(f"\n== the dog app ({p}) ==", flush=True)
+            key = label("dog_app", p)
+            results[key] = dog_app.run(a, work / key, settings, p)
     first = next(iter(results["models"].values()))
     handler_cfg = first["model_config"]["handler"]
     results["contestants"] = contestant_settings(a, skip, first.get("flask_server"), handler_cfg)
@@ -382,6 +398,7 @@ SMOKE = {
     "inprocess_min_batches": 2,
     "images_per_size": 2,
     "dog_rounds": 1,
+    "precisions": ["fp32"],
 }
 
 
@@ -412,6 +429,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="JPEG sizes")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32], help="concurrent clients")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        help="each model (and the dog app) is measured in each: fp32, and the export's bf16 copy "
+        "(default: both where the CPU has bf16 units, else fp32 alone: emulated bf16 is many "
+        "times slower; the header names the CPU's flags)",
+    )
     p.add_argument(
         "--contestants",
         nargs="+",
@@ -528,6 +553,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.smoke:
         replace_defaults(p, a, SMOKE)
         a.lone_requests = min(a.lone_requests, 5)
+    if a.precisions is None:
+        native, why = native_bf16()
+        a.precisions = ["fp32", "bf16"] if native else ["fp32"]
+        print(f"precisions: {' and '.join(a.precisions)} ({why})", flush=True)
     a.out = a.out.resolve()
     a.exports = a.exports.resolve()
     a.publish = a.publish.resolve() if a.publish else None
