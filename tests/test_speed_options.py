@@ -67,7 +67,8 @@ def settings_of(*flags, ckpt=CKPT) -> HandlerSettings:
 
 def test_export_writes_speed_settings(exported):
     cfg = yaml.safe_load((exported / "model-config.yaml").read_text())
-    assert HandlerSettings.read(cfg["handler"]) == HandlerSettings(top_k=3)  # the defaults
+    # the defaults, but for the precision that the fixture pins
+    assert HandlerSettings.read(cfg["handler"]) == HandlerSettings(top_k=3, precision="fp32")
     assert cfg["handler"]["threads"] == 1 and cfg["handler"]["jpeg_draft"] == 1.25
     assert cfg["handler"]["optimize"] == "onednn"
     assert cfg["handler"]["half"] is False and cfg["handler"]["gpu_decode"] is False
