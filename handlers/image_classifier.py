@@ -53,7 +53,7 @@ from handlers.decode import (
     needs_colour_conversion,
     orient_tensor,
 )
-from handlers.optimize import Method, onednn_sizes, optimize, optimize_mode
+from handlers.optimize import RTOL, Method, onednn_sizes, optimize, optimize_mode
 from handlers.precision import BF16_METHOD, BF16_RTOL, resolve_precision
 from handlers.preset import EvalPreset
 from handlers.settings import HandlerSettings
@@ -194,19 +194,11 @@ class ImageClassifier(BaseHandler):
         batches = list(s.onednn_batches) if s.onednn_batches else None
         sizes = onednn_sizes(batches, self.max_batch)
         self.precision = resolve_precision(s.precision, model, self.device)
-        if self.precision == "bf16":
-            return optimize(
-                Method(model, BF16_METHOD),
-                mode,
-                lambda: Method(torch.jit.load(model_pt_path), BF16_METHOD),
-                self.preset.crop_size,
-                self.device,
-                sizes,
-                rtol=BF16_RTOL,
-            )
-        return optimize(
-            model, mode, lambda: torch.jit.load(model_pt_path), self.preset.crop_size, self.device, sizes
-        )
+        load, rtol = (lambda: torch.jit.load(model_pt_path)), RTOL
+        if self.precision == "bf16":  # the file's bf16 copy, at bf16's tolerance
+            model, rtol = Method(model, BF16_METHOD), BF16_RTOL
+            load = lambda: Method(torch.jit.load(model_pt_path), BF16_METHOD)  # noqa: E731
+        return optimize(model, mode, load, self.preset.crop_size, self.device, sizes, rtol)
 
     def _load_quantized(self, model_pt_path, engine: str):
         """An int8 model: its engine's CPU kernels, whatever device the worker was given."""

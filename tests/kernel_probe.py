@@ -99,12 +99,11 @@ def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.M
     )
 
 
-def with_bf16_copy(export_dir: Path, eager: torch.nn.Module) -> Path:
+def with_bf16_copy(export_dir: Path, eager: torch.nn.Module, crop: int) -> Path:
     """The export beside it, its model.pt with the bf16 copy that training.export adds
     (training/export/bf16.py's tracing, without the gate)."""
     out = export_dir.with_name(export_dir.name + "_bf16")
     shutil.copytree(export_dir, out)
-    crop = EvalPreset.from_dict(make_context(export_dir, 1).model_yaml_config["handler"]).crop_size
     bf16.to_torchscript(eager, crop).save(str(out / export_mod.MODEL_FILE))
     return out
 
@@ -166,7 +165,9 @@ def main(out: Path) -> None:
             "export": exported,
             **{mode: served(export_dir, eager, photos, mode) for mode in ("onednn", "jit")},
             # the export's bf16 copy, native or emulated by these kernels
-            "onednn_bf16": served(with_bf16_copy(export_dir, eager), eager, photos, "onednn", "bf16"),
+            "onednn_bf16": served(
+                with_bf16_copy(export_dir, eager, photos.shape[-1]), eager, photos, "onednn", "bf16"
+            ),
         }
     sys.stdout.flush()
     print("RESULT " + json.dumps(result), flush=True)

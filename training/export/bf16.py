@@ -4,7 +4,7 @@ the accuracy gate it must pass to be offered.
 The file's ``forward`` is the fp32 model exactly as before; its ``forward_bf16`` runs a
 bfloat16 copy of the weights on the input cast to bfloat16 and returns float32 outputs.
 The handler picks one at worker start (handlers/precision.py). Before anything is written
-the copy is measured against fp32, on the validation split of ``--validation-data`` (top-1
+the copy is measured against fp32, on the validation split of ``--data`` (top-1
 accuracy of each and their agreement), else on real photos (the packaged ones, and
 ../shared/photos when present: agreement only, no labels); the export refuses when
 accuracy drops by more than ``--max-bf16-drop`` points, or, without labels, when a photo
@@ -17,14 +17,14 @@ import copy
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
+from handlers.decode import open_image
 from handlers.optimize import Method, tensors
 from handlers.optimize import compare as compare_outputs
 from handlers.precision import BF16_METHOD, BF16_RTOL
 from handlers.preset import EvalPreset
-from training.demo.photos import SHARED_PHOTOS, packaged
+from training.demo.photos import SHARED_PHOTOS, photos
 from training.export import gate
 
 REPORT_FILE = "bf16.json"
@@ -61,15 +61,15 @@ def to_torchscript(model: nn.Module, crop: int) -> torch.jit.ScriptModule:
 
 def on_split(module, root: Path, preset: EvalPreset, classes: list[str]) -> gate.Comparison:
     """fp32 against bf16 on the validation split of the dataset the model learnt."""
-    gate.dataset(root, "valid", preset, classes)  # the model's classes, or a clear error
-    return gate.compare(module, Method(module, BF16_METHOD), root, preset, split="valid", kind="bf16")
+    valid = gate.dataset(root, "valid", preset, classes)
+    return gate.compare(module, Method(module, BF16_METHOD), valid, "valid", kind="bf16")
 
 
 def photo_paths() -> list[Path]:
-    folders = [SHARED_PHOTOS, SHARED_PHOTOS / "dogs", SHARED_PHOTOS / "people"]
-    found = [p for f in folders if f.is_dir() for p in sorted(f.iterdir())]
-    found = [p for p in found if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
-    return found + [p for p in packaged().values() if p.exists()]
+    """The real photos of training.demo.photos: ../shared/photos with its dogs/ and
+    people/ when present, and those that come with installed packages."""
+    found = {**photos(SHARED_PHOTOS / "dogs"), **photos(SHARED_PHOTOS / "people"), **photos(SHARED_PHOTOS)}
+    return [p for p in found.values() if p.exists()]
 
 
 def keeps_decisive_answers(agreement) -> bool:
@@ -83,11 +83,13 @@ def on_photos(module, preset: EvalPreset) -> dict:
     answers fp32 gives decisively keep their class (``keeps_decisive_answers``)."""
     t = preset.transform()
     paths = photo_paths()
-    x = torch.stack([t(Image.open(p).convert("RGB")) for p in paths])
-    bf16_model = Method(module, BF16_METHOD)
-    with torch.inference_mode():
-        fp32 = torch.cat([tensors(module(x[i : i + 16]))[0] for i in range(0, len(x), 16)])
-        bf16 = torch.cat([tensors(bf16_model(x[i : i + 16]))[0] for i in range(0, len(x), 16)])
+    x = torch.stack([t(open_image(p)) for p in paths])
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([tensors(model(x[i : i + gate.BATCH]))[0] for i in range(0, len(x), gate.BATCH)])
+
+    fp32, bf16 = logits(module), logits(Method(module, BF16_METHOD))
     agreement = compare_outputs(bf16, fp32, BF16_RTOL)
     return {
         "images": len(paths),

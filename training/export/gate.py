@@ -65,11 +65,10 @@ def dataset(root: Path, split: str, preset: EvalPreset, classes: list[str]):
     return ds
 
 
-def compare(
-    fp32, other, root: Path, preset: EvalPreset, split: str = "test", kind: str = "int8"
-) -> Comparison:
-    """Both models on ``split`` of the dataset at ``root``, class probabilities compared."""
-    batches = DataLoader(image_folder(root, split, preset.transform()), batch_size=BATCH)
+def compare(fp32, other, images, split: str, kind: str = "int8") -> Comparison:
+    """Both models on ``images`` (``split`` of a dataset, ``dataset``), class probabilities
+    compared."""
+    batches = DataLoader(images, batch_size=BATCH)
     c = Comparison(split, 0, 0, 0, 0, 0.0, kind)
     progress = Progress(len(batches), f"comparing fp32 and {kind} on {split}/")
     with torch.inference_mode():

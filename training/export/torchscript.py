@@ -115,7 +115,7 @@ def quantized(model: torch.nn.Module, ckpt: dict, a: argparse.Namespace) -> tupl
         flush=True,
     )
     int8 = quantize.quantize_int8(model, calibration, a.quantize_engine)
-    result = gate.compare(model, int8, a.data, preset)
+    result = gate.compare(model, int8, gate.dataset(a.data, "test", preset, ckpt["classes"]), "test")
     print(f"int8 against fp32 on {result}", flush=True)
     gate.refuse(
         gate.loss(result, a.max_accuracy_drop, "--max-accuracy-drop"),
