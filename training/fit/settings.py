@@ -22,20 +22,20 @@ class TrainSettings:
     data: Path
     out: Path
     recipe: str | None = None
-    epochs: int = 10
+    epochs: int = OptimSettings.epochs
     batch_size: int = 32
     # optimisation (OptimSettings)
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    norm_bias_decay: float | None = None
-    schedule: str = "none"
-    warmup_epochs: int = 0
-    step_size: int = 5
-    gamma: float = 0.1
-    plateau_patience: int = 2
-    min_lr_factor: float = 0.0
+    optimizer: str = OptimSettings.optimizer
+    lr: float = OptimSettings.lr
+    momentum: float = OptimSettings.momentum
+    weight_decay: float = OptimSettings.weight_decay
+    norm_bias_decay: float | None = OptimSettings.norm_bias_decay
+    schedule: str = OptimSettings.schedule
+    warmup_epochs: int = OptimSettings.warmup_epochs
+    step_size: int = OptimSettings.step_size
+    gamma: float = OptimSettings.gamma
+    plateau_patience: int = OptimSettings.plateau_patience
+    min_lr_factor: float = OptimSettings.min_lr_factor
     label_smoothing: float = 0.0
     balance: str = "none"
     amp: bool = True
@@ -76,6 +76,11 @@ class TrainSettings:
     workers: int = 2
     seed: int = 0
     analysis: bool = True
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Field -> default, for the fields that have one: the parser's defaults."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> TrainSettings:

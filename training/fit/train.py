@@ -150,18 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=f"one of: {known_models()}")
     p.add_argument("--data", required=True, type=Path, help="dataset root with train/ valid/ test/")
     p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and metrics")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs in all")
+    p.add_argument("--epochs", type=int, help="training epochs in all")
     p.add_argument(
         "--batch-size",
         type=int,
-        default=32,
         help="images per step in all; split across processes under torchrun",
     )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="optimiser")
-    g.add_argument("--lr", type=float, default=0.01, help="learning rate of the head")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="optimiser")
+    g.add_argument("--lr", type=float, help="learning rate of the head")
+    g.add_argument("--momentum", type=float, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, help="weight decay")
     g.add_argument(
         "--norm-bias-decay",
         type=float,
@@ -171,40 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--schedule",
         choices=SCHEDULES,
-        default="none",
         help="learning-rate schedule, stepped per epoch; onecycle (torch's OneCycleLR: "
         "warm-up to --lr, cosine down to about 0) after every step",
     )
     g.add_argument(
         "--warmup-epochs",
         type=int,
-        default=0,
         help="linear warm-up epochs before the step or cosine schedule; onecycle: the "
         "epochs of its rise (default: 30%% of the run)",
     )
-    g.add_argument("--step-size", type=int, default=5, help="step: epochs between decays")
-    g.add_argument("--gamma", type=float, default=0.1, help="step and plateau: decay factor")
-    g.add_argument(
-        "--plateau-patience", type=int, default=2, help="plateau: epochs without improvement before decaying"
-    )
-    g.add_argument("--min-lr-factor", type=float, default=0.0, help="cosine: final lr / initial lr")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss")
+    g.add_argument("--step-size", type=int, help="step: epochs between decays")
+    g.add_argument("--gamma", type=float, help="step and plateau: decay factor")
+    g.add_argument("--plateau-patience", type=int, help="plateau: epochs without improvement before decaying")
+    g.add_argument("--min-lr-factor", type=float, help="cosine: final lr / initial lr")
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of the loss")
     g.add_argument(
         "--balance",
         choices=BALANCE,
-        default="none",
         help="imbalanced classes: loss weights, or a sampler that draws classes equally",
     )
     g.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="mixed precision (fp16 autocast) on CUDA; no effect on CPUs",
     )
     g.add_argument(
         "--ema-decay",
         type=float,
-        default=0.0,
         help="exponential moving average of the weights, updated every step with this "
         "decay (0: off); validated beside the weights each epoch, the better is kept",
     )
@@ -213,20 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--head-epochs",
         type=int,
-        default=0,
         help="epochs that train only the classifier head before the backbone joins",
     )
     s.add_argument(
         "--backbone-lr-scale",
         type=float,
-        default=0.1,
         help="backbone learning rate = lr x this, for pretrained weights "
         "(a randomly initialised backbone trains at lr)",
     )
     s.add_argument(
         "--train-all-layers",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="train every layer (after --head-epochs), whatever the model freezes by "
         "default (resnet50: conv1..layer3; mobilenet_v2, efficientnet_lite0: the "
         "features but --unfreeze-blocks)",
@@ -234,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--bn-stats",
         choices=BN_STATS,
-        default="update",
         help="BatchNorm statistics while training from pretrained weights: update "
         "(batch statistics, running ones follow the data: the original projects), "
         "frozen-parts (layers not trained in the stage keep their pretrained ones), "
@@ -243,14 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--probe",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="from pretrained weights: fit a logistic regression on the frozen "
         "features (train split) and report its test accuracy beside the result",
     )
     m = p.add_argument_group("model")
     m.add_argument(
         "--weights",
-        default="DEFAULT",
         help="torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2), "
         "downloaded when online, or 'none' for random initialisation",
     )
@@ -258,7 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--unfreeze-layer3",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="resnet50: train layer3 too (the original project's second stage)",
     )
     m.add_argument(
@@ -271,7 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--imagenet-head",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="resnet50: keep the pretrained ImageNet classifier as a second output "
         "(the dog-breed handler's dog detector); needs ImageNet weights",
     )
@@ -291,20 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--patience",
         type=int,
-        default=0,
         help="early stopping: stop after this many epochs without a better valid loss (0: off)",
     )
-    r.add_argument("--min-delta", type=float, default=0.0, help="early stopping: smallest improvement")
+    r.add_argument("--min-delta", type=float, help="early stopping: smallest improvement")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     r.add_argument("--restart", action="store_true", help="start over although --out holds an unfinished run")
-    r.add_argument("--workers", type=int, default=2, help="data-loader worker processes (per process)")
-    r.add_argument("--seed", type=int, default=0, help="random seed: same seed, same run")
+    r.add_argument("--workers", type=int, help="data-loader worker processes (per process)")
+    r.add_argument("--seed", type=int, help="random seed: same seed, same run")
     r.add_argument(
         "--analysis",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="write the analysis PNGs at the end",
     )
+    p.set_defaults(**TrainSettings.defaults())  # one declaration of each default: the settings'
     return p
 
 
@@ -360,20 +343,17 @@ def add_augmentation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mixup-alpha",
         type=float,
-        default=0.0,
         help="mixup of whole batches, weight ~ Beta(alpha, alpha) (0: off)",
     )
-    g.add_argument("--cutmix-alpha", type=float, default=0.0, help="cutmix of whole batches (0: off)")
+    g.add_argument("--cutmix-alpha", type=float, help="cutmix of whole batches (0: off)")
     g.add_argument(
         "--mix-prob",
         type=float,
-        default=1.0,
         help="probability that a batch is mixed, when mixup or cutmix is on",
     )
     g.add_argument(
         "--mix-switch-prob",
         type=float,
-        default=0.5,
         help="with both on: probability that a mixed batch is cut-mixed rather than mixed up",
     )
 
