@@ -172,9 +172,19 @@ def bf16_support() -> dict:
     return {"flags": [f for f in BF16_FLAGS if f in cpu_flags()], "native": native, "why": why}
 
 
+DOG_APP = "dog_app"  # the dog app's key in the results (bench/dog_app.py), per precision
+
+
+def label(name: str, precision: str) -> str:
+    """A model's name in the results and on the server: ``name``, ``name_bf16`` in bf16."""
+    return name if precision == "fp32" else f"{name}_{precision}"
+
+
 def dog_apps(results: dict) -> list[dict]:
     """The dog app's results, one per precision measured."""
-    return [v for k, v in results.items() if k.startswith("dog_app") and v]
+    from handlers.precision import RUN_PRECISIONS
+
+    return [results[k] for k in (label(DOG_APP, p) for p in RUN_PRECISIONS) if results.get(k)]
 
 
 # -- markdown ---------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from bench import exports as ex
 from bench.images import SIZES, make_images
 from bench.load import Target
 from bench.lone import lone_requests
-from handlers.precision import native_bf16
+from bench.report import label
+from handlers.precision import RUN_PRECISIONS, native_bf16
 from serving.server import ROOT, free_port
 from training.export.torchscript import add_server_flags
 
@@ -238,11 +239,6 @@ def contestant_settings(a, skip: dict, flask_info: dict | None, handler: dict) -
 
 
 # -- the run ----------------------------------------------------------------------------
-def label(name: str, precision: str) -> str:
-    """A model's name in the results and on the server: ``name``, ``name_bf16`` in bf16."""
-    return name if precision == "fp32" else f"{name}_{precision}"
-
-
 def run_model(
     a, source: str, image_files, images, work: Path, settings: dict, skip: dict, precision: str = "fp32"
 ) -> dict:
@@ -368,7 +364,7 @@ def run(a) -> dict:
     if a.dog_app:
         for p in a.precisions:
             print(f"\n== the dog app ({p}) ==", flush=True)
-            key = label("dog_app", p)
+            key = label(report.DOG_APP, p)
             results[key] = dog_app.run(a, work / key, settings, p)
     first = next(iter(results["models"].values()))
     handler_cfg = first["model_config"]["handler"]
@@ -432,7 +428,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precisions",
         nargs="+",
-        choices=["fp32", "bf16"],
+        choices=RUN_PRECISIONS,
         help="each model (and the dog app) is measured in each: fp32, and the export's bf16 copy "
         "(default: both where the CPU has bf16 units, else fp32 alone: emulated bf16 is many "
         "times slower; the header names the CPU's flags)",

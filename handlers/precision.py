@@ -21,7 +21,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+RUN_PRECISIONS = ("fp32", "bf16")  # what a worker runs; auto resolves to one of them
+PRECISIONS = ("auto", *RUN_PRECISIONS)
 BF16_METHOD = "forward_bf16"
 # CPU flags (/proc/cpuinfo) of native bf16 arithmetic: AVX-512 BF16 (dot products of bf16
 # pairs) and AMX (bf16 tile matrix multiplication).
