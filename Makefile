@@ -58,7 +58,7 @@ MODELS := imagenet_dogs $(TRAINED)
 DOG_MODELS := imagenet_dogs dog_breeds
 MARS   := $(MODELS:%=$(STORE)/%.mar)
 
-.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers test test-fast lint bench bench-int8 bench-flops bench-deps test-deps bench-train clean
+.PHONY: FORCE help venv check-java data check-data train export archive serve register predict stop soak rollout rollback retire grpc kserve ui browser demo demo-answers explain test test-fast lint bench bench-int8 bench-flops bench-explain bench-deps test-deps bench-train clean
 
 help:
 	@echo "make demo      install, generate demo data, train, export, archive, serve, register, predict"
@@ -67,11 +67,13 @@ help:
 	@echo "steps:         venv data train export archive serve register predict stop"
 	@echo "make check-data  data problems and class counts (training.data.clean, training.data.stats; DATA=...)"
 	@echo "make bench-train training throughput table;  make bench   serving benchmark (bench-int8: on int8 exports; bench-flops: forward pass vs matmul)"
+	@echo "make bench-explain  do the explanations' maps point at the dog, and what they cost (needs ../shared/photos)"
 	@echo "make soak      60 s of load at concurrency 32 against the running server (SOAK_MODEL=...)"
 	@echo "make rollout|rollback|retire MODEL=name VERSION=x   model versions through the management API"
 	@echo "make grpc      generate the gRPC client's stubs;  make kserve   KServe layout + manifests"
 	@echo "make ui        the upload page on http://127.0.0.1:5000 (with make serve running)"
 	@echo "make predict IMG=path/to/image.jpg MODEL=dog_breeds"
+	@echo "make explain IMG=path/to/image.jpg MODEL=imagenet_dogs   the answer's map (picture in run/explanations/)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -166,6 +168,10 @@ MODEL ?= dog_breeds
 predict:
 	$(CLIENT) predict --model $(MODEL) $(IMG)
 
+# Why that answer: the class's map (docs/serving.md), its picture written to run/explanations/.
+explain:
+	$(CLIENT) explain --model $(MODEL) --overlay $(RUN)/explanations $(IMG)
+
 stop:
 	@$(TS_ENV) $(CURDIR)/$(VENV)/bin/torchserve --stop
 
@@ -234,6 +240,9 @@ demo-answers:
 	@$(CLIENT) predict --brief --model dog_breeds $$($(PY) -m training.demo.photos --folder $(PHOTOS))
 	@echo "flying_objects answers (multipart upload):"
 	@$(CLIENT) predict --brief --multipart --model flying_objects $(DATA)/test/*/*_0098.jpg
+	@echo "Why? imagenet_dogs explains its answer (/explanations; the picture in $(RUN)/explanations/):"
+	@$(CLIENT) explain --brief --model imagenet_dogs --overlay $(RUN)/explanations \
+	  $$($(PY) -m training.demo.photos --folder $(PHOTOS) | head -1)
 	@echo "A file that is not an image gets a 400 with a reason:"
 	@$(CLIENT) predict --brief --model dog_breeds README.md || true
 	@echo
@@ -290,6 +299,10 @@ bench-int8: bench-deps
 # how much a faster compilation could still win. build/bench/flops.json.
 bench-flops: | venv
 	$(PY) -m bench.flops $(FLOPS_ARGS)
+# Whether the explanations' maps point at real dogs pasted on canvases, and the maps' cost
+# beside the plain answer's (bench/explain.py). build/bench/explain.{json,md}.
+bench-explain: | venv
+	$(PY) -m bench.explain $(EXPLAIN_ARGS)
 bench-deps: venv check-java
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-bench.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 test-deps: venv

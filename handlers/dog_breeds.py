@@ -31,6 +31,7 @@ from handlers.image_classifier import ImageClassifier
 from handlers.settings import DogBreedSettings
 
 NONE_MESSAGE = "no dog or human face found"
+NOTHING_TO_EXPLAIN = "no dog or human face found, so no breed was chosen: there is no answer to explain"
 
 
 # The verdict and the face check live here, in the runtime, not in models/: the archive
@@ -169,3 +170,10 @@ class DogBreedClassifier(ImageClassifier):
         if seen == "other" and hog_faces(self.hog, grey):
             return {"subject": "human", "resembles": best, "top_k": top_k}
         return {"subject": "none", "message": NONE_MESSAGE}
+
+    def explained(self, answer: dict, probs: torch.Tensor, explain) -> dict:
+        """The breed's map for a dog or a face (the breed it resembles); for "none", why
+        there is none."""
+        if answer["subject"] == "none":
+            return {**answer, "explanation": None, "why": NOTHING_TO_EXPLAIN}
+        return super().explained(answer, probs, explain)

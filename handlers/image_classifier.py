@@ -7,6 +7,10 @@ and answers each request with JSON:
 
     {"top_k": [{"label": "circle", "index": 0, "probability": 0.97}, ...]}
 
+A request to /explanations/<model> gets the same answer with an ``explanation``: a class
+activation map of the answer's class, or of the one it names (handlers/explain.py). Requests
+of both kinds may share a batch; each gets its own kind of answer.
+
 A request that holds no decodable image gets HTTP 400 with
 ``{"code": 400, "type": "BadImage", "message": "..."}``; the other requests of its
 batch are answered as if it were not there. Every response carries the header
@@ -53,6 +57,17 @@ from handlers.decode import (
     needs_colour_conversion,
     orient_tensor,
 )
+from handlers.explain import (
+    OVERLAY_PARAM,
+    PARAMS,
+    TARGET_PARAM,
+    Explain,
+    explanation,
+    has_cam,
+    parameter,
+    parse_target,
+    wants_overlay,
+)
 from handlers.optimize import RTOL, Method, onednn_sizes, optimize, optimize_mode
 from handlers.precision import BF16_METHOD, BF16_RTOL, resolve_precision
 from handlers.preset import EvalPreset
@@ -71,7 +86,8 @@ def request_image(row: dict) -> tuple[str, bytes]:
     """
     name = next((k for k in IMAGE_FIELDS if row.get(k) is not None), None)
     if name is None:
-        files = [k for k, v in row.items() if isinstance(v, (bytes, bytearray))]
+        # The explanation's parameters may come as form fields: never the image.
+        files = [k for k, v in row.items() if isinstance(v, (bytes, bytearray)) and k not in PARAMS]
         if len(files) > 1:
             raise BadImage(f"{len(files)} files in one request; send one image per request", "several_files")
         if not files:
@@ -131,8 +147,8 @@ METRICS = {
 }
 
 
-def error_answer(reason: str) -> dict:
-    return {"code": 400, "type": "BadImage", "message": reason}
+def error_answer(error: BadImage) -> dict:
+    return {"code": 400, "type": type(error).__name__, "message": str(error)}
 
 
 class ImageClassifier(BaseHandler):
@@ -142,6 +158,7 @@ class ImageClassifier(BaseHandler):
     min_short = 0
     gpu_decode = half = False
     precision = "fp32"  # what the forward pass runs in (initialize resolves the setting)
+    cam_module = None  # the loaded file, when it has the methods of class activation maps
     device: torch.device  # BaseHandler.initialize sets it
 
     settings_class = HandlerSettings  # what this handler reads from the handler: section
@@ -194,6 +211,7 @@ class ImageClassifier(BaseHandler):
         batches = list(s.onednn_batches) if s.onednn_batches else None
         sizes = onednn_sizes(batches, self.max_batch)
         self.precision = resolve_precision(s.precision, model, self.device)
+        self.cam_module = model if has_cam(model) else None
         load, rtol = (lambda: torch.jit.load(model_pt_path)), RTOL
         if self.precision == "bf16":  # the file's bf16 copy, at bf16's tolerance
             model, rtol = Method(model, BF16_METHOD), BF16_RTOL
@@ -238,7 +256,9 @@ class ImageClassifier(BaseHandler):
         return {"top_k": top_k}
 
     def preprocess(self, data):
-        """Decode and transform each request; returns (batch, {row: reason}, rows, facts)."""
+        """Decode and transform each request; returns (batch, {row: BadImage}, rows,
+        (facts, explains)): per good image, what ``inspect`` found and what it asks to
+        explain (None for a prediction)."""
         start = time.perf_counter()
         # A row straight from TorchServe carries its upload as bytes; under a KServe envelope
         # rows are the envelope's decoded instances, whose answers the envelope serialises.
@@ -246,29 +266,60 @@ class ImageClassifier(BaseHandler):
             isinstance(row, dict) and any(isinstance(v, (bytes, bytearray)) for v in row.values())
             for row in data
         ]
-        tensors, errors, facts = [], {}, []
+        tensors, errors, facts, explains = [], {}, [], []
         for i, row in enumerate(data):
             try:
-                x, fact = self.prepare(row)
+                explain = self.explain_request(i, row)
+                x, fact, decoded = self.prepare(row, keep=explain is not None)
+                if explain is not None:
+                    explain.decoded, explain.x = decoded, x
                 tensors.append(x)
                 facts.append(fact)
+                explains.append(explain)
             except BadImage as e:
-                errors[i] = str(e)
+                errors[i] = e
                 self._metric("ImagesRejected", 1, e.reason)
         self._metric("DecodeTime", round(1000 * (time.perf_counter() - start), 3))
         batch = torch.stack(tensors) if tensors else None
-        return batch, errors, len(data), facts
+        return batch, errors, len(data), (facts, explains)
 
-    def prepare(self, row: dict):
-        """(input tensor, facts) for one request; BadImage names what is wrong."""
-        if self.gpu_decode:
+    def _is_explain(self) -> bool:
+        # TorchServe asks request 0 only and sends the whole batch to explain_handle;
+        # here every request of a batch gets its own kind of answer (explain_request).
+        return False
+
+    def explain_request(self, i: int, row) -> Explain | None:
+        """What row ``i`` asks to explain, when it came to /explanations (TorchServe's front end
+        sets its request header ``explain: True``); None for a prediction. BadTarget for a
+        class the model lacks."""
+        processor = getattr(self.context, "request_processor", None) or []
+        if not processor:
+            return None
+        request = i if len(processor) == len(self._binary_rows) else 0  # KServe: one request, many rows
+        headers = processor[request].get_request_properties()
+        if headers.get("explain") != "True":
+            return None
+        row = row if isinstance(row, dict) else {}
+        return Explain(
+            parse_target(parameter(TARGET_PARAM, row, headers), self.mapping),
+            wants_overlay(parameter(OVERLAY_PARAM, row, headers)),
+        )
+
+    def prepare(self, row: dict, keep: bool = False):
+        """(input tensor, facts, the decoded image when ``keep``) for one request; BadImage
+        names what is wrong."""
+        if self.gpu_decode and not keep:
             _, data = request_image(row)
             x = self._decode_on_gpu(data) if is_jpeg(data) else None
             if x is not None:
-                return x, None
+                return x, None, None
         decoded = decode(row, self.min_short)
         x = self.preset.serve(decoded)
-        return (x.to(self.device) if self.gpu_decode else x), self.inspect(decoded.image)
+        return (
+            (x.to(self.device) if self.gpu_decode else x),
+            self.inspect(decoded.image),
+            decoded if keep else None,
+        )
 
     def _decode_on_gpu(self, data: bytes) -> torch.Tensor | None:
         """nvJPEG decode and the tensor eval transform; None: let the CPU path decide."""
@@ -307,7 +358,7 @@ class ImageClassifier(BaseHandler):
         return contextlib.nullcontext()
 
     def postprocess(self, data):
-        probs, aux, errors, n, facts = data
+        probs, aux, errors, n, (facts, explains) = data
         top = probs.topk(self.top_k, dim=1) if probs is not None else None
         answers, j = [], 0
         for i in range(n):
@@ -318,7 +369,10 @@ class ImageClassifier(BaseHandler):
                 {"label": self.mapping[str(k)], "index": k, "probability": round(p, 6)}
                 for p, k in zip(top.values[j].tolist(), top.indices[j].tolist())
             ]
-            answers.append(self.answer(top_k, probs[j], None if aux is None else aux[j], facts[j]))
+            answer = self.answer(top_k, probs[j], None if aux is None else aux[j], facts[j])
+            if explains[j] is not None:
+                answer = self.explained(answer, probs[j], explains[j])
+            answers.append(answer)
             j += 1
         self._report_status(n, errors)
         if getattr(self.context, "input_names", None):  # kservev2 envelope: BYTES are strings
@@ -331,6 +385,31 @@ class ImageClassifier(BaseHandler):
                     answers[i] = json.dumps(answers[i])
                     self.context.set_response_content_type(i, "application/json")
         return answers
+
+    def explained(self, answer: dict, probs: torch.Tensor, explain: Explain) -> dict:
+        """``answer`` with the ``explanation`` of its top class, or of the class asked for
+        (handlers/explain.py)."""
+        return {**answer, "explanation": self.explanation(answer["top_k"][0]["index"], probs, explain)}
+
+    def explanation(self, index: int, probs: torch.Tensor, explain: Explain) -> dict:
+        if self.cam_module is None:
+            return {
+                "method": None,
+                "message": "this model file has no class activation maps (an int8 export, or one "
+                "exported before them): export it again in fp32 to explain its answers",
+            }
+        index = index if explain.target is None else explain.target
+        geometry = (self.preset.resize_size, self.preset.crop_size)
+        return explanation(
+            self.cam_module,
+            explain.x.to(self.device),
+            index,
+            self.mapping[str(index)],
+            float(probs[index]),
+            explain.decoded.size,
+            geometry,
+            explain.decoded if explain.overlay else None,
+        )
 
     def _report_status(self, n: int, errors: dict) -> None:
         """Per-request status and X-Batch-Size header.

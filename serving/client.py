@@ -15,6 +15,7 @@ new one with the API key, which does not expire, and retries once.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -147,13 +148,35 @@ class Client:
     def ping(self) -> dict:
         return self._json("inference", "GET", "/ping")
 
-    def predict_response(self, model: str, image: bytes, multipart: bool = False) -> requests.Response:
-        """POST one image; the raw response (status, headers, JSON body)."""
+    def predict_response(
+        self, model: str, image: bytes, multipart: bool = False, api: str = "predictions", headers=None
+    ) -> requests.Response:
+        """POST one image to /<api>/<model> (predictions or explanations); the raw response
+        (status, headers, JSON body)."""
+        path, headers = f"/{api}/{model}", headers or {}
         if multipart:
-            return self._request(
-                "inference", "POST", f"/predictions/{model}", files={"data": ("image", image)}
-            )
-        return self._request("inference", "POST", f"/predictions/{model}", data=image)
+            return self._request("inference", "POST", path, files={"data": ("image", image)}, headers=headers)
+        return self._request("inference", "POST", path, data=image, headers=headers)
+
+    def explain_response(
+        self, model: str, image: bytes, target: str | int | None = None, overlay: bool = False
+    ) -> requests.Response:
+        """POST one image to /explanations/<model>: the answer with the map of its class, or
+        of ``target`` (a label or an index), with a PNG overlay when ``overlay``; both go as
+        X-Explain- headers (docs/serving.md)."""
+        headers = {"X-Explain-Overlay": "true"} if overlay else {}
+        if target is not None:
+            headers["X-Explain-Target"] = str(target)
+        return self.predict_response(model, image, api="explanations", headers=headers)
+
+    def explain(
+        self, model: str, image: bytes, target: str | int | None = None, overlay: bool = False
+    ) -> dict:
+        """The explained answer for one image; TorchServeError on a 4xx/5xx answer."""
+        r = self.explain_response(model, image, target, overlay)
+        if r.status_code >= 400:
+            raise TorchServeError(r.status_code, _body(r))
+        return r.json()
 
     def predict(self, model: str, image: bytes, multipart: bool = False) -> dict:
         """Top-k answer for one image; TorchServeError on a 4xx/5xx answer."""
@@ -255,6 +278,23 @@ def brief(status: int, body) -> str:
     return f"HTTP {status}: {msg}"
 
 
+def brief_explanation(status: int, body) -> str:
+    """One line for an explained answer: the class, where its map peaks, or why there is none."""
+    e = body.get("explanation") if status == 200 and isinstance(body, dict) else None
+    if not e:
+        why = body.get("why") if isinstance(body, dict) else None
+        return f"nothing to explain: {why}" if why else brief(status, body)
+    if not e.get("method"):
+        return f"no map: {e['message']}"
+    x, y = e["peak"]
+    left, top, right, bottom = e["box"]
+    line = (
+        f"{e['label']} ({e['probability']:.3f}): its evidence peaks at x={x:.0f}, y={y:.0f}, in the "
+        f"square x {left:.0f}-{right:.0f}, y {top:.0f}-{bottom:.0f} the model saw"
+    )
+    return line + (f"; overlay {e['overlay']}" if e.get("overlay") else "")
+
+
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -271,6 +311,14 @@ def main(argv=None):
     pr.add_argument("--multipart", action="store_true", help="send as multipart form field 'data'")
     pr.add_argument("--brief", action="store_true", help="one line per image instead of JSON")
     pr.add_argument("images", nargs="+", type=Path, help="image files")
+    ex = sub.add_parser("explain", help="explain the answers for image files (class activation maps)")
+    ex.add_argument("--model", required=True, help="served model name, e.g. imagenet_dogs")
+    ex.add_argument("--target", help="the class to explain (a label or an index; default: the answer's)")
+    ex.add_argument(
+        "--overlay", type=Path, metavar="DIR", help="write each image's map over the photo as DIR/<name>.png"
+    )
+    ex.add_argument("--brief", action="store_true", help="one line per image instead of JSON")
+    ex.add_argument("images", nargs="+", type=Path, help="image files")
     rg = sub.add_parser("register", help="register every .mar of a model store")
     rg.add_argument("--model-store", type=Path, default=Path("model_store"), help="folder of .mar files")
     rg.add_argument("--batch-size", type=int, help="override the archive's batchSize")
@@ -303,6 +351,23 @@ def main(argv=None):
                 else:
                     print(f"{img} -> HTTP {r.status_code}")
                     _print(_body(r))
+                failed += r.status_code >= 400
+            sys.exit(1 if failed else 0)
+        elif a.cmd == "explain":
+            failed = 0
+            for img in a.images:
+                r = c.explain_response(a.model, img.read_bytes(), a.target, a.overlay is not None)
+                body = _body(r)
+                explained = body.get("explanation") if isinstance(body, dict) else None
+                if explained and explained.get("overlay"):
+                    a.overlay.mkdir(parents=True, exist_ok=True)
+                    (a.overlay / f"{img.stem}.png").write_bytes(base64.b64decode(explained.pop("overlay")))
+                    explained["overlay"] = str(a.overlay / f"{img.stem}.png")
+                if a.brief:
+                    print(f"{img} -> {brief_explanation(r.status_code, body)}")
+                else:
+                    print(f"{img} -> HTTP {r.status_code}")
+                    _print(body)
                 failed += r.status_code >= 400
             sys.exit(1 if failed else 0)
         elif a.cmd == "register":

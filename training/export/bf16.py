@@ -13,7 +13,6 @@ whose fp32 answer is decisive changes class.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -25,38 +24,14 @@ from handlers.optimize import compare as compare_outputs
 from handlers.precision import BF16_METHOD, BF16_RTOL
 from handlers.preset import EvalPreset
 from training.demo.photos import SHARED_PHOTOS, photos
-from training.export import gate
+from training.export import gate, methods
 
 REPORT_FILE = "bf16.json"
 
 
-def _as_float(out):
-    return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
-
-
-class WithBf16(nn.Module):
-    """``forward``: the model; ``forward_bf16``: its bfloat16 copy, float32 in and out."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.fp32 = model
-        self.bf16 = copy.deepcopy(model).to(torch.bfloat16)
-
-    def forward(self, x):
-        return self.fp32(x)
-
-    def forward_bf16(self, x):
-        return _as_float(self.bf16(x.to(torch.bfloat16)))
-
-
 def to_torchscript(model: nn.Module, crop: int) -> torch.jit.ScriptModule:
-    """Both methods traced on a batch of two crops, then frozen (``forward_bf16`` kept)."""
-    example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        traced = torch.jit.trace_module(
-            WithBf16(model.eval()).eval(), {"forward": example, BF16_METHOD: example}, check_trace=False
-        )
-    return torch.jit.freeze(traced, preserved_attrs=[BF16_METHOD])
+    """The model's TorchScript file with its bf16 copy (training/export/methods.py)."""
+    return methods.to_torchscript(model, crop, bf16=True)
 
 
 def on_split(module, root: Path, preset: EvalPreset, classes: list[str]) -> gate.Comparison:

@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from handlers.explain import has_cam
 from handlers.optimize import OPTIMIZE_MODES, Agreement, compare, onednn_sizes, tensors
 from handlers.precision import PRECISIONS
 from handlers.preset import EvalPreset
 from handlers.settings import SETTINGS, HandlerSettings, ServerSettings
 from models import imagenet
 from models.zoo import get_model, get_spec
-from training.export import bf16, gate, quantize
+from training.export import bf16, gate, methods, quantize
 from training.fit.checkpoint import load_checkpoint
 
 MODEL_FILE = "model.pt"
@@ -45,8 +46,10 @@ CONFIG_FILE = "model-config.yaml"
 QUANTIZATION_FILE = "quantization.json"
 
 
-def to_torchscript(model: torch.nn.Module, crop: int = EvalPreset.crop_size) -> torch.jit.ScriptModule:
-    """The eval-mode model traced on a batch of two crops, then frozen.
+def to_torchscript(model: torch.nn.Module, crop: int = EvalPreset.crop_size, bf16: bool = False):
+    """The eval-mode model traced on a batch of two crops, then frozen; with its bf16 copy
+    when ``bf16``, and with the methods of its class activation maps where the network has
+    them (training/export/methods.py).
 
     Traced rather than scripted: these networks have no data-dependent control flow,
     and torch.jit.script compiles every submodule's Python source, which with torch 2.13
@@ -56,11 +59,7 @@ def to_torchscript(model: torch.nn.Module, crop: int = EvalPreset.crop_size) -> 
     own, so a module attribute allocated at a freed operator's address is taken for it.
     Tracing records the operators that run and never consults that table.
     """
-    model = model.eval()
-    example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example, check_trace=False)
-    return torch.jit.freeze(traced)
+    return methods.to_torchscript(model, crop, bf16=bf16)
 
 
 def handler_settings(a: argparse.Namespace, ckpt: dict) -> HandlerSettings:
@@ -158,7 +157,7 @@ def with_bf16(model: torch.nn.Module, ckpt: dict, a: argparse.Namespace):
     crop = ckpt["eval_preset"]["crop_size"]
     if a.precision == "fp32":
         return to_torchscript(model, crop), None
-    scripted = bf16.to_torchscript(model, crop)
+    scripted = to_torchscript(model, crop, bf16=True)
     report, lost = bf16_gate(scripted, ckpt, a)
     if lost is None:
         return scripted, {**report, "served": True}
@@ -220,7 +219,8 @@ def export(checkpoint: Path, out: Path, a: argparse.Namespace) -> Path:
     (out / CONFIG_FILE).write_text(header + yaml.safe_dump(model_config(ckpt, a), sort_keys=False))
     print(
         f"exported {ckpt['model']} ({ckpt['num_classes']} classes"
-        f"{', int8' if report else ''}{', with a bf16 copy' if a.precision != 'fp32' else ''}) "
+        f"{', int8' if report else ''}{', with a bf16 copy' if a.precision != 'fp32' else ''}"
+        f"{', with the maps of /explanations' if has_cam(scripted) else ''}) "
         f"to {out}/ "
         f"[TorchScript against eager: {agreement}]"
     )
