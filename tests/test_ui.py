@@ -4,12 +4,15 @@ the result pages are saved to test-artifacts/ (ui-dog.png is the README's pictur
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import waitress
+from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from serving.archive import build_archive
@@ -127,3 +130,31 @@ def test_torchserve_down_is_a_readable_message(dog_export, tmp_path):
     app = create_app(dead).test_client()
     r = app.post("/api/predict", data={"model": "x", "image": (photo_file("astronaut").open("rb"), "a.png")})
     assert r.status_code == 502 and "TorchServe is not reachable" in r.get_json()["error"]
+
+
+def test_why_overlays_the_map_on_the_photo(page, app_url, ts_client):
+    """After the answer, "Why?" shows the photo with the breed's map in colour and the colour
+    scale; the picture is the server's overlay for the same photo; a second click hides it."""
+    expected = ts_client.explain("imagenet_dogs", photo_file("dog_labrador").read_bytes(), overlay=True)
+    upload(page, app_url, "imagenet_dogs", photo_file("dog_labrador"))
+    expect(page.locator("#headline")).to_have_text("A dog: Labrador retriever", timeout=60_000)
+    expect(page.locator("#overlay")).to_be_hidden()
+    page.click("#why")
+    expect(page.locator("#overlay")).to_be_visible(timeout=60_000)
+    expect(page.locator("#scale")).to_be_visible()
+    expect(page.locator("#why-text")).to_contain_text("Labrador retriever")
+    src = page.locator("#overlay").get_attribute("src")
+    assert src.startswith("data:image/png;base64,")
+    # The browser decoded the PNG: its natural size is that of the server's overlay.
+    size = page.locator("#overlay").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    want = Image.open(io.BytesIO(base64.b64decode(expected["explanation"]["overlay"]))).size
+    assert tuple(size) == want and max(want) == 512
+    screenshot(page, "ui-why.png")
+    page.click("#why")
+    expect(page.locator("#explained")).to_be_hidden()
+
+
+def test_why_for_neither_says_there_is_nothing_to_explain(page, app_url):
+    upload(page, app_url, "imagenet_dogs", photo_file("kitten"))
+    expect(page.locator("#headline")).to_contain_text("Neither a dog nor a person", timeout=60_000)
+    expect(page.locator("#why")).to_be_hidden()  # "none" answers have no top_k: no button

@@ -1,4 +1,5 @@
-"""A small web app on 127.0.0.1: pick an image, preview it, submit, read the answer.
+"""A small web app on 127.0.0.1: pick an image, preview it, submit, read the answer;
+"Why?" shows where in the photo the answer's evidence lies (TorchServe's explanations API).
 
     python -m ui.app --port 5000          (make ui)
 
@@ -43,8 +44,9 @@ def create_app(client: Client) -> Flask:
         except (TorchServeError, requests.RequestException, FileNotFoundError) as e:
             return jsonify(error=f"TorchServe is not reachable: {e}"), 502
 
-    @app.post("/api/predict")
-    def predict():
+    def ask(api: str):
+        """The model's answer to the uploaded image from TorchServe's ``api`` (predictions, or
+        explanations with the map drawn over the photo), or a readable error."""
         model = request.form.get("model", "")
         upload = request.files.get("image")
         if not model:
@@ -52,7 +54,10 @@ def create_app(client: Client) -> Flask:
         if upload is None or not upload.filename:
             return jsonify(error="choose an image file first"), 400
         try:
-            r = client.predict_response(model, upload.read())
+            if api == "explanations":
+                r = client.explain_response(model, upload.read(), overlay=True)
+            else:
+                r = client.predict_response(model, upload.read())
         except requests.Timeout:
             return jsonify(error=f"TorchServe did not answer within {client.timeout:.0f} s"), 504
         except (requests.RequestException, FileNotFoundError) as e:
@@ -67,6 +72,14 @@ def create_app(client: Client) -> Flask:
                 r.status_code if r.status_code != 200 else 502
             )
         return jsonify(model=model, answer=body)
+
+    @app.post("/api/predict")
+    def predict():
+        return ask("predictions")
+
+    @app.post("/api/explain")
+    def explain():
+        return ask("explanations")
 
     @app.errorhandler(413)
     def too_large(_):
