@@ -191,7 +191,9 @@ def true_breed(dog: str, labels: dict[str, str]) -> int:
     return by_name[_words(dog.split("_", 2)[2])]
 
 
-def inside(point: list[float], box: tuple[int, int, int, int]) -> bool:
+def inside(point: list[float] | None, box: tuple[int, int, int, int]) -> bool:
+    if point is None:  # an all-zero map points nowhere
+        return False
     x, y = point
     left, top, right, bottom = box
     return left <= x <= right and top <= y <= bottom

@@ -15,7 +15,7 @@ upright image as decoded (EXIF orientation applied), documented in docs/serving.
     {"method": "grad-cam", "label": ..., "index": k, "probability": p,
      "box": [left, top, right, bottom],      # the square the model saw, image pixels
      "grid": [[...], ...],                   # rows x cols, 0..1, row 0 at the top of box
-     "peak": [x, y],                         # where the map is highest, image pixels
+     "peak": [x, y],                         # where the map is highest, image pixels (null: all 0)
      "overlay": "<base64 PNG>"}              # when the request asks for it
 """
 
@@ -103,7 +103,7 @@ def peak(cam: torch.Tensor, box: tuple[float, ...]) -> list[float]:
     r, c = divmod(int(cam.argmax()), cols)
     r0, r1, c0, c1 = max(r - 1, 0), min(r + 2, rows), max(c - 1, 0), min(c + 2, cols)
     w = cam[r0:r1, c0:c1].float()
-    if float(w.sum()) <= 0:
+    if float(w.sum()) <= 0:  # an all-zero map: the first cell's centre (callers report none)
         w = torch.ones_like(w)
     ys = torch.arange(r0, r1, dtype=torch.float32)[:, None] + 0.5
     xs = torch.arange(c0, c1, dtype=torch.float32)[None, :] + 0.5
@@ -202,7 +202,7 @@ def explanation(
         "probability": round(probability, 6),
         "box": [round(v, 1) for v in box],
         "grid": [[round(v, 3) for v in row] for row in cam.tolist()],
-        "peak": peak(cam, box),
+        "peak": peak(cam, box) if float(cam.max()) > 0 else None,
     }
     if decoded is not None:
         out["overlay"] = overlay_png(decoded, cam, box)

@@ -286,6 +286,8 @@ def brief_explanation(status: int, body) -> str:
         return f"nothing to explain: {why}" if why else brief(status, body)
     if not e.get("method"):
         return f"no map: {e['message']}"
+    if e["peak"] is None:
+        return f"{e['label']} ({e['probability']:.3f}): no part of the photo holds evidence for it"
     x, y = e["peak"]
     left, top, right, bottom = e["box"]
     line = (

@@ -24,6 +24,7 @@ from handlers.explain import (
     BadTarget,
     colours,
     crop_box,
+    explanation,
     grad_cam,
     has_cam,
     parse_target,
@@ -119,6 +120,11 @@ def test_grad_cam_lies_where_the_evidence_is():
     assert float(red[:20].max()) == 0.0
     not_red, _ = grad_cam(scripted, x, 1)
     assert float(not_red.max()) == 0.0
+    # In the answer: the red map's peak in the square's pixels, none for a map of zeros.
+    size, geometry = (32, 32), (32, 32)
+    px, py = explanation(scripted, x, 0, "red", 0.9, size, geometry)["peak"]
+    assert 4 <= px <= 12 and 20 <= py <= 28
+    assert explanation(scripted, x, 1, "not red", 0.1, size, geometry)["peak"] is None
     with torch.inference_mode():
         assert torch.allclose(logits, scripted(x[None])[0])
 
