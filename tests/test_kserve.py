@@ -91,3 +91,23 @@ def test_concurrent_requests_each_get_their_own_answer(envelope_server, tiny_dat
     for (_, answers), img in zip(results, imgs):
         assert len(answers) == 1
         assert_answer_matches(answers[0], reference.expected(img))
+
+
+@pytest.mark.parametrize("envelope_server", ["kserve"], indirect=True)  # v2 has no explain call
+def test_kserve_v1_explain_answers_each_instance_with_its_map(envelope_server, tiny_data):
+    """KServe v1's :explain: every instance gets the answer :predict gives, with its map."""
+    envelope, client = envelope_server
+    imgs = [p.read_bytes() for p in sorted(tiny_data.glob("test/*/*.jpg"))[:2]]
+    headers = {"Authorization": f"Bearer {client.keys()['inference']}"}
+    body = {"instances": [{"data": b64(img)} for img in imgs]}
+    r = requests.post(
+        f"{client.inference_url}/v1/models/{MODEL_NAME}:explain", json=body, headers=headers, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    explained = r.json()["explanations"]
+    _, predicted = call(envelope, client, imgs)
+    assert [a["top_k"] for a in explained] == [a["top_k"] for a in predicted]
+    for a in explained:
+        e = a["explanation"]
+        assert e["method"] == "grad-cam" and e["label"] == a["top_k"][0]["label"]
+        assert max(max(row) for row in e["grid"]) == 1.0
