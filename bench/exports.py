@@ -31,7 +31,6 @@ import yaml
 
 from handlers.preset import EvalPreset
 from serving.archive import archiver, build_archive, handler_of
-from training.export import bf16
 from training.export import torchscript as export_mod
 
 # Served name -> architecture and classes of its random stand-in.
@@ -79,7 +78,7 @@ def random_export(name: str, out: Path, dog_gate: bool = False) -> None:
         model = export_mod.with_dog_gate(model, ckpt, export_mod.DEFAULT_DOG_GATE).eval()
     out.mkdir(parents=True, exist_ok=True)
     # with its bf16 copy, as the export writes by default (ungated: random weights)
-    bf16.to_torchscript(model, EvalPreset.crop_size).save(str(out / export_mod.MODEL_FILE))
+    export_mod.to_torchscript(model, EvalPreset.crop_size, bf16=True).save(str(out / export_mod.MODEL_FILE))
     labels = {str(i): f"class_{i:03d}" for i in range(classes)}
     (out / export_mod.LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
 

@@ -25,7 +25,7 @@ from handlers.precision import BF16_RTOL
 from handlers.preset import EvalPreset
 from models.zoo import get_model, get_spec
 from tests.conftest import make_context
-from training.export import bf16, pretrained
+from training.export import pretrained
 from training.export import torchscript as export_mod
 from training.export.bf16 import keeps_decisive_answers
 from training.fit import train as train_mod
@@ -101,10 +101,10 @@ def export(arch: str, out: Path, photos: torch.Tensor) -> tuple[Path, torch.nn.M
 
 def with_bf16_copy(export_dir: Path, eager: torch.nn.Module, crop: int) -> Path:
     """The export beside it, its model.pt with the bf16 copy that training.export adds
-    (training/export/bf16.py's tracing, without the gate)."""
+    (training/export/methods.py's tracing, without the gate)."""
     out = export_dir.with_name(export_dir.name + "_bf16")
     shutil.copytree(export_dir, out)
-    bf16.to_torchscript(eager, crop).save(str(out / export_mod.MODEL_FILE))
+    export_mod.to_torchscript(eager, crop, bf16=True).save(str(out / export_mod.MODEL_FILE))
     return out
 
 

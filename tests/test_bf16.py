@@ -132,7 +132,7 @@ class Offset(nn.Module):
 def test_the_gate_refuses_a_model_that_bf16_breaks(trained, tiny_data):
     model, ckpt = load_checkpoint(trained)
     preset = export_mod.EvalPreset.from_dict(ckpt["eval_preset"])
-    scripted = bf16.to_torchscript(Offset(model), preset.crop_size)
+    scripted = export_mod.to_torchscript(Offset(model), preset.crop_size, bf16=True)
     result = bf16.on_split(scripted, tiny_data, preset, ckpt["classes"])
     assert result.fp32_correct > result.other_correct, result  # ties go to the first class
     assert gate.loss(result, 0.5, "--max-bf16-drop").startswith("bf16 loses")

@@ -1,8 +1,8 @@
-"""bf16 at export: the model's bfloat16 copy beside it in the same TorchScript file, and
-the accuracy gate it must pass to be offered.
+"""bf16 at export: the accuracy gate the model's bfloat16 copy must pass to be offered.
 
 The file's ``forward`` is the fp32 model exactly as before; its ``forward_bf16`` runs a
-bfloat16 copy of the weights on the input cast to bfloat16 and returns float32 outputs.
+bfloat16 copy of the weights on the input cast to bfloat16 and returns float32 outputs
+(traced beside it by training/export/methods.py).
 The handler picks one at worker start (handlers/precision.py). Before anything is written
 the copy is measured against fp32, on the validation split of ``--data`` (top-1
 accuracy of each and their agreement), else on real photos (the packaged ones, and
@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from handlers.decode import open_image
 from handlers.optimize import Method, tensors
@@ -24,14 +23,9 @@ from handlers.optimize import compare as compare_outputs
 from handlers.precision import BF16_METHOD, BF16_RTOL
 from handlers.preset import EvalPreset
 from training.demo.photos import SHARED_PHOTOS, photos
-from training.export import gate, methods
+from training.export import gate
 
 REPORT_FILE = "bf16.json"
-
-
-def to_torchscript(model: nn.Module, crop: int) -> torch.jit.ScriptModule:
-    """The model's TorchScript file with its bf16 copy (training/export/methods.py)."""
-    return methods.to_torchscript(model, crop, bf16=True)
 
 
 def on_split(module, root: Path, preset: EvalPreset, classes: list[str]) -> gate.Comparison:
