@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 from bench import report
@@ -168,17 +167,19 @@ def jpeg(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def explain_bytes(
-    module, data: bytes, preset: EvalPreset, labels: dict[str, str], target: int | None = None
-) -> dict:
-    """The served path's explanation of the answer's class (or ``target``) for one image's bytes."""
+def explainer(module, data: bytes, preset: EvalPreset, labels: dict[str, str]):
+    """(the answer's class, explain(index)) for one image's bytes, the served way: decoded,
+    preprocessed and answered once; ``explain`` gives the explanation of a class."""
     decoded = decode_image(data, MAX_PIXELS)
     x = preset.serve(decoded)
     with torch.inference_mode():
         probs = module(x[None])[0][0].softmax(-1)
-    index = int(probs.argmax()) if target is None else target
     geometry = (preset.resize_size, preset.crop_size)
-    return explanation(module, x, index, labels[str(index)], float(probs[index]), decoded.size, geometry)
+
+    def explain(index: int) -> dict:
+        return explanation(module, x, index, labels[str(index)], float(probs[index]), decoded.size, geometry)
+
+    return int(probs.argmax()), explain
 
 
 def _words(name: str) -> str:
@@ -204,10 +205,10 @@ def pointing(module, preset: EvalPreset, labels: dict[str, str], cases: list[Cas
     whether the answer was the dog's breed, and the same for the map of the dog's breed."""
     rows = []
     for c in cases:
-        data, breed = jpeg(c.image), true_breed(c.dog, labels)
-        answer = explain_bytes(module, data, preset, labels)
-        right = answer["index"] == breed
-        of_breed = answer if right else explain_bytes(module, data, preset, labels, breed)
+        breed = true_breed(c.dog, labels)
+        top, explain = explainer(module, jpeg(c.image), preset, labels)
+        answer, right = explain(top), top == breed
+        of_breed = answer if right else explain(breed)
         rows.append(
             {
                 "dog": c.dog,
@@ -238,12 +239,9 @@ def rates(rows: list[dict]) -> dict[str, dict[str, int]]:
     return out
 
 
-def cost(export_dir: Path, no_cam: Path, photo: Path, rounds: int) -> dict:
+def cost(export_dir: Path, no_cam: Path, preset: EvalPreset, photo: Path, rounds: int) -> dict:
     """Median ms per image on one thread: the plain forward as served, the same without the
     explanation's methods in the file, Grad-CAM, and the overlay."""
-    preset = EvalPreset.from_dict(
-        yaml.safe_load((export_dir / export_mod.CONFIG_FILE).read_text())["handler"]
-    )
     data = photo.read_bytes()
     decoded = decode_image(data, MAX_PIXELS)
     x = preset.serve(decoded)
@@ -363,7 +361,7 @@ def main(argv=None) -> dict:
         "machine": report.machine(),
         "rounds": a.rounds,
         "rates": rates(rows),
-        "cost": cost(export_dir, no_cam, SHARED_PHOTOS / "dog_labrador.jpg", a.rounds),
+        "cost": cost(export_dir, no_cam, preset, SHARED_PHOTOS / "dog_labrador.jpg", a.rounds),
         "misses": [r for r in rows if not (r["hit"] and r["breed_hit"])],
     }
     text = markdown(result)

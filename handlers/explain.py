@@ -95,16 +95,17 @@ def crop_box(size: tuple[int, int], resize_size: int, crop_size: int) -> tuple[f
     return left, top, left + side, top + side
 
 
-def peak(cam: torch.Tensor, box: tuple[float, ...]) -> list[float]:
+def peak(cam: torch.Tensor, box: tuple[float, ...]) -> list[float] | None:
     """Where the map is highest, [x, y] in image pixels: the centre of its hottest cell moved
     toward its neighbours by their values (the mean of the 3 x 3 cells' centres around it,
-    weighted by the map), a finer estimate than the cell and always inside the box."""
+    weighted by the map), a finer estimate than the cell and always inside the box. None
+    for a map of zeros: no part of the view holds evidence for the class."""
     rows, cols = cam.shape
     r, c = divmod(int(cam.argmax()), cols)
     r0, r1, c0, c1 = max(r - 1, 0), min(r + 2, rows), max(c - 1, 0), min(c + 2, cols)
     w = cam[r0:r1, c0:c1].float()
-    if float(w.sum()) <= 0:  # an all-zero map: the first cell's centre (callers report none)
-        w = torch.ones_like(w)
+    if float(w.sum()) <= 0:
+        return None
     ys = torch.arange(r0, r1, dtype=torch.float32)[:, None] + 0.5
     xs = torch.arange(c0, c1, dtype=torch.float32)[None, :] + 0.5
     y, x = float((w * ys).sum() / w.sum()), float((w * xs).sum() / w.sum())
@@ -145,14 +146,17 @@ def overlay_png(decoded: Decoded, cam: torch.Tensor, box: tuple[float, ...]) -> 
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _text(value) -> str:
+    """A parameter's value as stripped text: form fields arrive as bytes, headers as str."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    return "" if value is None else str(value).strip()
+
+
 def parse_target(value, mapping: dict[str, str]) -> int | None:
     """The class a request names (its label as answers spell it, or its index), or None
     for the answer's own; BadTarget saying which classes exist otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", "replace")
-    text = str(value).strip()
+    text = _text(value)
     if not text:
         return None
     if text.lstrip("-").isdigit():
@@ -175,9 +179,7 @@ def parameter(name: str, row: dict, headers: dict):
 
 
 def wants_overlay(value) -> bool:
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", "replace")
-    return str(value).strip().lower() in ("1", "true", "yes", "on") if value is not None else False
+    return _text(value).lower() in ("1", "true", "yes", "on")
 
 
 def explanation(
@@ -202,7 +204,7 @@ def explanation(
         "probability": round(probability, 6),
         "box": [round(v, 1) for v in box],
         "grid": [[round(v, 3) for v in row] for row in cam.tolist()],
-        "peak": peak(cam, box) if float(cam.max()) > 0 else None,
+        "peak": peak(cam, box),
     }
     if decoded is not None:
         out["overlay"] = overlay_png(decoded, cam, box)

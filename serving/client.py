@@ -48,6 +48,13 @@ def _body(r: requests.Response):
         return r.text
 
 
+def _answer(r: requests.Response):
+    """An inference API's answer: its JSON, or TorchServeError for a 4xx/5xx."""
+    if r.status_code >= 400:
+        raise TorchServeError(r.status_code, _body(r))
+    return r.json()
+
+
 def _refused_key(r: requests.Response) -> bool:
     # TorchServe 0.12 refuses a missing, wrong or expired key with 400 InvalidKeyException.
     body = _body(r)
@@ -173,17 +180,11 @@ class Client:
         self, model: str, image: bytes, target: str | int | None = None, overlay: bool = False
     ) -> dict:
         """The explained answer for one image; TorchServeError on a 4xx/5xx answer."""
-        r = self.explain_response(model, image, target, overlay)
-        if r.status_code >= 400:
-            raise TorchServeError(r.status_code, _body(r))
-        return r.json()
+        return _answer(self.explain_response(model, image, target, overlay))
 
     def predict(self, model: str, image: bytes, multipart: bool = False) -> dict:
         """Top-k answer for one image; TorchServeError on a 4xx/5xx answer."""
-        r = self.predict_response(model, image, multipart)
-        if r.status_code >= 400:
-            raise TorchServeError(r.status_code, _body(r))
-        return r.json()
+        return _answer(self.predict_response(model, image, multipart))
 
     # -- metrics -----------------------------------------------------------
     def metrics(self) -> dict[str, float]:

@@ -44,9 +44,9 @@ def create_app(client: Client) -> Flask:
         except (TorchServeError, requests.RequestException, FileNotFoundError) as e:
             return jsonify(error=f"TorchServe is not reachable: {e}"), 502
 
-    def ask(api: str):
-        """The model's answer to the uploaded image from TorchServe's ``api`` (predictions, or
-        explanations with the map drawn over the photo), or a readable error."""
+    def ask(send):
+        """The model's answer to the uploaded image, sent by ``send(model, image)`` (a prediction,
+        or an explanation with the map drawn over the photo), or a readable error."""
         model = request.form.get("model", "")
         upload = request.files.get("image")
         if not model:
@@ -54,10 +54,7 @@ def create_app(client: Client) -> Flask:
         if upload is None or not upload.filename:
             return jsonify(error="choose an image file first"), 400
         try:
-            if api == "explanations":
-                r = client.explain_response(model, upload.read(), overlay=True)
-            else:
-                r = client.predict_response(model, upload.read())
+            r = send(model, upload.read())
         except requests.Timeout:
             return jsonify(error=f"TorchServe did not answer within {client.timeout:.0f} s"), 504
         except (requests.RequestException, FileNotFoundError) as e:
@@ -75,11 +72,11 @@ def create_app(client: Client) -> Flask:
 
     @app.post("/api/predict")
     def predict():
-        return ask("predictions")
+        return ask(client.predict_response)
 
     @app.post("/api/explain")
     def explain():
-        return ask("explanations")
+        return ask(lambda model, image: client.explain_response(model, image, overlay=True))
 
     @app.errorhandler(413)
     def too_large(_):
