@@ -158,13 +158,22 @@ def requests_for(a, ip_rate: float | None, c: int) -> int:
 
 
 def run_cell(
-    a, label: str, target: Target, size: str, imgs: list[bytes], c: int, ip_rate: float | None
+    a,
+    label: str,
+    target: Target,
+    size: str,
+    imgs: list[bytes],
+    c: int,
+    ip_rate: float | None,
+    server_cpu=None,
 ) -> dict:
-    """One set of photos x concurrency for one contestant: its summary, with the CPU steal."""
+    """One set of photos x concurrency for one contestant: its summary, with the CPU steal
+    and, given ``server_cpu()`` (LocalServer.cpu_seconds), the server's CPU per request."""
     n = requests_for(a, ip_rate, c)
     warmup = max(2, c // 2)
     print(f"  {label} {size} c={c}: {warmup} warm-up + {n} measured requests ...", end="", flush=True)
     cpu0 = report.cpu_snapshot()
+    server0 = server_cpu() if server_cpu else None
     cell = report.summarize(
         run_load(
             target,
@@ -177,6 +186,9 @@ def run_cell(
         )
     )
     cell["cpu_steal"] = report.steal_share(cpu0, report.cpu_snapshot())
+    if server0 is not None:
+        spent = report.per_request_ms(server0, server_cpu(), cell["total_requests"])
+        cell["server_cpu_ms_per_request"] = spent
     lat = cell["latency_ms"]
     print(
         f" {cell['images_per_s']:.1f} img/s, p50 {lat['p50']:.0f} / p90 {lat['p90']:.0f} / "
@@ -189,18 +201,23 @@ def run_cell(
 
 
 def run_cells(
-    a, contestants: dict[str, tuple[str, Target]], images: dict[str, list[bytes]], ip_rates: dict[str, float]
+    a,
+    contestants: dict[str, tuple[str, Target]],
+    images: dict[str, list[bytes]],
+    ip_rates: dict[str, float],
+    server_cpu=None,
 ) -> dict:
     """Every size x concurrency, each cell run by every contestant one after the other
     ({key: (label, target)}; the order flips from cell to cell), so that contestants
     compared with each other are measured minutes apart at most, not a whole run apart:
-    this machine's speed drifts. Returns {key: {size: [cell summary, ...]}}."""
+    this machine's speed drifts. ``server_cpu``: the TorchServe they share, as run_cell
+    takes it. Returns {key: {size: [cell summary, ...]}}."""
     out = {key: {} for key in contestants}
     cells = [(size, c) for size in images for c in a.concurrency]
     for (size, c), key in report.take_turns(contestants, cells):
         label, target = contestants[key]
         out[key].setdefault(size, []).append(
-            run_cell(a, label, target, size, images[size], c, ip_rates.get(size))
+            run_cell(a, label, target, size, images[size], c, ip_rates.get(size), server_cpu)
         )
     return out
 

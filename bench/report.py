@@ -49,6 +49,13 @@ def summarize(cell: dict) -> dict:
     return out
 
 
+def per_request_ms(before: dict[str, float], after: dict[str, float], requests: int) -> dict | None:
+    """CPU seconds spent between two snapshots ({part: seconds}) as ms per request, by part."""
+    if not requests:
+        return None
+    return {k: round(1000 * (after[k] - before[k]) / requests, 2) for k in before}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b:
         return None
@@ -313,6 +320,8 @@ def cell_rows(cells: dict) -> list[dict]:
             "measured": x["measured_requests"],
             "errors": x["errors"],
             "CPU steal": percent(x.get("cpu_steal")),
+            "frontend CPU ms/request": (x.get("server_cpu_ms_per_request") or {}).get("frontend"),
+            "workers CPU ms/request": (x.get("server_cpu_ms_per_request") or {}).get("workers"),
         }
         for key, sizes in cells.items()
         for size, xs in sizes.items()

@@ -99,7 +99,7 @@ def torchserve_contestants(
                 harness.warm(a, btarget, images, "builtin", a.batch_size * a.workers)
                 targets[report.BUILTIN] = ("built-in", btarget, bname)
             res["cells"].update(
-                harness.run_cells(a, {k: v[:2] for k, v in targets.items()}, images, ip_rates)
+                harness.run_cells(a, {k: v[:2] for k, v in targets.items()}, images, ip_rates, ts.cpu_seconds)
             )
             res["lone"] = {}
             for k, (_, t, model) in targets.items():
@@ -136,7 +136,9 @@ def out_of_the_box(a, name: str, archives: dict, images, ip_rates, workdir: Path
         res["server_settings"][report.DEFAULT] = harness.server_settings(client, bname)
         target = harness.inference_target(ts, bname)
         harness.warm(a, target, images, "builtin", workers)
-        return harness.run_cells(a, {report.DEFAULT: ("out-of-box", target)}, images, ip_rates)
+        return harness.run_cells(
+            a, {report.DEFAULT: ("out-of-box", target)}, images, ip_rates, ts.cpu_seconds
+        )
 
 
 def default_workers(a) -> int:

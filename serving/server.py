@@ -222,6 +222,24 @@ class LocalServer:
                     pass
         return found
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the frontend (the Java process) and of the
+        model workers alive now (not the frontend's other children, such as its metrics
+        collector)."""
+        out = {"frontend": 0.0, "workers": 0.0}
+        cfg = str(self.workdir / "config.properties")
+        for p in self.processes():
+            try:
+                cmdline = p.cmdline()
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            if cfg in cmdline:
+                out["frontend"] += t.user + t.system
+            elif any(arg.endswith("model_service_worker.py") for arg in cmdline):
+                out["workers"] += t.user + t.system
+        return out
+
     def stop(self) -> None:
         """Stop the server; kill its processes if they have not gone within 30 s."""
         procs = self.processes()

@@ -50,6 +50,13 @@ def test_latency_summary_in_ms():
     assert lat == {"p50": 30.0, "p90": 46.0, "p99": 49.6}
 
 
+def test_server_cpu_per_request_between_two_snapshots():
+    before = {"frontend": 1.0, "workers": 2.0}
+    after = {"frontend": 1.5, "workers": 4.0}
+    assert report.per_request_ms(before, after, 100) == {"frontend": 5.0, "workers": 20.0}
+    assert report.per_request_ms(before, after, 0) is None  # nothing answered: no figure
+
+
 def test_cpu_steal_share_between_two_snapshots(tmp_path):
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice
@@ -335,6 +342,11 @@ def test_smoke_run_writes_complete_results(smoke):
             lat = c["latency_ms"]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"], (key, c)
             assert 0 <= c["cpu_steal"] < 1, (key, c)  # Linux has /proc/stat
+            cpu = c.get("server_cpu_ms_per_request")
+            if key == "flask":
+                assert cpu is None, c  # not a TorchServe
+            else:  # both found by their command lines, each spent CPU on every request
+                assert cpu["frontend"] > 0 and cpu["workers"] > 0, (key, c)
     # TorchServe ran with the settings asked for.
     assert model["server_settings"]["served"] == {
         "batch_size": 8,
@@ -417,6 +429,11 @@ def test_smoke_run_writes_complete_results(smoke):
                 lat["p99"],
                 c["measured_requests"],
                 c["errors"],
+                report.percent(c["cpu_steal"]),
+                *[
+                    shown(c["server_cpu_ms_per_request"][part]) if key != "flask" else "–"
+                    for part in ("frontend", "workers")
+                ],
             ), (key, c)
     for key, sizes in model["lone"].items():
         d = sizes["500x375"]
