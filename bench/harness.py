@@ -131,21 +131,19 @@ def check_answer(kind: str, status: int, body: bytes) -> dict:
 def warm(a, target: Target, images: dict[str, list[bytes]], kind: str, burst: int) -> None:
     """Check the answer, then warm up: TorchScript optimises on its first calls, in every
     worker and for each batch shape, so a few requests one at a time and a short burst of
-    ``burst`` concurrent ones per set of photos, none of them measured."""
+    ``burst`` concurrent ones per set of photos; then --warm-seconds of load at the top
+    concurrency, for the server's own start-up work (the JVM's compiler). None of it is
+    measured."""
+    top = max(a.concurrency)
     for imgs in images.values():
         for i in range(2):
             status, body = one(target, imgs[i % len(imgs)])
             check_answer(kind, status, body)
-        c = max(1, min(burst, max(a.concurrency)))
-        run_load(
-            target,
-            imgs,
-            c,
-            c,
-            warmup_requests=0,
-            max_seconds=a.max_cell_seconds,
-            processes=a.client_processes,
-        )
+        c = max(1, min(burst, top))
+        load = dict(warmup_requests=0, processes=a.client_processes)
+        run_load(target, imgs, c, c, max_seconds=a.max_cell_seconds, **load)
+        if a.warm_seconds > 0:
+            run_load(target, imgs, top, 10**9, max_seconds=a.warm_seconds, **load)
 
 
 # -- cells ------------------------------------------------------------------------------

@@ -350,6 +350,7 @@ def run(a) -> dict:
             "client_processes": a.client_processes,
             "requests": a.requests or "auto: max(2 x concurrency, 16, cell_seconds x in-process images/s)",
             "warmup_requests": "max(2, concurrency // 2) per cell",
+            "warm_seconds": a.warm_seconds,
             "cell_seconds": a.cell_seconds,
             "max_cell_seconds": a.max_cell_seconds,
             "export_args": a.export_args,
@@ -397,6 +398,7 @@ SMOKE = {
     "images_per_size": 2,
     "dog_rounds": 1,
     "precisions": ["fp32"],
+    "warm_seconds": 0.0,
 }
 
 
@@ -466,6 +468,14 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="sets the default --requests: this many seconds at the in-process rate",
+    )
+    p.add_argument(
+        "--warm-seconds",
+        type=float,
+        default=10.0,
+        help="load at the top concurrency for this long per set of photos before a server's "
+        "first cell, none of it measured: the JVM compiles TorchServe's hot paths during "
+        "its first minute, and a long-running server has done so",
     )
     p.add_argument(
         "--max-cell-seconds",

@@ -148,8 +148,9 @@ class _PeerServer(ThreadingHTTPServer):
     which process owns each client connection (from the kernel's socket table, not from
     anything the client says)."""
 
-    def __init__(self, delay_s: float = 0.002):
+    def __init__(self, delay_s: float = 0.002, body: bytes = b"ok"):
         self.delay_s, self.pids, self._seen = delay_s, set(), set()
+        self.body, self.posts, self.lock = body, 0, threading.Lock()
         super().__init__(("127.0.0.1", 0), _PeerHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -170,10 +171,12 @@ class _PeerHandler(BaseHTTPRequestHandler):
             self.server._seen.add(port)
             self.server.pids.add(self.server.peer_pid(port))
         time.sleep(self.server.delay_s)
+        with self.server.lock:
+            self.server.posts += 1
         self.send_response(200)
-        self.send_header("Content-Length", "2")
+        self.send_header("Content-Length", str(len(self.server.body)))
         self.end_headers()
-        self.wfile.write(b"ok")
+        self.wfile.write(self.server.body)
 
     def log_message(self, *args):
         pass
@@ -227,6 +230,26 @@ def test_load_never_uses_more_processes_than_clients():
         server.shutdown()
         server.server_close()
     assert r["client_processes"] == 2 and len(server.pids) == 2
+
+
+@pytest.mark.parametrize("warm_s", [0.0, 0.8])
+def test_warm_up_loads_the_server_for_warm_seconds(warm_s):
+    """Two single requests and a burst of 2 always (each burst client may send one more
+    before it stops); with --warm-seconds, load at the top concurrency for that long on top:
+    4 clients of 10 ms answers make ~300 in 0.8 s, and 40 leaves room for a slow machine."""
+    server = _PeerServer(delay_s=0.01, body=b'{"cat": 0.9}')
+    a = bench_run.parse_args(["--concurrency", "1", "4", "--warm-seconds", str(warm_s)])
+    t0 = time.perf_counter()
+    try:
+        harness.warm(a, Target(f"http://127.0.0.1:{server.server_address[1]}/p"), {"s": [b"x"]}, "builtin", 2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    took = time.perf_counter() - t0
+    if warm_s:
+        assert took >= warm_s and server.posts >= 40, (took, server.posts)
+    else:
+        assert 2 + 2 <= server.posts <= 2 + 2 * 2, server.posts
 
 
 def test_device_cpu_runs_every_contestant_without_gpus(monkeypatch):
