@@ -87,14 +87,18 @@ def test_contestants_take_turns_cell_by_cell(monkeypatch):
     pair is measured close together in time."""
     calls = []
 
-    def fake_cell(a, label, target, size, imgs, c, ip_rate):
+    def server_cpu():  # the shared server's CPU, handed to every cell
+        return {}
+
+    def fake_cell(a, label, target, size, imgs, c, ip_rate, cpu):
+        assert cpu is server_cpu
         calls.append((label, size, c))
         return {"concurrency": c, "label": label}
 
     monkeypatch.setattr(harness, "run_cell", fake_cell)
     a = bench_run.parse_args(["--concurrency", "1", "8"])
     images = {"500x375": [b"x"], "4000x3000": [b"y"]}
-    out = harness.run_cells(a, {"served": ("s", None), "builtin": ("b", None)}, images, {})
+    out = harness.run_cells(a, {"served": ("s", None), "builtin": ("b", None)}, images, {}, server_cpu)
     assert calls == [
         ("s", "500x375", 1),
         ("b", "500x375", 1),
