@@ -1,5 +1,7 @@
 """The dog-breed app as deployed, in the benchmark: handlers/dog_breeds.py with its dog
-detector, served by TorchServe with the settings under test, on real photos.
+detector, served by TorchServe with the settings under test, on real photos. Either of the
+demo's two dog apps: dog_breeds (the trained breed model beside the EfficientNet-Lite0 dog
+detector) or imagenet_dogs (EfficientNet-Lite0 alone, detector and breeds in one network).
 
 Two sets of photos (training/demo/photos.py): the dog photo, which the handler answers from
 the model alone, and photos with no dog (two portraits and a cup), for which it also
@@ -25,7 +27,6 @@ from bench.load import one
 from serving.archive import build_archive
 from training.demo.photos import photos
 
-NAME = "dog_breeds"
 # What each set of photos is, by the names training/demo/photos.py gives them.
 GROUPS = {"dog photos": ("dog_labrador",), "non-dog photos": ("astronaut", "grace_hopper", "coffee")}
 SERVED, IN_PROCESS = "served", "in_process"
@@ -48,16 +49,16 @@ def subject(target, data: bytes) -> str:
     return harness.check_answer("dog", status, body)["subject"]
 
 
-def start(a, work: Path, images: dict[str, list[bytes]]):
+def start(a, name: str, work: Path, images: dict[str, list[bytes]]):
     """TorchServe with the dog app's archive loaded at start: (server, startup facts)."""
     ts = harness.BenchServer(
         work / "model_store",
         work / "ts",
-        {"load_models": f"{NAME}.mar", "number_of_gpu": str(a.gpus)},
+        {"load_models": f"{name}.mar", "number_of_gpu": str(a.gpus)},
         omp_threads=a.threads,
     )
-    print(f"  starting TorchServe with the dog app (OMP_NUM_THREADS={a.threads})", flush=True)
-    return ts, harness.start(ts, NAME, next(iter(images.values()))[0], "dog")
+    print(f"  starting TorchServe with the dog app {name} (OMP_NUM_THREADS={a.threads})", flush=True)
+    return ts, harness.start(ts, name, next(iter(images.values()))[0], "dog")
 
 
 def take_turns(
@@ -107,13 +108,14 @@ def summary(group: str, names: list[str], runs: dict, served_answers: list[str])
     }
 
 
-def run(a, work: Path, settings: dict, precision: str = "fp32") -> dict:
-    """The dog app's part of the results, in ``precision``."""
+def run(a, work: Path, settings: dict, precision: str = "fp32", name: str = "dog_breeds") -> dict:
+    """The part of the results of the dog app ``name`` (dog_breeds or imagenet_dogs), in
+    ``precision``."""
     sets, missing = photo_sets(photos())
     export_args = [*shlex.split(a.export_args), "--precision", precision]
-    meta = ex.prepare_export(NAME, a.exports, work, settings, export_args, "dog_breeds")
+    meta = ex.prepare_export(name, a.exports, work, settings, export_args, "dog_breeds")
     out = {
-        "name": NAME,
+        "name": name,
         "precision": precision,
         "origin": meta["origin"],
         "export": meta["export"],
@@ -126,13 +128,13 @@ def run(a, work: Path, settings: dict, precision: str = "fp32") -> dict:
     if not sets:
         return out
     export = Path(meta["export"])
-    build_archive(export, NAME, work / "model_store")
+    build_archive(export, name, work / "model_store")
     files = {g: list(ps.values()) for g, ps in sets.items()}
     images = {g: [p.read_bytes() for p in fs] for g, fs in files.items()}
-    ts, out["startup"] = start(a, work, images)
+    ts, out["startup"] = start(a, name, work, images)
     try:
-        target = harness.inference_target(ts, NAME)
-        out["server_settings"] = harness.server_settings(ts.client, NAME)
+        target = harness.inference_target(ts, name)
+        out["server_settings"] = harness.server_settings(ts.client, name)
         harness.warm(a, target, images, "dog", a.batch_size * a.workers)
         answers = {g: [subject(target, data) for data in imgs] for g, imgs in images.items()}
         runs = take_turns(a, target, export, files, images, work)

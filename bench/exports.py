@@ -2,7 +2,8 @@
 
 A model's export comes from export/<name>/ when `make export` made one, otherwise from
 a randomly initialised network of the same architecture (speed does not depend on the
-weights' values), so `make bench` does not need training. Either way the benchmark
+weights' values), so `make bench` does not need training; a pretrained model
+(imagenet_dogs) is exported for real instead, as `make export` would. Either way the benchmark
 writes its own model-config.yaml with the server settings under test, for the handler
 measured: the project's base handler (handlers/image_classifier.py), which the other
 contestants are compared with, or the dog app's (handlers/dog_breeds.py).
@@ -31,6 +32,7 @@ import yaml
 
 from handlers.preset import EvalPreset
 from serving.archive import archiver, build_archive, handler_of
+from training.export import pretrained
 from training.export import torchscript as export_mod
 
 # Served name -> architecture and classes of its random stand-in.
@@ -149,6 +151,11 @@ def prepare_export(
     out = work / "exports" / (served_name or name)
     src = exports / name
     dog_gate = handler_name == "dog_breeds"
+    if name in pretrained.CLASSES and not usable(src, handler_name):
+        src = work / "pretrained" / name
+        if not usable(src, handler_name):  # needs no training: the real one, written here
+            print(f"  {name}: no usable {exports / name}/model.pt; exporting it to {src}", flush=True)
+            pretrained.write_export(name, src.parent)
     if usable(src, handler_name):
         out.mkdir(parents=True, exist_ok=True)
         for f in (export_mod.MODEL_FILE, export_mod.LABELS_FILE):
@@ -156,7 +163,7 @@ def prepare_export(
         (out / "random.stamp").unlink(missing_ok=True)
         handler = (yaml.safe_load((src / export_mod.CONFIG_FILE).read_text()) or {}).get("handler", {})
         arch = handler.get("model", "?")
-        origin = f"{src}/ (trained export)"
+        origin = f"{src}/ ({'pretrained' if name in pretrained.CLASSES else 'trained'} export)"
     else:
         arch, _ = MODELS[name]
         origin = f"random {arch}, {MODELS[name][1]} classes" + (

@@ -179,7 +179,8 @@ def bf16_support() -> dict:
     return {"flags": [f for f in BF16_FLAGS if f in cpu_flags()], "native": native, "why": why}
 
 
-DOG_APP = "dog_app"  # the dog app's key in the results (bench/dog_app.py), per precision
+DOG_APP = "dog_app"  # the dog apps' keys in the results (bench/dog_app.py), per precision
+DOG_APPS = ("dog_breeds", "imagenet_dogs")  # the demo's two dog apps, the first one's key plain
 
 
 def label(name: str, precision: str) -> str:
@@ -187,11 +188,17 @@ def label(name: str, precision: str) -> str:
     return name if precision == "fp32" else f"{name}_{precision}"
 
 
+def dog_app_key(name: str, precision: str) -> str:
+    """A dog app's key in the results: dog_app, dog_app_bf16, dog_app_imagenet_dogs, ..."""
+    return label(DOG_APP if name == DOG_APPS[0] else f"{DOG_APP}_{name}", precision)
+
+
 def dog_apps(results: dict) -> list[dict]:
-    """The dog app's results, one per precision measured."""
+    """The dog apps' results, one per app and precision measured, app by app."""
     from handlers.precision import RUN_PRECISIONS
 
-    return [results[k] for k in (label(DOG_APP, p) for p in RUN_PRECISIONS) if results.get(k)]
+    keys = (dog_app_key(n, p) for n in DOG_APPS for p in RUN_PRECISIONS)
+    return [results[k] for k in keys if results.get(k)]
 
 
 # -- markdown ---------------------------------------------------------------------------
@@ -509,13 +516,15 @@ def precision_rows(results: dict) -> list[dict]:
                     "in-process bf16 ÷ fp32": ratio(ip16, ip["best_images_per_s"]),
                 }
             )
-    dogs = {d.get("precision", "fp32"): d for d in dog_apps(results)}
-    if "fp32" in dogs and "bf16" in dogs:
-        for group, g in dogs["fp32"].get("groups", {}).items():
-            h = dogs["bf16"].get("groups", {}).get(group, {})
+    dogs = {(d["name"], d.get("precision", "fp32")): d for d in dog_apps(results)}
+    for app in dict.fromkeys(name for name, _ in dogs):
+        if (app, "fp32") not in dogs or (app, "bf16") not in dogs:
+            continue
+        for group, g in dogs[app, "fp32"].get("groups", {}).items():
+            h = dogs[app, "bf16"].get("groups", {}).get(group, {})
             rows.append(
                 {
-                    "app": f"dog app ({dogs['fp32']['name']})",
+                    "app": f"dog app ({app})",
                     "photos": group,
                     f"served fp32 img/s, c={c}": g["served_images_per_s"],
                     "served bf16": h.get("served_images_per_s"),

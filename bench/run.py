@@ -364,11 +364,11 @@ def run(a) -> dict:
             for p in a.precisions
         },
     }
-    if a.dog_app:
+    for name in a.dog_apps if a.dog_app else ():
         for p in a.precisions:
-            print(f"\n== the dog app ({p}) ==", flush=True)
-            key = label(report.DOG_APP, p)
-            results[key] = dog_app.run(a, work / key, settings, p)
+            print(f"\n== the dog app {name} ({p}) ==", flush=True)
+            key = report.dog_app_key(name, p)
+            results[key] = dog_app.run(a, work / key, settings, p, name)
     first = next(iter(results["models"].values()))
     handler_cfg = first["model_config"]["handler"]
     results["contestants"] = contestant_settings(a, skip, first.get("flask_server"), handler_cfg)
@@ -397,6 +397,7 @@ SMOKE = {
     "inprocess_min_batches": 2,
     "images_per_size": 2,
     "dog_rounds": 1,
+    "dog_apps": ["dog_breeds"],
     "precisions": ["fp32"],
     "warm_seconds": 0.0,
 }
@@ -449,6 +450,14 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also the dog app (handlers/dog_breeds.py) on real photos",
+    )
+    p.add_argument(
+        "--dog-apps",
+        nargs="+",
+        default=list(report.DOG_APPS),
+        choices=report.DOG_APPS,
+        help="which of the demo's dog apps: dog_breeds (the trained breed model beside the "
+        "EfficientNet-Lite0 dog detector), imagenet_dogs (EfficientNet-Lite0 alone)",
     )
     p.add_argument(
         "--dog-rounds",

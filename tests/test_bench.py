@@ -556,6 +556,44 @@ def test_table_turns_rows_into_markdown():
     assert report.table([]) == ""
 
 
+def test_bf16_table_compares_each_dog_app_with_its_own_fp32():
+    """Two dog apps in two precisions: each app's bf16 row divides by that app's fp32 figures."""
+
+    def app(name, precision, served, in_process):
+        group = {
+            "photos": ["dog_labrador"],
+            "served_images_per_s": served,
+            "in_process_images_per_s": in_process,
+            "served/in-process": report.ratio(served, in_process),
+            "face_check_ms_mean": 1.0,
+        }
+        return {"name": name, "precision": precision, "groups": {"dog photos": group}}
+
+    results = {"settings": {"concurrency": [1, 32]}, "models": {}}
+    for name, precision, served, ip in [
+        ("dog_breeds", "fp32", 10.0, 12.0),
+        ("dog_breeds", "bf16", 40.0, 44.0),
+        ("imagenet_dogs", "fp32", 50.0, 60.0),
+        ("imagenet_dogs", "bf16", 80.0, 90.0),
+    ]:
+        results[report.dog_app_key(name, precision)] = app(name, precision, served, ip)
+    assert sorted(k for k in results if k.startswith("dog_app")) == [
+        "dog_app",
+        "dog_app_bf16",
+        "dog_app_imagenet_dogs",
+        "dog_app_imagenet_dogs_bf16",
+    ]
+    rows = report.precision_rows(results)
+    assert [(r["app"], r["served fp32 img/s, c=32"], r["served bf16"]) for r in rows] == [
+        ("dog app (dog_breeds)", 10.0, 40.0),
+        ("dog app (imagenet_dogs)", 50.0, 80.0),
+    ]
+    assert [r["served bf16 ÷ fp32"] for r in rows] == [4.0, 1.6]
+    assert [r["in-process bf16 ÷ fp32"] for r in rows] == [report.ratio(44.0, 12.0), 1.5]
+    summary = [r["app"] for r in report.summary_rows(results)]
+    assert summary == [f"dog app ({n}, {p})" for n in report.DOG_APPS for p in ("fp32", "bf16")]
+
+
 def test_dog_photo_sets_name_what_is_missing(tmp_path):
     found = {"astronaut": tmp_path / "a.png", "coffee": tmp_path / "c.png", "chelsea": tmp_path / "x.png"}
     sets, missing = dog_app.photo_sets(found)
